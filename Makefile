@@ -1,0 +1,88 @@
+# Developer commands. Every target bootstraps what it needs: a fresh clone needs only
+# Python 3.11+ and either Docker or the PostgreSQL server binaries.
+
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PY      := $(BIN)/python
+STAMP   := $(VENV)/.installed
+PGDATA  := .pgdata
+ALEMBIC := $(BIN)/alembic
+days    ?= 30
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint format typecheck check docs-check bench \
+        db-up db-down db-migrate db-downgrade db-revision db-reset db-seed db-purge db-psql
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the bot with its dev tools (idempotent)
+
+run: $(STAMP) ## Start the bot (starts PostgreSQL and migrates first)
+	@$(PY) -m config
+	@$(MAKE) --no-print-directory db-up db-migrate
+	$(PY) bot.py
+
+test: $(STAMP) ## Run the tests on a throwaway PostgreSQL, with the coverage gate
+	$(PY) -m pytest --cov --cov-report=term
+
+lint: $(STAMP) ## ruff: lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## ruff: fix and format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP) ## mypy --strict
+	$(BIN)/mypy
+
+docs-check: $(STAMP) ## Fail when the docs name a target, variable or file that does not exist
+	$(PY) -m pytest -q --no-cov tests/test_docs.py
+
+check: lint typecheck test ## What CI runs: lint, typecheck, tests
+
+bench: $(STAMP) ## Benchmark the per-turn database cost (quick run; BENCH_ARGS="--rows 10000000" for more)
+	$(PY) -m bench $(BENCH_ARGS)
+
+db-up: $(STAMP) ## Start PostgreSQL: docker compose if a Docker engine answers, else a local cluster in .pgdata/
+	@if docker info >/dev/null 2>&1; then \
+		docker compose up -d --wait postgres; \
+	else \
+		echo "No Docker engine answers: starting a local PostgreSQL cluster in $(PGDATA)/"; \
+		$(PY) -m tests.local_postgres up --data-dir $(PGDATA); \
+	fi
+
+db-down: $(STAMP) ## Stop whichever PostgreSQL db-up started
+	@if [ -f $(PGDATA)/PG_VERSION ]; then $(PY) -m tests.local_postgres down --data-dir $(PGDATA); fi
+	@if docker info >/dev/null 2>&1; then docker compose down; fi
+
+db-migrate: $(STAMP) ## Apply every migration (alembic upgrade head)
+	$(ALEMBIC) upgrade head
+
+db-downgrade: $(STAMP) ## Roll back one migration
+	$(ALEMBIC) downgrade -1
+
+db-revision: $(STAMP) ## Create a migration: make db-revision m="add a column"
+	@test -n "$(m)" || { echo 'usage: make db-revision m="what it does"'; exit 2; }
+	$(ALEMBIC) revision -m "$(m)"
+
+db-reset: $(STAMP) ## Drop everything (downgrade to base) and migrate to head again (DESTROYS local data)
+	$(ALEMBIC) downgrade base
+	$(ALEMBIC) upgrade head
+
+db-seed: $(STAMP) ## Load two demo users with a few dialogs
+	$(PY) -m services.seed
+
+db-purge: $(STAMP) ## Hard-delete messages soft-deleted more than N days ago: make db-purge days=30
+	$(PY) -m services.retention --days $(days)
+
+db-psql: ## Open psql on DATABASE_URL
+	@psql "$$($(PY) -c 'import config; print(config.load_database_url())')"

@@ -1,0 +1,42 @@
+"""Alembic environment: plain SQL migrations over psycopg 3, URL from config.py."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from config import ConfigError, load_database_url
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """SQLAlchemy's spelling of a libpq URL, pinned to the psycopg 3 driver."""
+    _, _, rest = database_url.partition("://")
+    return f"postgresql+psycopg://{rest}"
+
+
+def run_migrations_online() -> None:
+    # Tests and tools pass the URL in; everyone else gets DATABASE_URL.
+    url = context.config.attributes.get("database_url")
+    if url is None:
+        try:
+            url = load_database_url()
+        except ConfigError as error:
+            raise SystemExit(f"error: {error}") from None
+    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        # Fail fast rather than queue behind a long-running transaction holding a lock.
+        connection.exec_driver_sql("SET lock_timeout = '5s'")
+        connection.exec_driver_sql("SET statement_timeout = '5min'")
+        connection.commit()  # session settings stay; Alembic then owns the transactions
+        context.configure(
+            connection=connection,
+            target_metadata=None,
+            transaction_per_migration=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise SystemExit("error: offline (--sql) mode is not supported; run against a database")
+run_migrations_online()

@@ -1,0 +1,174 @@
+"""Configuration: read once from the environment (and `.env`), validated, frozen."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from dotenv import load_dotenv
+
+DEFAULT_DATABASE_URL = "postgresql://bot:bot@localhost:5432/llmbot"
+DEFAULT_OPENAI_BASE_URL = "https://openrouter.ai/api/v1"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful, concise assistant in a Telegram chat."
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """One or more settings are missing or invalid; the message names each variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting the bot reads. Secrets are left out of ``repr``."""
+
+    telegram_bot_token: str = field(repr=False)
+    openai_api_key: str = field(repr=False)
+    openai_base_url: str
+    llm_model: str
+    llm_temperature: float
+    llm_max_tokens: int
+    llm_timeout_s: float
+    system_prompt: str
+    database_url: str = field(repr=False)
+    db_pool_size: int
+    history_limit: int
+    max_input_chars: int
+    pending_reply_max_age_s: int
+    shutdown_timeout_s: float
+    rate_limit_per_minute: int
+    allowed_user_ids: frozenset[int]
+    retention_days: int
+    telegram_api_url: str | None
+    log_level: str
+
+
+def _load_env() -> Mapping[str, str]:
+    # Real environment variables win over `.env`, as twelve-factor tools expect.
+    load_dotenv(override=False)
+    return os.environ
+
+
+class _Reader:
+    """Collects every problem so that one run reports all of them."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.errors: list[str] = []
+
+    def get(self, name: str, default: str | None, parse: Callable[[str], T], rule: str) -> T:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            if default is None:
+                self.errors.append(f"{name} is required")
+                return None  # type: ignore[return-value]  # reported, never used
+            raw = default
+        try:
+            return parse(raw)
+        except ValueError:
+            # The value is not echoed: it may be a secret.
+            self.errors.append(f"{name} must be {rule}")
+            return None  # type: ignore[return-value]
+
+
+def _bounded(kind: Callable[[str], T], low: float, high: float) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
+        value = kind(raw)
+        if not low <= value <= high:  # type: ignore[operator]
+            raise ValueError(raw)
+        return value
+
+    return parse
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(raw)
+    return raw.rstrip("/")
+
+
+def _optional_http_url(raw: str) -> str | None:
+    return _http_url(raw) if raw else None
+
+
+def _postgres_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        raise ValueError(raw)
+    return raw
+
+
+def _bot_token(raw: str) -> str:
+    # Telegram tokens look like 123456:ABC-DEF...; a wrong shape fails here, not at the first request.
+    bot_id, _, secret = raw.partition(":")
+    if not bot_id.isdigit() or len(secret) < 20:
+        raise ValueError("malformed token")
+    return raw
+
+
+def _user_ids(raw: str) -> frozenset[int]:
+    return frozenset(int(part) for part in raw.replace(",", " ").split())
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError(raw)
+    return level
+
+
+def load_database_url(env: Mapping[str, str] | None = None) -> str:
+    """``DATABASE_URL`` alone, for tools (Alembic, db-up) that need no bot token."""
+    reader = _Reader(_load_env() if env is None else env)
+    url = reader.get("DATABASE_URL", DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL")
+    if reader.errors:
+        raise ConfigError("; ".join(reader.errors))
+    return url
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration or raise ``ConfigError`` naming every bad or missing variable."""
+    r = _Reader(_load_env() if env is None else env)
+    positive = "a whole number ≥ 1"
+    config = Config(
+        telegram_bot_token=r.get(
+            "TELEGRAM_BOT_TOKEN", None, _bot_token, "a bot token like 123456:ABC... (from @BotFather)"
+        ),
+        openai_api_key=r.get("OPENAI_API_KEY", None, str, "a key"),
+        openai_base_url=r.get("OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL, _http_url, "an http(s) URL"),
+        llm_model=r.get("LLM_MODEL", "openai/gpt-4o-mini", str, "a model name"),
+        llm_temperature=r.get("LLM_TEMPERATURE", "0.7", _bounded(float, 0, 2), "a number from 0 to 2"),
+        llm_max_tokens=r.get("LLM_MAX_TOKENS", "1024", _bounded(int, 1, 1_000_000), positive),
+        llm_timeout_s=r.get("LLM_TIMEOUT_S", "60", _bounded(float, 0.1, 3600), "seconds from 0.1 to 3600"),
+        system_prompt=r.get("SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, str, "text"),
+        database_url=r.get("DATABASE_URL", DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL"),
+        db_pool_size=r.get("DB_POOL_SIZE", "10", _bounded(int, 1, 1000), positive),
+        history_limit=r.get("HISTORY_LIMIT", "20", _bounded(int, 1, 1000), "a whole number from 1 to 1000"),
+        max_input_chars=r.get("MAX_INPUT_CHARS", "8000", _bounded(int, 1, 1_000_000), positive),
+        pending_reply_max_age_s=r.get("PENDING_REPLY_MAX_AGE_S", "600", _bounded(int, 0, 604_800), "seconds ≥ 0"),
+        shutdown_timeout_s=r.get("SHUTDOWN_TIMEOUT_S", "30", _bounded(float, 0, 3600), "seconds ≥ 0"),
+        rate_limit_per_minute=r.get("RATE_LIMIT_PER_MINUTE", "20", _bounded(int, 0, 100_000), "a whole number ≥ 0"),
+        allowed_user_ids=r.get("ALLOWED_USER_IDS", "", _user_ids, "Telegram user ids separated by commas"),
+        retention_days=r.get("RETENTION_DAYS", "0", _bounded(int, 0, 36_500), "a whole number of days ≥ 0"),
+        telegram_api_url=r.get(
+            "TELEGRAM_API_URL", "", lambda raw: _http_url(raw) if raw.strip() else None, "an http(s) URL"
+        ),
+        log_level=r.get("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+    )
+    if r.errors:
+        raise ConfigError("; ".join(r.errors))
+    return config
+
+
+if __name__ == "__main__":
+    # `python -m config`: validate `.env` before anything is started (used by `make run`).
+    try:
+        load_config()
+    except ConfigError as error:
+        raise SystemExit(f"configuration error: {error}") from None
+    print("configuration OK")

@@ -1,0 +1,68 @@
+"""Per-update concerns: who may talk to the bot, and which turns are still in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiogram import BaseMiddleware
+from aiogram.types import Message, TelegramObject
+
+logger = logging.getLogger(__name__)
+Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
+
+NOT_ALLOWED = "Sorry, this bot is private."
+
+
+class AccessMiddleware(BaseMiddleware):
+    """Lets through messages from people, injecting ``user``; drops other bots' messages and
+    anonymous senders (channels), and refuses users outside ``allowed_user_ids`` when it is set.
+    Nothing is stored for a message dropped here."""
+
+    def __init__(self, allowed_user_ids: frozenset[int]) -> None:
+        self.allowed_user_ids = allowed_user_ids
+
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        assert isinstance(event, Message)
+        user = event.from_user
+        if user is None or user.is_bot or event.sender_chat is not None:
+            logger.info("ignored message %s in chat %s: not from a person", event.message_id, event.chat.id)
+            return None
+        if self.allowed_user_ids and user.id not in self.allowed_user_ids:
+            logger.info("refused user %s: not in ALLOWED_USER_IDS", user.id)
+            await event.answer(NOT_ALLOWED)
+            return None
+        data["user"] = user
+        return await handler(event, data)
+
+
+class InFlight(BaseMiddleware):
+    """Tracks the tasks handling updates, so shutdown can let them finish.
+
+    aiogram runs each update in its own task and does not wait for them when polling stops.
+    """
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        task = asyncio.current_task()
+        if task is not None:
+            self.track(task)
+        return await handler(event, data)
+
+    async def wait(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the tracked tasks (other than the caller) to finish."""
+        others = self.tasks - {asyncio.current_task()}
+        if not others:
+            return
+        logger.info("waiting up to %.0fs for %d turn(s) in flight", timeout_s, len(others))
+        _, pending = await asyncio.wait(others, timeout=timeout_s)
+        if pending:
+            logger.warning("%d turn(s) did not finish within %.0fs", len(pending), timeout_s)

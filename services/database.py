@@ -1,0 +1,357 @@
+"""Data access: a catalogue of parameterised SQL over a psycopg async connection pool.
+
+Every function takes the connection first and binds its values server-side; none ever formats
+a value into SQL. Connections are in autocommit mode: each statement is its own transaction,
+so a write costs one round trip and one commit, and nothing holds a transaction open. Users
+and chats are addressed by their Telegram ids; internal ids stay inside the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Concatenate, Final, Literal, ParamSpec, TypeAlias, TypeVar
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import class_row, scalar_row
+from psycopg_pool import AsyncConnectionPool
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["system", "user", "assistant"]
+Connection: TypeAlias = AsyncConnection[Any]
+Pool: TypeAlias = AsyncConnectionPool[Connection]
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One message as the history read returns it."""
+
+    id: int
+    role: Role
+    content: str
+    length: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MessageCounts:
+    """Messages of one (user, chat): still visible and soft-deleted."""
+
+    live: int
+    deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingQuestion:
+    """A user message that was stored but never answered."""
+
+    id: int
+    telegram_user_id: int
+    telegram_chat_id: int
+    telegram_message_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class UserTurn:
+    """The stored user message (``None`` when Telegram delivered it before) and the history."""
+
+    message_id: int | None
+    history: list[StoredMessage]
+
+
+# -- the pool -------------------------------------------------------------------------------
+
+
+async def init_db(url: str, *, size: int = 10, timeout_s: float = 5.0) -> Pool:
+    """Open a pool of ``size`` autocommit connections; raise ``PoolTimeout`` if none connects.
+
+    ``timeout_s`` bounds how long a caller waits for a connection, so an outage reaches the
+    user as a quick apology rather than a hang.
+    """
+    pool: Pool = AsyncConnectionPool(
+        url,
+        min_size=size,
+        max_size=size,
+        open=False,
+        timeout=timeout_s,
+        reconnect_timeout=3600.0,
+        kwargs={"autocommit": True},
+        name="llmbot",
+    )
+    try:
+        await pool.open(wait=True, timeout=timeout_s)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
+
+
+async def close_db(pool: Pool) -> None:
+    """Close every connection of the pool."""
+    await pool.close()
+
+
+async def run(
+    pool: Pool, work: Callable[Concatenate[Connection, P], Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """``work(conn, ...)`` on a pooled connection, once more on a fresh one if the first was dead.
+
+    After a server restart every idle connection in the pool is dead; the first statement on
+    each finds out. Checking the pool then drops the dead ones, so the retry gets a live
+    connection and the caller never sees the restart. Every write in this module is
+    idempotent (unique constraints), which makes the retry safe.
+    """
+    conn: Connection | None = None
+    try:
+        async with pool.connection() as conn:
+            return await work(conn, *args, **kwargs)
+    except psycopg.OperationalError:
+        if conn is None or not conn.broken:
+            raise
+        logger.warning("database connection lost; checking the pool and retrying once")
+        await pool.check()
+        async with pool.connection() as conn:
+            return await work(conn, *args, **kwargs)
+
+
+# -- SQL --------------------------------------------------------------------------------------
+# Parameters are cast to their column types so each statement is prepared once per connection.
+
+UPSERT_USER: Final = """
+    INSERT INTO users (telegram_user_id, first_name)
+    SELECT %(telegram_user_id)s::bigint, %(first_name)s::text
+    WHERE NOT EXISTS (
+        SELECT FROM users
+        WHERE telegram_user_id = %(telegram_user_id)s::bigint
+          AND first_name IS NOT DISTINCT FROM %(first_name)s::text
+    )
+    ON CONFLICT (telegram_user_id) DO UPDATE SET first_name = EXCLUDED.first_name
+"""
+# The NOT EXISTS makes the common case (known user, same name) a pure read: no row lock, no
+# WAL, no identity value burnt. ON CONFLICT covers a first contact racing another.
+
+UPSERT_CHAT: Final = """
+    INSERT INTO chats (telegram_chat_id)
+    SELECT %(telegram_chat_id)s::bigint
+    WHERE NOT EXISTS (SELECT FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+    ON CONFLICT (telegram_chat_id) DO NOTHING
+"""
+
+INSERT_MESSAGE: Final = """
+    INSERT INTO messages (user_id, chat_id, role, content, telegram_message_id)
+    SELECT u.id, c.id, %(role)s::text, %(content)s::text, %(telegram_message_id)s::bigint
+    FROM users u, chats c
+    WHERE u.telegram_user_id = %(telegram_user_id)s::bigint
+      AND c.telegram_chat_id = %(telegram_chat_id)s::bigint
+    ON CONFLICT ON CONSTRAINT messages_telegram_message_key DO NOTHING
+    RETURNING id
+"""
+
+INSERT_ANSWER: Final = """
+    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)
+    SELECT user_id, chat_id, 'assistant', %(content)s::text, id
+    FROM messages
+    WHERE id = %(question_id)s::bigint
+    ON CONFLICT ON CONSTRAINT messages_reply_to_key DO NOTHING
+    RETURNING id
+"""
+
+# Newest first so the partial index is read backwards with LIMIT and no sort; callers reverse.
+SELECT_HISTORY: Final = """
+    SELECT id, role, content, length, created_at
+    FROM messages
+    WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
+      AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+      AND deleted_at IS NULL
+    ORDER BY id DESC
+    LIMIT %(limit)s::integer
+"""
+
+SOFT_DELETE_MESSAGES: Final = """
+    UPDATE messages SET deleted_at = now()
+    WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
+      AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+      AND deleted_at IS NULL
+"""
+
+COUNT_MESSAGES: Final = """
+    SELECT count(*) FILTER (WHERE deleted_at IS NULL) AS live,
+           count(*) FILTER (WHERE deleted_at IS NOT NULL) AS deleted
+    FROM messages
+    WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
+      AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+"""
+
+# A question is pending when nothing answers it and nothing came after it in its dialog:
+# a question followed by a newer one is answered, in context, by the newer one's answer.
+SELECT_PENDING_QUESTIONS: Final = """
+    SELECT q.id, u.telegram_user_id, c.telegram_chat_id, q.telegram_message_id
+    FROM messages q
+    JOIN users u ON u.id = q.user_id
+    JOIN chats c ON c.id = q.chat_id
+    WHERE q.role = 'user'
+      AND q.deleted_at IS NULL
+      AND q.created_at > now() - make_interval(secs => %(max_age_s)s::integer)
+      AND NOT EXISTS (SELECT FROM messages a WHERE a.reply_to_id = q.id)
+      AND NOT EXISTS (
+          SELECT FROM messages later
+          WHERE later.user_id = q.user_id AND later.chat_id = q.chat_id
+            AND later.deleted_at IS NULL AND later.id > q.id
+      )
+    ORDER BY q.id
+"""
+
+# deleted_at >= created_at, so the created_at bound is implied; it lets the BRIN index skip
+# every block of recent rows.
+PURGE_DELETED: Final = """
+    DELETE FROM messages
+    WHERE deleted_at < now() - make_interval(days => %(days)s::integer)
+      AND created_at < now() - make_interval(days => %(days)s::integer)
+"""
+
+
+# -- functions ------------------------------------------------------------------------------
+
+
+async def upsert_user(conn: Connection, *, telegram_user_id: int, first_name: str | None) -> None:
+    """Register a user, or update the first name if it changed; writes nothing otherwise."""
+    params = {"telegram_user_id": telegram_user_id, "first_name": first_name}
+    await conn.execute(UPSERT_USER, params, prepare=True)
+
+
+async def upsert_chat(conn: Connection, *, telegram_chat_id: int) -> None:
+    """Register a chat unless it is known."""
+    await conn.execute(UPSERT_CHAT, {"telegram_chat_id": telegram_chat_id}, prepare=True)
+
+
+async def upsert_user_and_chat(
+    conn: Connection, *, telegram_user_id: int, first_name: str | None, telegram_chat_id: int
+) -> None:
+    """Register a user and a chat in one round trip."""
+    async with conn.pipeline():
+        await upsert_user(conn, telegram_user_id=telegram_user_id, first_name=first_name)
+        await upsert_chat(conn, telegram_chat_id=telegram_chat_id)
+
+
+async def add_message(
+    conn: Connection,
+    *,
+    telegram_user_id: int,
+    telegram_chat_id: int,
+    role: Role,
+    content: str,
+    telegram_message_id: int | None = None,
+) -> int | None:
+    """Store a message of a registered user in a registered chat; its id, or None if the
+    Telegram message was stored before."""
+    cur = conn.cursor(row_factory=scalar_row)
+    await cur.execute(
+        INSERT_MESSAGE,
+        {
+            "telegram_user_id": telegram_user_id,
+            "telegram_chat_id": telegram_chat_id,
+            "role": role,
+            "content": content,
+            "telegram_message_id": telegram_message_id,
+        },
+        prepare=True,
+    )
+    message_id: int | None = await cur.fetchone()
+    return message_id
+
+
+async def add_answer(conn: Connection, *, question_id: int, content: str) -> int | None:
+    """Store the assistant's answer to a user message; None if it was answered before."""
+    cur = conn.cursor(row_factory=scalar_row)
+    await cur.execute(INSERT_ANSWER, {"question_id": question_id, "content": content}, prepare=True)
+    answer_id: int | None = await cur.fetchone()
+    return answer_id
+
+
+async def fetch_history(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, limit: int
+) -> list[StoredMessage]:
+    """The last ``limit`` live messages of (user, chat), oldest first."""
+    cur = conn.cursor(row_factory=class_row(StoredMessage))
+    await cur.execute(SELECT_HISTORY, _history_params(telegram_user_id, telegram_chat_id, limit), prepare=True)
+    return (await cur.fetchall())[::-1]
+
+
+async def add_user_message_and_fetch_history(
+    conn: Connection,
+    *,
+    telegram_user_id: int,
+    first_name: str | None,
+    telegram_chat_id: int,
+    content: str,
+    telegram_message_id: int | None,
+    limit: int,
+) -> UserTurn:
+    """The whole first half of a chat turn in one round trip (pipeline mode): register the
+    user and the chat, store the message, read the history including it."""
+    chat = {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id}
+    message = conn.cursor(row_factory=scalar_row)
+    history = conn.cursor(row_factory=class_row(StoredMessage))
+    async with conn.pipeline():
+        await upsert_user(conn, telegram_user_id=telegram_user_id, first_name=first_name)
+        await upsert_chat(conn, telegram_chat_id=telegram_chat_id)
+        await message.execute(
+            INSERT_MESSAGE,
+            {**chat, "role": "user", "content": content, "telegram_message_id": telegram_message_id},
+            prepare=True,
+        )
+        await history.execute(SELECT_HISTORY, _history_params(telegram_user_id, telegram_chat_id, limit), prepare=True)
+    return UserTurn(message_id=await message.fetchone(), history=(await history.fetchall())[::-1])
+
+
+async def soft_delete_messages(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> int:
+    """Mark every live message of (user, chat) deleted; how many were."""
+    cur = await conn.execute(
+        SOFT_DELETE_MESSAGES,
+        {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id},
+        prepare=True,
+    )
+    return cur.rowcount
+
+
+async def count_messages(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> MessageCounts:
+    """How many messages (user, chat) has, live and soft-deleted."""
+    cur = conn.cursor(row_factory=class_row(MessageCounts))
+    await cur.execute(COUNT_MESSAGES, {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id})
+    counts = await cur.fetchone()
+    assert counts is not None  # an aggregate always returns a row
+    return counts
+
+
+async def fetch_pending_questions(conn: Connection, *, max_age_s: int) -> list[PendingQuestion]:
+    """User messages younger than ``max_age_s`` that still await an answer, oldest first."""
+    cur = conn.cursor(row_factory=class_row(PendingQuestion))
+    await cur.execute(SELECT_PENDING_QUESTIONS, {"max_age_s": max_age_s})
+    return await cur.fetchall()
+
+
+async def purge_deleted_messages(conn: Connection, *, days: int) -> int:
+    """Hard-delete messages soft-deleted more than ``days`` days ago; how many were."""
+    cur = await conn.execute(PURGE_DELETED, {"days": days})
+    return cur.rowcount
+
+
+async def fetch_schema_version(conn: Connection) -> str | None:
+    """The Alembic revision the database is at, or None if it was never migrated."""
+    try:
+        cur = conn.cursor(row_factory=scalar_row)
+        await cur.execute("SELECT version_num FROM alembic_version")
+        version: str | None = await cur.fetchone()
+        return version
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
+def _history_params(telegram_user_id: int, telegram_chat_id: int, limit: int) -> dict[str, int]:
+    return {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, "limit": limit}

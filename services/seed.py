@@ -1,0 +1,65 @@
+"""Demo data for development (``make db-seed``): two users, a private chat each and a group."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services import database
+from services.database import Connection
+
+ANN, BOB = 1001, 1002
+GROUP = -1001000000001
+DIALOGS: list[tuple[int, str, int, list[str]]] = [
+    (
+        ANN,
+        "Ann",
+        ANN,
+        [
+            "What is PostgreSQL?",
+            "An open-source relational database.",
+            "And MVCC?",
+            "Multi-version concurrency control: readers never block writers.",
+        ],
+    ),
+    (BOB, "Bob", BOB, ["Привет! Как дела?", "Привет! Всё хорошо, чем помочь?"]),
+    (ANN, "Ann", GROUP, ["Summarise the meeting, please.", "Nothing was decided; a follow-up is on Friday."]),
+    (BOB, "Bob", GROUP, ["Tell me a joke 🙂", "Why do programmers prefer dark mode? Light attracts bugs."]),
+]
+
+
+async def seed(conn: Connection) -> int:
+    """Insert the demo dialogs (idempotent per Telegram message id); how many messages are new."""
+    added = 0
+    for user, first_name, chat, texts in DIALOGS:
+        await database.upsert_user_and_chat(conn, telegram_user_id=user, first_name=first_name, telegram_chat_id=chat)
+        question: int | None = None
+        for index, text in enumerate(texts):
+            if index % 2 == 0:
+                question = await database.add_message(
+                    conn,
+                    telegram_user_id=user,
+                    telegram_chat_id=chat,
+                    role="user",
+                    content=text,
+                    telegram_message_id=user * 100 + index,
+                )
+                added += question is not None
+            elif question is not None:
+                added += await database.add_answer(conn, question_id=question, content=text) is not None
+    return added
+
+
+async def _main() -> None:
+    from config import load_database_url
+
+    pool = await database.init_db(load_database_url(), size=1)
+    try:
+        added = await database.run(pool, seed)
+        counts = await database.run(pool, database.count_messages, telegram_user_id=ANN, telegram_chat_id=ANN)
+        print(f"seeded {added} new message(s); Ann's private chat holds {counts.live} live message(s)")
+    finally:
+        await database.close_db(pool)
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())

@@ -1,0 +1,79 @@
+"""Session-wide real PostgreSQL: TEST_DATABASE_URL if set, else a throwaway local cluster."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from psycopg import sql
+
+from services import database
+from services.database import Pool
+from tests.local_postgres import LocalPostgres, PostgresNotFoundError, throwaway
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    """Alembic's configuration for the project, pointed at ``url``."""
+    cfg = AlembicConfig(str(ROOT / "alembic.ini"))
+    cfg.attributes["database_url"] = url
+    return cfg
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """(Re)create database ``name`` on the server of ``admin_url``; its URL."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return urlsplit(admin_url)._replace(path=f"/{name}").geturl()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[LocalPostgres | None]:
+    """The throwaway cluster, or None when the suite runs on TEST_DATABASE_URL."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield None
+        return
+    try:
+        cluster = throwaway(settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+    except PostgresNotFoundError as error:
+        pytest.exit(str(error), returncode=2)
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def admin_url(pg_cluster: LocalPostgres | None) -> str:
+    return os.environ.get("TEST_DATABASE_URL") or (pg_cluster.url if pg_cluster else "")
+
+
+@pytest.fixture(scope="session")
+def database_url(admin_url: str) -> str:
+    """A database migrated to head, shared by the session."""
+    url = create_database(admin_url, "llmbot_test")
+    command.upgrade(alembic_config(url), "head")
+    return url
+
+
+@pytest.fixture(scope="session")
+async def session_pool(database_url: str) -> AsyncIterator[Pool]:
+    pool = await database.init_db(database_url, size=4)
+    yield pool
+    await database.close_db(pool)
+
+
+@pytest.fixture
+async def pool(session_pool: Pool) -> Pool:
+    """The shared pool over an emptied database."""
+    async with session_pool.connection() as conn:
+        await conn.execute("TRUNCATE messages, chats, users RESTART IDENTITY CASCADE")
+    return session_pool

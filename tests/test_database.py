@@ -1,0 +1,287 @@
+"""services.database against the real PostgreSQL of the session."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+
+from services import database
+from services.database import Connection, Pool
+
+USER_A, USER_B = 111, 222
+CHAT_X, CHAT_Y = 111, -1001234567890  # a private chat and a supergroup (beyond 32 bits)
+
+
+async def register(pool: Pool, user: int, chat: int, first_name: str | None = "Ann") -> None:
+    await database.run(
+        pool, database.upsert_user_and_chat, telegram_user_id=user, first_name=first_name, telegram_chat_id=chat
+    )
+
+
+async def add(
+    pool: Pool, user: int, chat: int, content: str, role: database.Role = "user", telegram_message_id: int | None = None
+) -> int | None:
+    return await database.run(
+        pool,
+        database.add_message,
+        telegram_user_id=user,
+        telegram_chat_id=chat,
+        role=role,
+        content=content,
+        telegram_message_id=telegram_message_id,
+    )
+
+
+async def history(pool: Pool, user: int, chat: int, limit: int = 50) -> list[database.StoredMessage]:
+    return await database.run(pool, database.fetch_history, telegram_user_id=user, telegram_chat_id=chat, limit=limit)
+
+
+async def rows(pool: Pool, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall() if cur.description else []
+
+
+async def test_upsert_user_registers_once_and_tracks_first_name(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X, "Ann")
+    await register(pool, USER_A, CHAT_X, "Ann")
+    assert await rows(pool, "SELECT telegram_user_id, first_name FROM users") == [(USER_A, "Ann")]
+    xmin_before = await rows(pool, "SELECT xmin::text FROM users")
+    await register(pool, USER_A, CHAT_X, "Ann")
+    assert await rows(pool, "SELECT xmin::text FROM users") == xmin_before  # unchanged name: no write
+    await register(pool, USER_A, CHAT_X, "Anna")
+    assert await rows(pool, "SELECT id, first_name FROM users") == [(1, "Anna")]
+    assert await rows(pool, "SELECT telegram_chat_id FROM chats") == [(CHAT_X,)]
+
+
+async def test_concurrent_first_contacts_register_one_user(pool: Pool) -> None:
+    await asyncio.gather(*(register(pool, USER_A, CHAT_Y, f"name{i % 2}") for i in range(20)))
+    assert await rows(pool, "SELECT count(*) FROM users") == [(1,)]
+    assert await rows(pool, "SELECT count(*) FROM chats") == [(1,)]
+
+
+async def test_add_message_and_history_oldest_first(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    ids = [await add(pool, USER_A, CHAT_X, f"m{i}", "user" if i % 2 == 0 else "assistant") for i in range(5)]
+    got = await history(pool, USER_A, CHAT_X, limit=3)
+    assert [m.content for m in got] == ["m2", "m3", "m4"]
+    assert [m.id for m in got] == ids[2:]
+    assert [m.role for m in got] == ["user", "assistant", "user"]
+
+
+async def test_add_message_for_unknown_user_stores_nothing(pool: Pool) -> None:
+    assert await add(pool, USER_A, CHAT_X, "nobody registered me") is None
+    assert await rows(pool, "SELECT count(*) FROM messages") == [(0,)]
+
+
+async def test_created_at_and_length_in_characters(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    texts = ["hello", "Привет, мир", "👍🏽 ok", "👨‍👩‍👧", "a\u0301", ""]
+    for text in texts:
+        await add(pool, USER_A, CHAT_X, text)
+    got = await history(pool, USER_A, CHAT_X)
+    assert [m.length for m in got] == [len(t) for t in texts] == [5, 11, 5, 5, 2, 0]
+    assert all(m.created_at.tzinfo is not None for m in got)
+    [(now,)] = await rows(pool, "SELECT now()")
+    assert all(abs((now - m.created_at).total_seconds()) < 60 for m in got)
+
+
+async def test_length_cannot_be_written_by_hand(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    with pytest.raises(psycopg.errors.GeneratedAlways):
+        await rows(
+            pool, "INSERT INTO messages (user_id, chat_id, role, content, length) VALUES (1, 1, 'user', 'x', 99)"
+        )
+
+
+async def test_same_millisecond_inserts_keep_insertion_order(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+
+    async def burst(conn: Connection) -> None:
+        # one transaction: every row gets the very same created_at
+        async with conn.transaction():
+            for i in range(30):
+                await conn.execute(
+                    database.INSERT_MESSAGE,
+                    {
+                        "telegram_user_id": USER_A,
+                        "telegram_chat_id": CHAT_X,
+                        "role": "user",
+                        "content": f"{i:02}",
+                        "telegram_message_id": None,
+                    },
+                )
+
+    await database.run(pool, burst)
+    got = await history(pool, USER_A, CHAT_X)
+    assert len({m.created_at for m in got}) == 1
+    assert [m.content for m in got] == [f"{i:02}" for i in range(30)]
+
+
+async def test_sql_looking_and_unusual_text_is_stored_verbatim(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    texts = ["'; DROP TABLE messages; --", "%(content)s %s $1 {}", "\\x00 \\\\", "שלום עולם ‏", "<b>bold</b> *md*"]
+    for text in texts:
+        await add(pool, USER_A, CHAT_X, text)
+    assert [m.content for m in await history(pool, USER_A, CHAT_X)] == texts
+    assert await rows(pool, "SELECT count(*) FROM users") == [(1,)]
+
+
+async def test_nul_byte_is_refused_by_postgresql_without_storing_anything(pool: Pool) -> None:
+    # PostgreSQL text cannot hold U+0000; the context service strips it before storing (see
+    # test_context); at this layer the refusal is a clean DataError and no row is written.
+    await register(pool, USER_A, CHAT_X)
+    with pytest.raises(psycopg.DataError):
+        await add(pool, USER_A, CHAT_X, "a\x00b")
+    assert await rows(pool, "SELECT count(*) FROM messages") == [(0,)]
+    assert await add(pool, USER_A, CHAT_X, "still works") is not None
+
+
+async def test_redelivered_telegram_message_is_stored_once(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    assert await add(pool, USER_A, CHAT_X, "hi", telegram_message_id=7) is not None
+    assert await add(pool, USER_A, CHAT_X, "hi", telegram_message_id=7) is None
+    assert await add(pool, USER_A, CHAT_Y, "hi", telegram_message_id=7) is None  # chat Y is not registered
+    await register(pool, USER_A, CHAT_Y)
+    assert await add(pool, USER_A, CHAT_Y, "hi", telegram_message_id=7) is not None  # ids are per chat
+    assert await rows(pool, "SELECT count(*) FROM messages") == [(2,)]
+
+
+async def test_add_answer_links_to_the_question_once(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    question = await add(pool, USER_A, CHAT_X, "2+2?", telegram_message_id=1)
+    assert question is not None
+    answer = await database.run(pool, database.add_answer, question_id=question, content="4")
+    again = await database.run(pool, database.add_answer, question_id=question, content="four")
+    assert answer is not None and again is None
+    got = await history(pool, USER_A, CHAT_X)
+    assert [(m.role, m.content) for m in got] == [("user", "2+2?"), ("assistant", "4")]
+
+
+async def test_pipelined_turn_stores_and_reads_in_one_call(pool: Pool) -> None:
+    turn = await database.run(
+        pool,
+        database.add_user_message_and_fetch_history,
+        telegram_user_id=USER_B,
+        first_name=None,
+        telegram_chat_id=CHAT_Y,
+        content="first",
+        telegram_message_id=10,
+        limit=5,
+    )
+    assert turn.message_id is not None
+    assert [m.content for m in turn.history] == ["first"]
+    again = await database.run(
+        pool,
+        database.add_user_message_and_fetch_history,
+        telegram_user_id=USER_B,
+        first_name=None,
+        telegram_chat_id=CHAT_Y,
+        content="first",
+        telegram_message_id=10,
+        limit=5,
+    )
+    assert again.message_id is None
+    assert [m.content for m in again.history] == ["first"]
+
+
+async def test_soft_delete_keeps_rows_and_hides_them(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    for i in range(3):
+        await add(pool, USER_A, CHAT_X, f"old{i}")
+    params = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
+    assert await database.run(pool, database.soft_delete_messages, **params) == 3
+    assert await database.run(pool, database.soft_delete_messages, **params) == 0
+    assert await history(pool, USER_A, CHAT_X) == []
+    assert await rows(pool, "SELECT count(*) FROM messages WHERE deleted_at IS NOT NULL") == [(3,)]
+    await add(pool, USER_A, CHAT_X, "new")
+    assert [m.content for m in await history(pool, USER_A, CHAT_X)] == ["new"]
+    counts = await database.run(pool, database.count_messages, **params)
+    assert counts == database.MessageCounts(live=1, deleted=3)
+
+
+async def test_users_and_chats_are_isolated(pool: Pool) -> None:
+    for user in (USER_A, USER_B):
+        for chat in (CHAT_X, CHAT_Y):
+            await register(pool, user, chat)
+            await add(pool, user, chat, f"{user}@{chat}")
+    for user in (USER_A, USER_B):
+        for chat in (CHAT_X, CHAT_Y):
+            assert [m.content for m in await history(pool, user, chat)] == [f"{user}@{chat}"]
+    await database.run(pool, database.soft_delete_messages, telegram_user_id=USER_A, telegram_chat_id=CHAT_Y)
+    assert await history(pool, USER_A, CHAT_Y) == []
+    assert len(await history(pool, USER_B, CHAT_Y)) == 1
+    assert len(await history(pool, USER_A, CHAT_X)) == 1
+
+
+async def test_pending_questions_are_unanswered_latest_and_recent(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    await register(pool, USER_B, CHAT_X)
+    answered = await add(pool, USER_A, CHAT_X, "answered", telegram_message_id=1)
+    assert answered is not None
+    await database.run(pool, database.add_answer, question_id=answered, content="yes")
+    await add(pool, USER_A, CHAT_X, "superseded", telegram_message_id=2)
+    pending = await add(pool, USER_A, CHAT_X, "pending", telegram_message_id=3)
+    assert pending is not None
+    old = await add(pool, USER_B, CHAT_X, "too old", telegram_message_id=4)
+    await rows(pool, "UPDATE messages SET created_at = now() - interval '1 hour' WHERE id = %s", (old,))
+    got = await database.run(pool, database.fetch_pending_questions, max_age_s=600)
+    assert got == [
+        database.PendingQuestion(id=pending, telegram_user_id=USER_A, telegram_chat_id=CHAT_X, telegram_message_id=3)
+    ]
+    everything = await database.run(pool, database.fetch_pending_questions, max_age_s=7200)
+    assert [p.id for p in everything] == [pending, old]
+
+
+async def test_purge_removes_only_long_deleted_messages(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    for text in ("keep-live", "keep-recently-deleted", "purge"):
+        await add(pool, USER_A, CHAT_X, text)
+    await rows(pool, "UPDATE messages SET deleted_at = now() WHERE content = 'keep-recently-deleted'")
+    await rows(
+        pool,
+        "UPDATE messages SET created_at = now() - interval '40 days',"
+        " deleted_at = now() - interval '31 days' WHERE content = 'purge'",
+    )
+    assert await database.run(pool, database.purge_deleted_messages, days=30) == 1
+    assert await rows(pool, "SELECT content FROM messages ORDER BY id") == [("keep-live",), ("keep-recently-deleted",)]
+
+
+async def test_schema_version_is_head(pool: Pool) -> None:
+    assert await database.run(pool, database.fetch_schema_version) == "002"
+
+
+async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
+    from tests.conftest import create_database
+
+    empty = await database.init_db(create_database(admin_url, "llmbot_empty"), size=1)
+    try:
+        assert await database.run(empty, database.fetch_schema_version) is None
+    finally:
+        await database.close_db(empty)
+
+
+async def test_history_query_is_an_index_scan_without_sort(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    async with pool.connection() as conn:
+        await conn.execute("SET enable_seqscan = off")  # an empty table would otherwise be seq-scanned
+        try:
+            cur = await conn.execute(
+                "EXPLAIN " + database.SELECT_HISTORY,
+                {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X, "limit": 20},
+            )
+            plan = "\n".join(row[0] for row in await cur.fetchall())
+        finally:
+            await conn.execute("RESET enable_seqscan")
+    assert "Index Scan Backward using messages_history_idx" in plan
+    assert "Sort" not in plan
+
+
+async def test_init_db_fails_fast_when_nothing_listens() -> None:
+    from tests.local_postgres import free_port
+
+    with pytest.raises(psycopg.OperationalError):
+        await database.init_db(f"postgresql://bot:bot@127.0.0.1:{free_port()}/none", size=1, timeout_s=0.5)
