@@ -80,7 +80,10 @@ async def init_db(url: str, *, size: int = 10, timeout_s: float = 5.0) -> Pool:
         max_size=size,
         open=False,
         timeout=timeout_s,
-        reconnect_timeout=3600.0,
+        # Give up background reconnection quickly: its backoff doubles up to this bound, which
+        # would delay recovery long after the server is back. A waiting caller regrows the pool
+        # at once instead.
+        reconnect_timeout=timeout_s,
         kwargs={"autocommit": True},
         name="llmbot",
     )

@@ -15,7 +15,9 @@ from psycopg import sql
 
 from services import database
 from services.database import Pool
+from tests.harness import bot_env
 from tests.local_postgres import LocalPostgres, PostgresNotFoundError, throwaway
+from tests.standins import LLMStandIn, TelegramStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,3 +79,25 @@ async def pool(session_pool: Pool) -> Pool:
     async with session_pool.connection() as conn:
         await conn.execute("TRUNCATE messages, chats, users RESTART IDENTITY CASCADE")
     return session_pool
+
+
+@pytest.fixture
+async def telegram() -> AsyncIterator[TelegramStandIn]:
+    standin = TelegramStandIn()
+    await standin.start()
+    yield standin
+    await standin.stop()
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[LLMStandIn]:
+    standin = LLMStandIn()
+    await standin.start()
+    yield standin
+    await standin.stop()
+
+
+@pytest.fixture
+def env(pool: Pool, database_url: str, telegram: TelegramStandIn, llm: LLMStandIn) -> dict[str, str]:
+    """The bot's settings over an emptied test database and fresh stand-ins."""
+    return bot_env(database_url, telegram, llm)

@@ -49,9 +49,13 @@ def test_schema_constraints_and_types(database_url: str) -> None:
         ).fetchone()
         index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'messages_history_idx'").fetchone()
         with pytest.raises(psycopg.errors.CheckViolation):
-            conn.execute("INSERT INTO users (telegram_user_id) VALUES (1)")
-            conn.execute("INSERT INTO chats (telegram_chat_id) VALUES (-1001234567890)")
-            conn.execute("INSERT INTO messages (user_id, chat_id, role, content) VALUES (1, 1, 'robot', 'x')")
+            conn.execute("INSERT INTO users (telegram_user_id) VALUES (-7)")
+            conn.execute("INSERT INTO chats (telegram_chat_id) VALUES (-7)")
+            conn.execute(
+                "INSERT INTO messages (user_id, chat_id, role, content) SELECT u.id, c.id, 'robot', 'x'"
+                " FROM users u, chats c WHERE u.telegram_user_id = -7 AND c.telegram_chat_id = -7"
+            )
+        conn.rollback()
     for column in (
         "users.created_at",
         "users.deleted_at",

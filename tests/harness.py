@@ -1,0 +1,110 @@
+"""Run the real bot against the stand-ins: in this process (for coverage) or as a child process
+(for restarts, SIGTERM and SIGKILL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiogram import Dispatcher
+
+from bot import create_bot, create_dispatcher
+from config import load_config
+from services import database
+from services.llm import create_llm
+from tests.standins import LLMStandIn, TelegramStandIn
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "123456:TEST-token-abcdefghijklmnopqrstuvwxyz"
+
+
+def bot_env(database_url: str, telegram: TelegramStandIn, llm: LLMStandIn, **overrides: str) -> dict[str, str]:
+    """Every setting the bot reads, pointed at the stand-ins and the test database."""
+    env = {
+        "TELEGRAM_BOT_TOKEN": TOKEN,
+        "OPENAI_API_KEY": "sk-test-key-never-logged",
+        "OPENAI_BASE_URL": llm.url,
+        "TELEGRAM_API_URL": telegram.url,
+        "DATABASE_URL": database_url,
+        "LLM_MODEL": "stand-in",
+        "LLM_TEMPERATURE": "0.5",
+        "LLM_MAX_TOKENS": "256",
+        "LLM_TIMEOUT_S": "5",
+        "SYSTEM_PROMPT": "You are a test.",
+        "DB_POOL_SIZE": "4",
+        "HISTORY_LIMIT": "20",
+        "MAX_INPUT_CHARS": "8000",
+        "PENDING_REPLY_MAX_AGE_S": "600",
+        "SHUTDOWN_TIMEOUT_S": "20",
+        "RATE_LIMIT_PER_MINUTE": "0",
+        "ALLOWED_USER_IDS": "",
+        "RETENTION_DAYS": "0",
+        "LOG_LEVEL": "INFO",
+    }
+    env.update(overrides)
+    return env
+
+
+@asynccontextmanager
+async def running_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIterator[Dispatcher]:
+    """The bot polling in this event loop until the block ends."""
+    config = load_config(env)
+    pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=2.0)
+    bot = create_bot(config)
+    dp = create_dispatcher(config, pool, create_llm(config))
+    started = len(telegram.calls("setMyCommands"))
+    polling = asyncio.create_task(dp.start_polling(bot, handle_signals=False, polling_timeout=1))
+    try:
+        await telegram.wait_for(lambda: len(telegram.calls("setMyCommands")) > started or polling.done())
+        yield dp
+    finally:
+        if not polling.done():
+            await dp.stop_polling()
+        await polling
+        await database.close_db(pool)
+
+
+@dataclass
+class BotProcess:
+    """``python bot.py`` as a child process with ``env``; its output goes to ``log``."""
+
+    env: dict[str, str]
+    telegram: TelegramStandIn
+    process: subprocess.Popen[bytes] | None = None
+    log: Path = Path(tempfile.mkstemp(prefix="llmbot-", suffix=".log")[1])
+
+    async def start(self) -> None:
+        started = len(self.telegram.calls("setMyCommands"))
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **self.env}
+        with self.log.open("ab") as log:
+            process = subprocess.Popen(  # noqa: ASYNC220 - starting, not waiting
+                [sys.executable, "bot.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.process = process
+        await self.telegram.wait_for(
+            lambda: len(self.telegram.calls("setMyCommands")) > started or process.poll() is not None,
+            timeout=30,
+        )
+        assert process.poll() is None, self.output()
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send ``sig`` and wait for the exit; the exit status."""
+        assert self.process is not None
+        self.process.send_signal(sig)
+        for _ in range(int(timeout * 10)):
+            if self.process.poll() is not None:
+                return self.process.returncode
+            await asyncio.sleep(0.1)
+        self.process.kill()
+        raise AssertionError(f"bot did not exit within {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")

@@ -1,0 +1,257 @@
+"""Local stand-ins for the Telegram Bot API and an OpenAI-compatible endpoint, over real HTTP.
+
+Both are small aiohttp servers on 127.0.0.1 that record every request, so tests can drive the
+real bot (its aiohttp session, its openai client) and assert on what crossed the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+BOT_USER = {"id": 4242, "is_bot": True, "first_name": "Test Bot", "username": "test_llm_bot"}
+
+
+@dataclass
+class Sent:
+    """One call the bot made to the Bot API."""
+
+    method: str
+    params: dict[str, Any]
+
+    @property
+    def chat_id(self) -> int:
+        return int(self.params["chat_id"])
+
+    @property
+    def text(self) -> str:
+        return str(self.params.get("text", ""))
+
+
+@dataclass
+class TelegramStandIn:
+    """Serves getMe/getUpdates, records sendMessage, sendChatAction, setMyCommands and the rest."""
+
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[Sent] = field(default_factory=list)
+    confirmed_offset: int = 0
+    fail_next_sends: int = 0
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(100_000))
+    _new_update: asyncio.Event = field(default_factory=asyncio.Event)
+    _sent_event: asyncio.Event = field(default_factory=asyncio.Event)
+    runner: web.AppRunner | None = None
+    url: str = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/bot{token}/{method}", self._handle)
+        self.runner, self.url = await _serve(app)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # -- what a test does -----------------------------------------------------------------
+
+    def push(self, kind: str, payload: dict[str, Any]) -> int:
+        """Queue an update of ``kind`` (message, edited_message, channel_post...); its id."""
+        update_id = next(self._ids)
+        self.updates.append({"update_id": update_id, kind: payload})
+        self._new_update.set()
+        return update_id
+
+    def push_update(self, update: dict[str, Any]) -> None:
+        """Queue an update exactly as given (a redelivery keeps its update_id)."""
+        self.updates.append(update)
+        self._new_update.set()
+
+    def message(
+        self,
+        text: str | None = None,
+        *,
+        user_id: int = 1,
+        chat_id: int | None = None,
+        first_name: str = "Ann",
+        is_bot: bool = False,
+        message_id: int | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """A Message payload from ``user_id`` in ``chat_id`` (their private chat by default)."""
+        chat = chat_id if chat_id is not None else user_id
+        payload: dict[str, Any] = {
+            "message_id": message_id if message_id is not None else next(self._message_ids),
+            "date": int(time.time()),
+            "chat": {"id": chat, "type": "private" if chat > 0 else "supergroup", "title": None},
+            "from": {"id": user_id, "is_bot": is_bot, "first_name": first_name},
+            **extra,
+        }
+        if chat < 0:
+            payload["chat"]["title"] = "Group"
+        else:
+            del payload["chat"]["title"]
+        if text is not None:
+            payload["text"] = text
+        return payload
+
+    def send(self, text: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Queue a message update; the Message payload."""
+        payload = self.message(text, **kwargs)
+        self.push("message", payload)
+        return payload
+
+    def messages_to(self, chat_id: int) -> list[str]:
+        return [s.text for s in self.sent if s.method == "sendMessage" and s.chat_id == chat_id]
+
+    def calls(self, method: str) -> list[Sent]:
+        return [s for s in self.sent if s.method == method]
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 15.0) -> None:
+        """Wait until ``condition()`` holds after some request; AssertionError on timeout."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out; sent so far: {[(s.method, s.params) for s in self.sent]}")
+            self._sent_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sent_event.wait(), min(remaining, 0.2))
+
+    async def wait_for_messages(self, chat_id: int, count: int, timeout: float = 15.0) -> list[str]:
+        await self.wait_for(lambda: len(self.messages_to(chat_id)) >= count, timeout)
+        return self.messages_to(chat_id)
+
+    # -- the Bot API ------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params = {key: _maybe_json(value) for key, value in (await request.post()).items()}
+        if method == "getUpdates":
+            return _ok(await self._get_updates(params))
+        if method == "getMe":
+            return _ok(BOT_USER)
+        self.sent.append(Sent(method, params))
+        self._sent_event.set()
+        if method == "sendMessage":
+            if self.fail_next_sends:
+                self.fail_next_sends -= 1
+                return web.json_response(
+                    {
+                        "ok": False,
+                        "error_code": 429,
+                        "description": "Too Many Requests: retry after 1",
+                        "parameters": {"retry_after": 1},
+                    },
+                    status=429,
+                )
+            if len(str(params.get("text", ""))) > 4096:
+                return web.json_response(
+                    {"ok": False, "error_code": 400, "description": "Bad Request: message is too long"}, status=400
+                )
+            return _ok(
+                {
+                    "message_id": next(self._message_ids),
+                    "date": int(time.time()),
+                    "chat": {"id": int(params["chat_id"]), "type": "private"},
+                    "from": BOT_USER,
+                    "text": params.get("text", ""),
+                }
+            )
+        return _ok(True)
+
+    async def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        offset = int(params.get("offset") or 0)
+        self.confirmed_offset = max(self.confirmed_offset, offset)
+        # Confirmed updates are gone for good, as with Telegram.
+        self.updates = [u for u in self.updates if u["update_id"] >= self.confirmed_offset]
+        if not self.updates:
+            self._new_update.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_update.wait(), min(float(params.get("timeout") or 0), 1.0))
+        return list(self.updates)
+
+
+@dataclass
+class LLMStandIn:
+    """An OpenAI-compatible /v1/chat/completions that records requests.
+
+    ``reply`` builds the answer from the request's messages; ``status`` makes it fail with that
+    HTTP status; ``delay`` makes it slow.
+    """
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    reply: Callable[[list[dict[str, Any]]], str] = field(default=lambda messages: f"echo: {messages[-1]['content']}")
+    status: int = 200
+    delay: float = 0.0
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    runner: web.AppRunner | None = None
+    url: str = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        self.runner, base = await _serve(app)
+        self.url = f"{base}/v1"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    @property
+    def conversations(self) -> list[list[dict[str, Any]]]:
+        """The messages of each request, in order."""
+        return [r["messages"] for r in self.requests]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.started.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.status != 200:
+            return web.json_response(
+                {"error": {"message": "stand-in failure", "type": "server_error"}}, status=self.status
+            )
+        content = self.reply(body["messages"])
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{len(self.requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        )
+
+
+def _ok(result: Any) -> web.Response:
+    return web.json_response({"ok": True, "result": result})
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"

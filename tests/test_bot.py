@@ -1,0 +1,45 @@
+"""Start-up checks of bot.py: a clear refusal when the database is missing or not migrated."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot import StartupError, create_bot, open_database, schema_head
+from config import load_config
+from services import database
+from tests.conftest import alembic_config, create_database
+from tests.harness import TOKEN
+from tests.local_postgres import free_port
+
+REQUIRED = {"TELEGRAM_BOT_TOKEN": TOKEN, "OPENAI_API_KEY": "sk"}
+
+
+async def test_unreachable_database_is_a_clear_start_up_error() -> None:
+    config = load_config({**REQUIRED, "DATABASE_URL": f"postgresql://bot:bot@127.0.0.1:{free_port()}/x"})
+    with pytest.raises(StartupError, match="cannot connect to the database at DATABASE_URL"):
+        await open_database(config)
+
+
+async def test_unmigrated_database_is_refused(admin_url: str) -> None:
+    from alembic import command
+
+    url = create_database(admin_url, "llmbot_behind")
+    config = load_config({**REQUIRED, "DATABASE_URL": url})
+    with pytest.raises(StartupError, match="schema is at nothing, not 002: run `make db-migrate`"):
+        await open_database(config)
+    command.upgrade(alembic_config(url), "001")
+    with pytest.raises(StartupError, match="schema is at 001"):
+        await open_database(config)
+    command.upgrade(alembic_config(url), "head")
+    pool = await open_database(config)
+    assert await database.run(pool, database.fetch_schema_version) == schema_head() == "002"
+    await database.close_db(pool)
+
+
+async def test_bot_uses_the_configured_api_server() -> None:
+    bot = create_bot(load_config({**REQUIRED, "TELEGRAM_API_URL": "http://127.0.0.1:8081"}))
+    assert bot.session.api.api_url(TOKEN, "getMe") == f"http://127.0.0.1:8081/bot{TOKEN}/getMe"
+    await bot.session.close()
+    default = create_bot(load_config(REQUIRED))
+    assert default.session.api.base.startswith("https://api.telegram.org")
+    await default.session.close()

@@ -1,0 +1,44 @@
+"""make db-seed and make db-purge, in-process and through their command lines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from services import database, retention, seed
+from services.database import Pool
+from tests.harness import ROOT
+
+
+async def test_seed_is_idempotent(pool: Pool) -> None:
+    first = await database.run(pool, seed.seed)
+    assert first == sum(len(texts) for *_, texts in seed.DIALOGS)
+    assert await database.run(pool, seed.seed) == 0
+    counts = await database.run(pool, database.count_messages, telegram_user_id=seed.ANN, telegram_chat_id=seed.ANN)
+    assert counts == database.MessageCounts(live=4, deleted=0)
+
+
+async def test_purge_deletes_old_soft_deleted_messages(pool: Pool) -> None:
+    await database.run(pool, seed.seed)
+    await database.run(pool, database.soft_delete_messages, telegram_user_id=seed.BOB, telegram_chat_id=seed.BOB)
+    assert await retention.purge(pool, days=1) == 0  # deleted just now: kept
+    assert await retention.purge(pool, days=0) == 2
+
+
+def run_tool(module: str, *args: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_command_lines(pool: Pool, database_url: str) -> None:
+    seeded = run_tool("services.seed", database_url=database_url)
+    assert seeded.returncode == 0, seeded.stderr
+    assert "seeded 10 new message(s); Ann's private chat holds 4 live message(s)" in seeded.stdout
+    purged = run_tool("services.retention", "--days", "30", database_url=database_url)
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 0 message(s)" in purged.stdout
+    refused = run_tool("services.retention", "--days", "-1", database_url=database_url)
+    assert refused.returncode == 2 and "--days must be 0 or more" in refused.stderr
