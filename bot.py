@@ -43,7 +43,7 @@ def schema_head() -> str | None:
 async def open_database(config: Config) -> Pool:
     """The pool, once the database answers and is migrated to the newest revision."""
     try:
-        pool = await database.init_db(config.database_url, size=config.db_pool_size)
+        pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
     except psycopg.OperationalError:
         raise StartupError(
             "cannot connect to the database at DATABASE_URL: is PostgreSQL running? (`make db-up`)"

@@ -10,13 +10,14 @@ from aiogram.types import Message, User
 
 from config import Config
 from services import context
-from services.context import StorageUnavailable
+from services.context import RateLimited, StorageUnavailable
 from services.database import Pool
 from services.dialog import DB_APOLOGY, answer_question, send_text
 from services.llm import LLM
 from services.text import storable
 
 logger = logging.getLogger(__name__)
+SLOW_DOWN = "You're writing faster than I can think. Please slow down and try again in a minute."
 
 
 async def on_text(message: Message, user: User, bot: Bot, pool: Pool, llm: LLM, config: Config) -> None:
@@ -36,9 +37,14 @@ async def on_text(message: Message, user: User, bot: Bot, pool: Pool, llm: LLM, 
             text=text,
             history_limit=config.history_limit,
             max_input_chars=config.max_input_chars,
+            rate_limit_per_minute=config.rate_limit_per_minute,
         )
     except StorageUnavailable:
         await send_text(bot, chat_id, DB_APOLOGY, reply_to_message_id=reply_to)
+        return
+    except RateLimited:
+        logger.info("user %s is over %d messages a minute", user.id, config.rate_limit_per_minute)
+        await send_text(bot, chat_id, SLOW_DOWN, reply_to_message_id=reply_to)
         return
     if turn is None:
         logger.info("message %s in chat %s was delivered before; ignored", message.message_id, chat_id)

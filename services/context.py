@@ -33,6 +33,10 @@ class StorageUnavailable(Exception):
     """The database could not be reached or refused the operation."""
 
 
+class RateLimited(Exception):
+    """The user sent more messages this minute than allowed; the message was set aside."""
+
+
 @dataclass(frozen=True, slots=True)
 class Turn:
     """A stored user message and the context to answer it with (oldest first, ending with it)."""
@@ -91,12 +95,15 @@ async def add_user_message(
     text: str,
     history_limit: int,
     max_input_chars: int,
+    rate_limit_per_minute: int = 0,
 ) -> Turn | None:
     """Store the user's message (registering user and chat) and return the context to answer
     it with, in one round trip.
 
     Returns None when this Telegram message was stored before (a redelivered update): it is
-    being or has been answered already.
+    being or has been answered already. Raises ``RateLimited`` (after soft-deleting the
+    message, so it neither enters the history nor awaits an answer) when the user is over
+    ``rate_limit_per_minute`` (0: no limit).
     """
     turn = await _call(
         pool,
@@ -107,9 +114,13 @@ async def add_user_message(
         content=text,
         telegram_message_id=telegram_message_id,
         limit=history_limit,
+        count_hit=rate_limit_per_minute > 0,
     )
     if turn.message_id is None:
         return None
+    if turn.hits is not None and turn.hits > rate_limit_per_minute:
+        await _call(pool, database.soft_delete_message, message_id=turn.message_id)
+        raise RateLimited
     return Turn(question_id=turn.message_id, context=fit_to_budget(turn.history, max_input_chars))
 
 

@@ -59,10 +59,12 @@ class PendingQuestion:
 
 @dataclass(frozen=True, slots=True)
 class UserTurn:
-    """The stored user message (``None`` when Telegram delivered it before) and the history."""
+    """The stored user message (``None`` when Telegram delivered it before), the history, and
+    the user's messages in the current minute (``None`` when not counted)."""
 
     message_id: int | None
     history: list[StoredMessage]
+    hits: int | None = None
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -210,6 +212,20 @@ SELECT_PENDING_QUESTIONS: Final = """
     ORDER BY q.id
 """
 
+# A fixed one-minute window per user: the first hit of a new minute restarts the count.
+HIT_RATE_LIMIT: Final = """
+    INSERT INTO rate_limits AS r (telegram_user_id, window_start, hits)
+    VALUES (%(telegram_user_id)s::bigint, date_trunc('minute', now()), 1)
+    ON CONFLICT (telegram_user_id) DO UPDATE
+    SET hits = CASE WHEN r.window_start = EXCLUDED.window_start THEN r.hits + 1 ELSE 1 END,
+        window_start = EXCLUDED.window_start
+    RETURNING hits
+"""
+
+SOFT_DELETE_MESSAGE: Final = """
+    UPDATE messages SET deleted_at = now() WHERE id = %(message_id)s::bigint AND deleted_at IS NULL
+"""
+
 # deleted_at >= created_at, so the created_at bound is implied; it lets the BRIN index skip
 # every block of recent rows.
 PURGE_DELETED: Final = """
@@ -295,22 +311,36 @@ async def add_user_message_and_fetch_history(
     content: str,
     telegram_message_id: int | None,
     limit: int,
+    count_hit: bool = False,
 ) -> UserTurn:
-    """The whole first half of a chat turn in one round trip (pipeline mode): register the
-    user and the chat, store the message, read the history including it."""
+    """The whole first half of a chat turn in one round trip and one transaction (pipeline
+    mode): register the user and the chat, count a rate-limit hit if asked, store the
+    message, read the history including it."""
     chat = {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id}
+    rate = conn.cursor(row_factory=scalar_row)
     message = conn.cursor(row_factory=scalar_row)
     history = conn.cursor(row_factory=class_row(StoredMessage))
     async with conn.pipeline():
         await upsert_user(conn, telegram_user_id=telegram_user_id, first_name=first_name)
         await upsert_chat(conn, telegram_chat_id=telegram_chat_id)
+        if count_hit:
+            await rate.execute(HIT_RATE_LIMIT, {"telegram_user_id": telegram_user_id}, prepare=True)
         await message.execute(
             INSERT_MESSAGE,
             {**chat, "role": "user", "content": content, "telegram_message_id": telegram_message_id},
             prepare=True,
         )
         await history.execute(SELECT_HISTORY, _history_params(telegram_user_id, telegram_chat_id, limit), prepare=True)
-    return UserTurn(message_id=await message.fetchone(), history=(await history.fetchall())[::-1])
+    return UserTurn(
+        message_id=await message.fetchone(),
+        history=(await history.fetchall())[::-1],
+        hits=await rate.fetchone() if count_hit else None,
+    )
+
+
+async def soft_delete_message(conn: Connection, *, message_id: int) -> None:
+    """Mark one message deleted."""
+    await conn.execute(SOFT_DELETE_MESSAGE, {"message_id": message_id})
 
 
 async def soft_delete_messages(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> int:

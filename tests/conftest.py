@@ -77,7 +77,7 @@ async def session_pool(database_url: str) -> AsyncIterator[Pool]:
 async def pool(session_pool: Pool) -> Pool:
     """The shared pool over an emptied database."""
     async with session_pool.connection() as conn:
-        await conn.execute("TRUNCATE messages, chats, users RESTART IDENTITY CASCADE")
+        await conn.execute("TRUNCATE messages, chats, users, rate_limits RESTART IDENTITY CASCADE")
     return session_pool
 
 

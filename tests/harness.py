@@ -40,6 +40,7 @@ def bot_env(database_url: str, telegram: TelegramStandIn, llm: LLMStandIn, **ove
         "LLM_TIMEOUT_S": "5",
         "SYSTEM_PROMPT": "You are a test.",
         "DB_POOL_SIZE": "4",
+        "DB_POOL_TIMEOUT_S": "2",
         "HISTORY_LIMIT": "20",
         "MAX_INPUT_CHARS": "8000",
         "PENDING_REPLY_MAX_AGE_S": "600",
@@ -57,7 +58,7 @@ def bot_env(database_url: str, telegram: TelegramStandIn, llm: LLMStandIn, **ove
 async def running_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIterator[Dispatcher]:
     """The bot polling in this event loop until the block ends."""
     config = load_config(env)
-    pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=2.0)
+    pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
     bot = create_bot(config)
     dp = create_dispatcher(config, pool, create_llm(config))
     started = len(telegram.calls("setMyCommands"))

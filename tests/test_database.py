@@ -251,7 +251,7 @@ async def test_purge_removes_only_long_deleted_messages(pool: Pool) -> None:
 
 
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "002"
+    assert await database.run(pool, database.fetch_schema_version) == "003"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:

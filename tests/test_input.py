@@ -26,6 +26,7 @@ async def stored(pool: Pool) -> list[tuple[str, str]]:
         ("a\x00b", "a\ufffdb"),  # PostgreSQL text cannot hold NUL: replaced, the rest kept
         ("x" * 4096, "x" * 4096),
         ("%s %(x)s $1 \\", "%s %(x)s $1 \\"),
+        ("lone \ud800 surrogate", "lone \ufffd surrogate"),
     ],
 )
 async def test_odd_text_is_stored_and_answered(

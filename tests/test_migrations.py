@@ -20,11 +20,11 @@ def test_upgrade_downgrade_upgrade_round_trip(admin_url: str) -> None:
     url = create_database(admin_url, "llmbot_migrations")
     cfg = alembic_config(url)
     command.upgrade(cfg, "head")
-    assert tables(url) == ["alembic_version", "chats", "messages", "users"]
+    assert tables(url) == ["alembic_version", "chats", "messages", "rate_limits", "users"]
     command.downgrade(cfg, "base")
     assert tables(url) == ["alembic_version"]
     command.upgrade(cfg, "head")
-    assert tables(url) == ["alembic_version", "chats", "messages", "users"]
+    assert tables(url) == ["alembic_version", "chats", "messages", "rate_limits", "users"]
     command.downgrade(cfg, "001")
     with psycopg.connect(url) as conn:
         columns = [
