@@ -107,13 +107,14 @@ async def add_user_message(
     """
     turn = await _call(
         pool,
-        database.add_user_message_and_fetch_history,
+        database.add_message,
         telegram_user_id=telegram_user_id,
         first_name=first_name,
         telegram_chat_id=telegram_chat_id,
+        role="user",
         content=text,
         telegram_message_id=telegram_message_id,
-        limit=history_limit,
+        history_limit=history_limit,
         count_hit=rate_limit_per_minute > 0,
     )
     if turn.message_id is None:

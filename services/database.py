@@ -12,11 +12,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Concatenate, Final, Literal, ParamSpec, TypeAlias, TypeVar
+from typing import Any, Concatenate, Final, Literal, NamedTuple, ParamSpec, TypeAlias, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.rows import class_row, scalar_row
+from psycopg.rows import args_row, class_row, scalar_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 logger = logging.getLogger(__name__)
@@ -28,9 +28,9 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    """One message as the history read returns it."""
+class StoredMessage(NamedTuple):
+    """One message as the history read returns it (a NamedTuple: built for every history row
+    on the hot path, where it measured several times cheaper than a frozen dataclass)."""
 
     id: int
     role: Role
@@ -58,13 +58,13 @@ class PendingQuestion:
 
 
 @dataclass(frozen=True, slots=True)
-class UserTurn:
-    """The stored user message (``None`` when Telegram delivered it before), the history, and
-    the user's messages in the current minute (``None`` when not counted)."""
+class AddedMessage:
+    """The stored message's id (``None`` when Telegram delivered it before), the history ending
+    with it, and the user's messages this minute (``None`` when not counted)."""
 
     message_id: int | None
     history: list[StoredMessage]
-    hits: int | None = None
+    hits: int | None
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -128,35 +128,77 @@ async def run(
 # -- SQL --------------------------------------------------------------------------------------
 # Parameters are cast to their column types so each statement is prepared once per connection.
 
-UPSERT_USER: Final = """
-    INSERT INTO users (telegram_user_id, first_name)
-    SELECT %(telegram_user_id)s::bigint, %(first_name)s::text
-    WHERE NOT EXISTS (
-        SELECT FROM users
-        WHERE telegram_user_id = %(telegram_user_id)s::bigint
-          AND first_name IS NOT DISTINCT FROM %(first_name)s::text
+# Registration of the user and the chat, as CTEs shared by the statements below. The common
+# case (known user, same first name, known chat) only reads: no row lock, no WAL, no identity
+# value burnt. A first contact racing another resolves through ON CONFLICT, whose DO UPDATE
+# (not DO NOTHING) returns the id the other transaction committed.
+_REGISTER_CTES: Final = """
+    known_user AS (
+        SELECT id, first_name FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint
+    ),
+    new_user AS (
+        INSERT INTO users (telegram_user_id, first_name)
+        SELECT %(telegram_user_id)s::bigint, %(first_name)s::text
+        WHERE NOT EXISTS (SELECT FROM known_user WHERE first_name IS NOT DISTINCT FROM %(first_name)s::text)
+        ON CONFLICT (telegram_user_id) DO UPDATE SET first_name = EXCLUDED.first_name
+        RETURNING id
+    ),
+    user_row AS (SELECT id FROM new_user UNION ALL SELECT id FROM known_user LIMIT 1),
+    known_chat AS (
+        SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint
+    ),
+    new_chat AS (
+        INSERT INTO chats (telegram_chat_id)
+        SELECT %(telegram_chat_id)s::bigint
+        WHERE NOT EXISTS (SELECT FROM known_chat)
+        ON CONFLICT (telegram_chat_id) DO UPDATE SET telegram_chat_id = EXCLUDED.telegram_chat_id
+        RETURNING id
+    ),
+    chat_row AS (SELECT id FROM new_chat UNION ALL SELECT id FROM known_chat LIMIT 1)
+"""
+
+REGISTER: Final = (
+    "WITH" + _REGISTER_CTES + "SELECT (SELECT id FROM user_row) AS user_id, (SELECT id FROM chat_row) AS chat_id"
+)
+
+# The first half of a chat turn as one statement: register, count a rate-limit hit (a fixed
+# one-minute window per user, only when asked), store the message, and read the history
+# before it. The history comes from the statement's snapshot, which does not hold the new
+# row yet, so the new row is returned first and the caller puts it last.
+ADD_MESSAGE: Final = (
+    "WITH"
+    + _REGISTER_CTES
+    + """,
+    rate AS (
+        INSERT INTO rate_limits AS r (telegram_user_id, window_start, hits)
+        SELECT %(telegram_user_id)s::bigint, date_trunc('minute', now()), 1
+        WHERE %(count_hit)s::boolean
+        ON CONFLICT (telegram_user_id) DO UPDATE
+        SET hits = CASE WHEN r.window_start = EXCLUDED.window_start THEN r.hits + 1 ELSE 1 END,
+            window_start = EXCLUDED.window_start
+        RETURNING hits
+    ),
+    added AS (
+        INSERT INTO messages (user_id, chat_id, role, content, telegram_message_id)
+        SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row),
+               %(role)s::text, %(content)s::text, %(telegram_message_id)s::bigint
+        ON CONFLICT ON CONSTRAINT messages_telegram_message_key DO NOTHING
+        RETURNING id, role, content, length, created_at
     )
-    ON CONFLICT (telegram_user_id) DO UPDATE SET first_name = EXCLUDED.first_name
+    SELECT true AS added, (SELECT hits FROM rate) AS hits, id, role, content, length, created_at
+    FROM added
+    UNION ALL
+    (
+        SELECT false, NULL, id, role, content, length, created_at
+        FROM messages
+        WHERE user_id = (SELECT id FROM user_row)
+          AND chat_id = (SELECT id FROM chat_row)
+          AND deleted_at IS NULL
+        ORDER BY id DESC
+        LIMIT %(limit)s::integer
+    )
 """
-# The NOT EXISTS makes the common case (known user, same name) a pure read: no row lock, no
-# WAL, no identity value burnt. ON CONFLICT covers a first contact racing another.
-
-UPSERT_CHAT: Final = """
-    INSERT INTO chats (telegram_chat_id)
-    SELECT %(telegram_chat_id)s::bigint
-    WHERE NOT EXISTS (SELECT FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
-    ON CONFLICT (telegram_chat_id) DO NOTHING
-"""
-
-INSERT_MESSAGE: Final = """
-    INSERT INTO messages (user_id, chat_id, role, content, telegram_message_id)
-    SELECT u.id, c.id, %(role)s::text, %(content)s::text, %(telegram_message_id)s::bigint
-    FROM users u, chats c
-    WHERE u.telegram_user_id = %(telegram_user_id)s::bigint
-      AND c.telegram_chat_id = %(telegram_chat_id)s::bigint
-    ON CONFLICT ON CONSTRAINT messages_telegram_message_key DO NOTHING
-    RETURNING id
-"""
+)
 
 INSERT_ANSWER: Final = """
     INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)
@@ -212,16 +254,6 @@ SELECT_PENDING_QUESTIONS: Final = """
     ORDER BY q.id
 """
 
-# A fixed one-minute window per user: the first hit of a new minute restarts the count.
-HIT_RATE_LIMIT: Final = """
-    INSERT INTO rate_limits AS r (telegram_user_id, window_start, hits)
-    VALUES (%(telegram_user_id)s::bigint, date_trunc('minute', now()), 1)
-    ON CONFLICT (telegram_user_id) DO UPDATE
-    SET hits = CASE WHEN r.window_start = EXCLUDED.window_start THEN r.hits + 1 ELSE 1 END,
-        window_start = EXCLUDED.window_start
-    RETURNING hits
-"""
-
 SOFT_DELETE_MESSAGE: Final = """
     UPDATE messages SET deleted_at = now() WHERE id = %(message_id)s::bigint AND deleted_at IS NULL
 """
@@ -238,51 +270,62 @@ PURGE_DELETED: Final = """
 # -- functions ------------------------------------------------------------------------------
 
 
-async def upsert_user(conn: Connection, *, telegram_user_id: int, first_name: str | None) -> None:
-    """Register a user, or update the first name if it changed; writes nothing otherwise."""
-    params = {"telegram_user_id": telegram_user_id, "first_name": first_name}
-    await conn.execute(UPSERT_USER, params, prepare=True)
-
-
-async def upsert_chat(conn: Connection, *, telegram_chat_id: int) -> None:
-    """Register a chat unless it is known."""
-    await conn.execute(UPSERT_CHAT, {"telegram_chat_id": telegram_chat_id}, prepare=True)
-
-
 async def upsert_user_and_chat(
     conn: Connection, *, telegram_user_id: int, first_name: str | None, telegram_chat_id: int
 ) -> None:
-    """Register a user and a chat in one round trip."""
-    async with conn.pipeline():
-        await upsert_user(conn, telegram_user_id=telegram_user_id, first_name=first_name)
-        await upsert_chat(conn, telegram_chat_id=telegram_chat_id)
+    """Register a user (keeping ``first_name`` current) and a chat; writes nothing if both are known."""
+    params = {"telegram_user_id": telegram_user_id, "first_name": first_name, "telegram_chat_id": telegram_chat_id}
+    await conn.execute(REGISTER, params, prepare=True)
 
 
 async def add_message(
     conn: Connection,
     *,
     telegram_user_id: int,
+    first_name: str | None,
     telegram_chat_id: int,
     role: Role,
     content: str,
     telegram_message_id: int | None = None,
-) -> int | None:
-    """Store a message of a registered user in a registered chat; its id, or None if the
-    Telegram message was stored before."""
-    cur = conn.cursor(row_factory=scalar_row)
+    history_limit: int = 0,
+    count_hit: bool = False,
+) -> AddedMessage:
+    """Store a message, registering its user and chat, in one round trip and one transaction.
+
+    Also returns the last ``history_limit`` live messages of (user, chat) ending with this one,
+    and, with ``count_hit``, the user's rate-limit hits this minute. ``message_id`` is None when
+    this Telegram message was stored before.
+    """
+    cur = conn.cursor(row_factory=tuple_row)
     await cur.execute(
-        INSERT_MESSAGE,
+        ADD_MESSAGE,
         {
             "telegram_user_id": telegram_user_id,
+            "first_name": first_name,
             "telegram_chat_id": telegram_chat_id,
             "role": role,
             "content": content,
             "telegram_message_id": telegram_message_id,
+            "count_hit": count_hit,
+            "limit": history_limit,
         },
         prepare=True,
     )
-    message_id: int | None = await cur.fetchone()
-    return message_id
+    new: StoredMessage | None = None
+    hits: int | None = None
+    older: list[StoredMessage] = []
+    for added, row_hits, *message in await cur.fetchall():
+        if added:
+            new, hits = StoredMessage(*message), row_hits
+        else:
+            older.append(StoredMessage(*message))
+    older.sort(reverse=True)  # newest first, by id (the first field)
+    if new is None:
+        return AddedMessage(message_id=None, history=older[::-1], hits=None)
+    history = older[: max(history_limit - 1, 0)][::-1]
+    if history_limit:
+        history.append(new)
+    return AddedMessage(message_id=new.id, history=history, hits=hits)
 
 
 async def add_answer(conn: Connection, *, question_id: int, content: str) -> int | None:
@@ -297,45 +340,9 @@ async def fetch_history(
     conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, limit: int
 ) -> list[StoredMessage]:
     """The last ``limit`` live messages of (user, chat), oldest first."""
-    cur = conn.cursor(row_factory=class_row(StoredMessage))
+    cur = conn.cursor(row_factory=args_row(StoredMessage))
     await cur.execute(SELECT_HISTORY, _history_params(telegram_user_id, telegram_chat_id, limit), prepare=True)
     return (await cur.fetchall())[::-1]
-
-
-async def add_user_message_and_fetch_history(
-    conn: Connection,
-    *,
-    telegram_user_id: int,
-    first_name: str | None,
-    telegram_chat_id: int,
-    content: str,
-    telegram_message_id: int | None,
-    limit: int,
-    count_hit: bool = False,
-) -> UserTurn:
-    """The whole first half of a chat turn in one round trip and one transaction (pipeline
-    mode): register the user and the chat, count a rate-limit hit if asked, store the
-    message, read the history including it."""
-    chat = {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id}
-    rate = conn.cursor(row_factory=scalar_row)
-    message = conn.cursor(row_factory=scalar_row)
-    history = conn.cursor(row_factory=class_row(StoredMessage))
-    async with conn.pipeline():
-        await upsert_user(conn, telegram_user_id=telegram_user_id, first_name=first_name)
-        await upsert_chat(conn, telegram_chat_id=telegram_chat_id)
-        if count_hit:
-            await rate.execute(HIT_RATE_LIMIT, {"telegram_user_id": telegram_user_id}, prepare=True)
-        await message.execute(
-            INSERT_MESSAGE,
-            {**chat, "role": "user", "content": content, "telegram_message_id": telegram_message_id},
-            prepare=True,
-        )
-        await history.execute(SELECT_HISTORY, _history_params(telegram_user_id, telegram_chat_id, limit), prepare=True)
-    return UserTurn(
-        message_id=await message.fetchone(),
-        history=(await history.fetchall())[::-1],
-        hits=await rate.fetchone() if count_hit else None,
-    )
 
 
 async def soft_delete_message(conn: Connection, *, message_id: int) -> None:

@@ -29,24 +29,25 @@ DIALOGS: list[tuple[int, str, int, list[str]]] = [
 
 async def seed(conn: Connection) -> int:
     """Insert the demo dialogs (idempotent per Telegram message id); how many messages are new."""
-    added = 0
+    new = 0
     for user, first_name, chat, texts in DIALOGS:
-        await database.upsert_user_and_chat(conn, telegram_user_id=user, first_name=first_name, telegram_chat_id=chat)
         question: int | None = None
         for index, text in enumerate(texts):
             if index % 2 == 0:
-                question = await database.add_message(
+                added = await database.add_message(
                     conn,
                     telegram_user_id=user,
+                    first_name=first_name,
                     telegram_chat_id=chat,
                     role="user",
                     content=text,
                     telegram_message_id=user * 100 + index,
                 )
-                added += question is not None
+                question = added.message_id
+                new += question is not None
             elif question is not None:
-                added += await database.add_answer(conn, question_id=question, content=text) is not None
-    return added
+                new += await database.add_answer(conn, question_id=question, content=text) is not None
+    return new
 
 
 async def _main() -> None:

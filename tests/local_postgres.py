@@ -45,7 +45,7 @@ def find_bin_dir() -> Path:
     candidates = [os.environ.get("PG_BIN", "")]
     on_path = shutil.which("pg_ctl")
     if on_path:
-        candidates.append(str(Path(on_path).parent))
+        candidates.append(str(Path(on_path).resolve().parent))
     debian = sorted(
         glob.glob("/usr/lib/postgresql/*/bin"),
         key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,

@@ -24,15 +24,17 @@ async def register(pool: Pool, user: int, chat: int, first_name: str | None = "A
 async def add(
     pool: Pool, user: int, chat: int, content: str, role: database.Role = "user", telegram_message_id: int | None = None
 ) -> int | None:
-    return await database.run(
+    added = await database.run(
         pool,
         database.add_message,
         telegram_user_id=user,
+        first_name="Ann",
         telegram_chat_id=chat,
         role=role,
         content=content,
         telegram_message_id=telegram_message_id,
     )
+    return added.message_id
 
 
 async def history(pool: Pool, user: int, chat: int, limit: int = 50) -> list[database.StoredMessage]:
@@ -72,9 +74,10 @@ async def test_add_message_and_history_oldest_first(pool: Pool) -> None:
     assert [m.role for m in got] == ["user", "assistant", "user"]
 
 
-async def test_add_message_for_unknown_user_stores_nothing(pool: Pool) -> None:
-    assert await add(pool, USER_A, CHAT_X, "nobody registered me") is None
-    assert await rows(pool, "SELECT count(*) FROM messages") == [(0,)]
+async def test_add_message_registers_user_and_chat_on_first_contact(pool: Pool) -> None:
+    assert await add(pool, USER_B, CHAT_Y, "first words") is not None
+    assert await rows(pool, "SELECT telegram_user_id, first_name FROM users") == [(USER_B, "Ann")]
+    assert await rows(pool, "SELECT telegram_chat_id FROM chats") == [(CHAT_Y,)]
 
 
 async def test_created_at_and_length_in_characters(pool: Pool) -> None:
@@ -104,15 +107,13 @@ async def test_same_millisecond_inserts_keep_insertion_order(pool: Pool) -> None
         # one transaction: every row gets the very same created_at
         async with conn.transaction():
             for i in range(30):
-                await conn.execute(
-                    database.INSERT_MESSAGE,
-                    {
-                        "telegram_user_id": USER_A,
-                        "telegram_chat_id": CHAT_X,
-                        "role": "user",
-                        "content": f"{i:02}",
-                        "telegram_message_id": None,
-                    },
+                await database.add_message(
+                    conn,
+                    telegram_user_id=USER_A,
+                    first_name="Ann",
+                    telegram_chat_id=CHAT_X,
+                    role="user",
+                    content=f"{i:02}",
                 )
 
     await database.run(pool, burst)
@@ -144,8 +145,6 @@ async def test_redelivered_telegram_message_is_stored_once(pool: Pool) -> None:
     await register(pool, USER_A, CHAT_X)
     assert await add(pool, USER_A, CHAT_X, "hi", telegram_message_id=7) is not None
     assert await add(pool, USER_A, CHAT_X, "hi", telegram_message_id=7) is None
-    assert await add(pool, USER_A, CHAT_Y, "hi", telegram_message_id=7) is None  # chat Y is not registered
-    await register(pool, USER_A, CHAT_Y)
     assert await add(pool, USER_A, CHAT_Y, "hi", telegram_message_id=7) is not None  # ids are per chat
     assert await rows(pool, "SELECT count(*) FROM messages") == [(2,)]
 
@@ -161,31 +160,34 @@ async def test_add_answer_links_to_the_question_once(pool: Pool) -> None:
     assert [(m.role, m.content) for m in got] == [("user", "2+2?"), ("assistant", "4")]
 
 
-async def test_pipelined_turn_stores_and_reads_in_one_call(pool: Pool) -> None:
-    turn = await database.run(
-        pool,
-        database.add_user_message_and_fetch_history,
-        telegram_user_id=USER_B,
-        first_name=None,
-        telegram_chat_id=CHAT_Y,
-        content="first",
-        telegram_message_id=10,
-        limit=5,
-    )
-    assert turn.message_id is not None
-    assert [m.content for m in turn.history] == ["first"]
-    again = await database.run(
-        pool,
-        database.add_user_message_and_fetch_history,
-        telegram_user_id=USER_B,
-        first_name=None,
-        telegram_chat_id=CHAT_Y,
-        content="first",
-        telegram_message_id=10,
-        limit=5,
-    )
-    assert again.message_id is None
-    assert [m.content for m in again.history] == ["first"]
+async def test_a_turn_stores_counts_and_reads_in_one_statement(pool: Pool) -> None:
+    async def turn(message_id: int, text: str, limit: int = 3) -> database.AddedMessage:
+        return await database.run(
+            pool,
+            database.add_message,
+            telegram_user_id=USER_B,
+            first_name=None,
+            telegram_chat_id=CHAT_Y,
+            role="user",
+            content=text,
+            telegram_message_id=message_id,
+            history_limit=limit,
+            count_hit=True,
+        )
+
+    first = await turn(10, "first")
+    assert first.message_id is not None and first.hits == 1
+    assert [m.content for m in first.history] == ["first"]
+    for i in range(11, 14):
+        latest = await turn(i, f"m{i}")
+    assert [m.content for m in latest.history] == ["m11", "m12", "m13"]
+    assert latest.history[-1].id == latest.message_id and latest.hits == 4
+    again = await turn(10, "first")
+    assert again.message_id is None and again.hits is None
+    assert [m.content for m in again.history] == ["m11", "m12", "m13"]
+    assert await rows(pool, "SELECT hits FROM rate_limits") == [(5,)]  # every attempt counts
+    none = await turn(20, "no history asked", limit=0)
+    assert none.history == [] and none.message_id is not None
 
 
 async def test_soft_delete_keeps_rows_and_hides_them(pool: Pool) -> None:

@@ -156,8 +156,9 @@ async def test_logs_hold_no_token_key_or_message_text(
 
 
 async def test_retention_task_purges_periodically(pool: Pool) -> None:
-    await database.run(pool, database.upsert_user_and_chat, telegram_user_id=1, first_name=None, telegram_chat_id=1)
-    await database.run(pool, database.add_message, telegram_user_id=1, telegram_chat_id=1, role="user", content="x")
+    await database.run(
+        pool, database.add_message, telegram_user_id=1, first_name=None, telegram_chat_id=1, role="user", content="x"
+    )
     await database.run(pool, database.soft_delete_messages, telegram_user_id=1, telegram_chat_id=1)
     task = asyncio.create_task(retention.purge_daily(pool, days=0, interval_s=0.05))
     try:
@@ -174,10 +175,16 @@ async def test_start_up_answers_recent_unanswered_questions_only(
     env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:
     for user, text in ((1, "left unanswered"), (2, "too old to answer now")):
-        await database.run(pool, database.upsert_user_and_chat, telegram_user_id=user, first_name=None,
-                           telegram_chat_id=user)
-        await database.run(pool, database.add_message, telegram_user_id=user, telegram_chat_id=user, role="user",
-                           content=text, telegram_message_id=10)
+        await database.run(
+            pool,
+            database.add_message,
+            telegram_user_id=user,
+            first_name=None,
+            telegram_chat_id=user,
+            role="user",
+            content=text,
+            telegram_message_id=10,
+        )
     await fetch(pool, "UPDATE messages SET created_at = now() - interval '2 hours' WHERE content LIKE 'too old%'")
     async with running_bot(env, telegram):
         assert await telegram.wait_for_messages(1, 1) == ["echo: left unanswered"]

@@ -1,0 +1,422 @@
+"""Benchmark of the data path of one chat turn (``make bench``).
+
+Starts its own throwaway PostgreSQL with default (durable) settings, migrates it, and measures
+in one run: the floors (SELECT 1, one committed INSERT), the database cost of one turn and its
+round trips, throughput through the real aiogram pipeline next to pgbench running the same SQL,
+and history-read latency as the table grows. Prints a table and writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from aiogram import Bot, Dispatcher
+from aiogram.client.session.base import BaseSession
+from aiogram.methods import SendMessage, TelegramMethod
+from aiogram.methods.base import TelegramType
+from aiogram.types import Chat, Message, Update
+from alembic import command
+from psycopg import pq
+
+from bot import create_dispatcher
+from config import load_config
+from services import context, database
+from services.database import Pool
+from services.llm import LLM
+from tests.conftest import alembic_config
+from tests.local_postgres import LocalPostgres, throwaway
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOKEN = "123456:BENCH-token-abcdefghijklmnopqrstuvwxyz"
+HISTORY_LIMIT = 20
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def timed(n: int, operation: Callable[[int], Awaitable[object]]) -> list[float]:
+    """Latencies in milliseconds of ``n`` sequential calls."""
+    samples = []
+    for i in range(n):
+        started = time.perf_counter()
+        await operation(i)
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {"p50_ms": statistics.median(samples), "p99_ms": percentile(samples, 0.99)}
+
+
+# -- floors and the per-turn cost -------------------------------------------------------------
+
+
+async def floors(pool: Pool, n: int) -> dict[str, dict[str, float]]:
+    async with pool.connection() as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS bench_floor (id bigint GENERATED ALWAYS AS IDENTITY, v text)")
+
+    async def select_one(_: int) -> None:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1", prepare=True)
+
+    async def insert_one(i: int) -> None:
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO bench_floor (v) VALUES (%s)", (f"row {i}",), prepare=True)
+
+    await timed(200, select_one)  # warm-up: connections, prepared statements
+    return {"select_1": summary(await timed(n, select_one)), "insert_commit": summary(await timed(n, insert_one))}
+
+
+async def one_turn(pool: Pool, user: int, chat: int, message_id: int) -> None:
+    """The database work of one text message, exactly as the handler does it."""
+    turn = await context.add_user_message(
+        pool,
+        telegram_user_id=user,
+        first_name="Bench",
+        telegram_chat_id=chat,
+        telegram_message_id=message_id,
+        text=f"question {message_id} from {user}",
+        history_limit=HISTORY_LIMIT,
+        max_input_chars=8000,
+        rate_limit_per_minute=1_000_000,  # counted, as with the default config, never hit
+    )
+    assert turn is not None
+    await context.add_answer(pool, question_id=turn.question_id, text=f"answer to {message_id}")
+
+
+async def per_turn(pool: Pool, n: int) -> dict[str, float]:
+    users = 100
+    await timed(200, lambda i: one_turn(pool, 10_000 + i % users, 10_000 + i % users, 1_000_000 + i))
+    return summary(await timed(n, lambda i: one_turn(pool, 10_000 + i % users, 10_000 + i % users, i)))
+
+
+async def round_trips_per_turn(url: str) -> int:
+    """Client Sync messages (each one synchronous round trip) of one turn, from libpq's trace."""
+    pool = await database.init_db(url, size=1)
+    try:
+        await one_turn(pool, 1, 1, 1)  # register first: the measured turn is a returning user's
+        with tempfile.TemporaryFile("w+") as trace:
+            async with pool.connection() as conn:
+                conn.pgconn.trace(trace.fileno())
+                conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+            await one_turn(pool, 1, 1, 2)
+            async with pool.connection() as conn:
+                conn.pgconn.untrace()
+            trace.seek(0)
+            return len(re.findall(r"^F\s+\d+\s+Sync", trace.read(), flags=re.MULTILINE))
+    finally:
+        await database.close_db(pool)
+
+
+# -- throughput through aiogram -------------------------------------------------------------
+
+
+class InstantSession(BaseSession):
+    """A Bot API session that answers every call at once, in process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    async def make_request(
+        self,
+        bot: Bot,
+        method: TelegramMethod[TelegramType],
+        timeout: int | None = None,  # noqa: ASYNC109
+    ) -> TelegramType:
+        if isinstance(method, SendMessage):
+            self.sent += 1
+            chat = Chat(id=int(method.chat_id), type="private")
+            return cast(TelegramType, Message(message_id=1, date=datetime.now(UTC), chat=chat, text=method.text))
+        return cast(TelegramType, True)
+
+    async def stream_content(
+        self,
+        url: str,
+        headers: dict[str, Any] | None = None,
+        timeout: int = 30,  # noqa: ASYNC109
+        chunk_size: int = 65536,
+        raise_for_status: bool = True,
+    ) -> AsyncGenerator[bytes, None]:
+        raise NotImplementedError
+        yield b""
+
+    async def close(self) -> None:
+        return None
+
+
+class InstantLLM:
+    """An LLM that answers at once."""
+
+    async def complete(self, history: list[context.ChatMessage]) -> str:
+        return f"answer after {len(history)} messages"
+
+
+def update(update_id: int, user: int, text: str) -> Update:
+    return Update.model_validate(
+        {
+            "update_id": update_id,
+            "message": {
+                "message_id": update_id,
+                "date": int(time.time()),
+                "chat": {"id": user, "type": "private"},
+                "from": {"id": user, "is_bot": False, "first_name": "Bench"},
+                "text": text,
+            },
+        }
+    )
+
+
+async def throughput(pool: Pool, url: str, concurrency: int, turns: int, base_id: int) -> dict[str, Any]:
+    config = load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "OPENAI_API_KEY": "x", "DATABASE_URL": url})
+    session = InstantSession()
+    bot = Bot(TOKEN, session=session)
+    dp: Dispatcher = create_dispatcher(config, pool, cast(LLM, InstantLLM()))
+    per_worker = max(1, turns // concurrency)
+    pool.pop_stats()  # reset the counters
+
+    async def worker(w: int) -> None:
+        user = base_id + w
+        for i in range(per_worker):
+            await dp.feed_update(bot, update(base_id * 10 + w * per_worker + i, user, f"turn {i}"))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    stats = pool.pop_stats()
+    total = per_worker * concurrency
+    answered = session.sent
+    return {
+        "concurrency": concurrency,
+        "turns": total,
+        "turns_per_s": total / elapsed,
+        "apologies_or_errors": total - answered + stats.get("requests_errors", 0),
+        "pool_timeouts": stats.get("requests_errors", 0),
+    }
+
+
+def pgbench_script() -> str:
+    """The same turn for pgbench: our ADD_MESSAGE statement verbatim, with pgbench variables for
+    its parameters, then the answer. pgbench cannot feed the new message's id (one of several
+    rows) to the next statement, so its answer finds the question by an index lookup instead."""
+    add_message = re.sub(r"%\((\w+)\)s", r":\1", database.ADD_MESSAGE)
+    answer = """
+        INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)
+        SELECT user_id, chat_id, 'assistant', 'pgbench answer', id FROM messages
+        WHERE id = (
+            SELECT max(id) FROM messages
+            WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = :telegram_user_id)
+              AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = :telegram_chat_id)
+              AND deleted_at IS NULL)
+        ON CONFLICT ON CONSTRAINT messages_reply_to_key DO NOTHING"""
+    return "\n".join(
+        [
+            "\\set telegram_user_id random(1, 100000)",
+            "\\set telegram_chat_id :telegram_user_id",
+            "\\set telegram_message_id random(1, 2000000000)",
+            f"\\set limit {HISTORY_LIMIT}",
+            "\\set count_hit 1",
+            add_message.strip() + ";",
+            answer.strip() + ";",
+            "",
+        ]
+    )
+
+
+def pgbench(cluster: LocalPostgres, url: str, concurrency: int, seconds: int) -> float | None:
+    """pgbench's TPS for the same SQL turn (a transaction = one turn), or None without pgbench."""
+    binary = shutil.which("pgbench") or str(cluster.bin_dir / "pgbench")
+    if not Path(binary).exists():
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+        script.write(pgbench_script())
+    database_name = url.rsplit("/", 1)[1]
+    # Each pgbench client is a backend with a SCRAM handshake (milliseconds of CPU each): give a
+    # thousand clients time to connect before the measured part starts.
+    seconds = seconds if concurrency < 500 else max(seconds, concurrency // 50)
+    result = subprocess.run(
+        [binary, "-n", "-M", "prepared", "-f", script.name, "-c", str(concurrency), "-j", str(min(concurrency, 2)),
+         "-T", str(seconds), "-D", "first_name=Bench", "-D", "role=user", "-D", "content=pgbench question",
+         "-h", "127.0.0.1", "-p", str(cluster.port), "-U", cluster.user, database_name],
+        capture_output=True, text=True, env={**os.environ, "PGPASSWORD": cluster.password}, check=False,
+    )  # fmt: skip
+    os.unlink(script.name)
+    match = re.search(r"tps = ([\d.]+)", result.stdout)
+    if not match:
+        raise RuntimeError(f"pgbench failed: {(result.stderr or result.stdout).strip()[-500:]}")
+    return float(match.group(1))
+
+
+# -- scaling --------------------------------------------------------------------------------
+
+
+async def fill(pool: Pool, rows: int, dialogs: int = 10_000) -> None:
+    """Top the messages table up to ``rows`` rows spread over ``dialogs`` (user, chat) pairs."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM messages")
+        have = (await cur.fetchone() or (0,))[0]
+        if have >= rows:
+            return
+        for table in ("users (telegram_user_id)", "chats (telegram_chat_id)"):
+            await conn.execute(
+                f"INSERT INTO {table} SELECT g FROM generate_series(1, %(n)s::bigint) g ON CONFLICT DO NOTHING",
+                {"n": dialogs},
+            )
+        step = 500_000
+        for start in range(have, rows, step):
+            await conn.execute(
+                """
+                INSERT INTO messages (user_id, chat_id, role, content)
+                SELECT u.id, c.id, CASE WHEN g %% 2 = 0 THEN 'user' ELSE 'assistant' END, 'filler message ' || g
+                FROM generate_series(%(start)s::bigint, %(stop)s::bigint) g
+                JOIN users u ON u.telegram_user_id = g %% %(n)s + 1
+                JOIN chats c ON c.telegram_chat_id = g %% %(n)s + 1
+                """,
+                {"start": start, "stop": min(rows, start + step) - 1, "n": dialogs},
+            )
+        await conn.execute("VACUUM ANALYZE messages")
+
+
+async def history_latency(pool: Pool, n: int, dialogs: int = 10_000) -> dict[str, float]:
+    async def read(i: int) -> None:
+        user = (i * 7919) % dialogs + 1
+        await context.get_context(
+            pool, telegram_user_id=user, telegram_chat_id=user, history_limit=HISTORY_LIMIT, max_input_chars=8000
+        )
+
+    await timed(200, read)
+    return summary(await timed(n, read))
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def bench_database(cluster: LocalPostgres, name: str) -> AsyncIterator[tuple[Pool, str]]:
+    url = cluster.create_database(name)
+    command.upgrade(alembic_config(url), "head")
+    pool = await database.init_db(url, size=10, timeout_s=10)
+    try:
+        yield pool, url
+    finally:
+        await database.close_db(pool)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    cluster = throwaway(settings={"max_connections": "1100", "shared_buffers": "256MB"})
+    try:
+        results: dict[str, Any] = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "postgresql": cluster.bin_dir.parent.name,
+                "durability": "fsync on, synchronous_commit on (defaults)",
+            },
+            "taken_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        async with bench_database(cluster, "bench_turn") as (pool, url):
+            results["floors"] = await floors(pool, args.samples)
+            results["per_turn"] = await per_turn(pool, args.samples)
+            results["round_trips_per_turn"] = await round_trips_per_turn(url)
+            floor = 2 * results["floors"]["insert_commit"]["p50_ms"]
+            results["per_turn"]["floor_ms"] = floor
+            results["per_turn"]["p50_vs_floor"] = results["per_turn"]["p50_ms"] / floor
+            results["throughput"] = []
+            for level, concurrency in enumerate(args.concurrency):
+                row = await throughput(
+                    pool, url, concurrency, max(args.turns, 3 * concurrency), (level + 1) * 1_000_000
+                )
+                tps = pgbench(cluster, url, concurrency, args.pgbench_seconds)
+                row["pgbench_tps"] = tps
+                row["vs_pgbench"] = row["turns_per_s"] / tps if tps else None
+                results["throughput"].append(row)
+        results["history_read"] = {}
+        async with bench_database(cluster, "bench_scale") as (pool, _):
+            for rows in args.rows:
+                await fill(pool, rows)
+                results["history_read"][str(rows)] = await history_latency(pool, args.samples)
+        first, last = (results["history_read"][str(r)]["p50_ms"] for r in (args.rows[0], args.rows[-1]))
+        results["history_read"]["largest_vs_smallest"] = last / first
+        return results
+    finally:
+        cluster.destroy()
+
+
+def report(results: dict[str, Any]) -> str:
+    f, t = results["floors"], results["per_turn"]
+    lines = [
+        f"machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}, "
+        f"PostgreSQL {results['machine']['postgresql']} on loopback, {results['machine']['durability']}",
+        "",
+        "| measure | p50 ms | p99 ms |",
+        "| --- | ---: | ---: |",
+        f"| SELECT 1 | {f['select_1']['p50_ms']:.3f} | {f['select_1']['p99_ms']:.3f} |",
+        f"| one committed INSERT | {f['insert_commit']['p50_ms']:.3f} | {f['insert_commit']['p99_ms']:.3f} |",
+        f"| per-turn floor (2 commits) | {t['floor_ms']:.3f} | |",
+        f"| per-turn DB cost | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} |",
+        "",
+        f"per-turn DB cost / floor (p50): {t['p50_vs_floor']:.2f}x; "
+        f"synchronous round trips per turn: {results['round_trips_per_turn']}",
+        "",
+        "| concurrent chats | turns/s (aiogram) | pgbench TPS | ratio | errors | pool timeouts |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in results["throughput"]:
+        tps = f"{row['pgbench_tps']:.0f}" if row["pgbench_tps"] else "n/a"
+        ratio = f"{row['vs_pgbench']:.0%}" if row["vs_pgbench"] else "n/a"
+        lines.append(
+            f"| {row['concurrency']} | {row['turns_per_s']:.0f} | {tps} | {ratio} "
+            f"| {row['apologies_or_errors']} | {row['pool_timeouts']} |"
+        )
+    lines += ["", "| messages in table | history read p50 ms | p99 ms |", "| ---: | ---: | ---: |"]
+    for rows, value in results["history_read"].items():
+        if isinstance(value, dict):
+            lines.append(f"| {int(rows):,} | {value['p50_ms']:.3f} | {value['p99_ms']:.3f} |")
+    lines.append(
+        f"\nhistory read, largest / smallest table (p50): {results['history_read']['largest_vs_smallest']:.2f}x"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark the per-turn database cost.")
+    parser.add_argument("--samples", type=int, default=2000, help="sequential samples per latency measure")
+    parser.add_argument("--turns", type=int, default=2000, help="turns per throughput level (at least 3 per chat)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100, 1000])
+    parser.add_argument("--pgbench-seconds", type=int, default=5)
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[10_000, 1_000_000],
+        help="table sizes for the history read (add 10000000 for the long run)",
+    )
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    print(report(results))
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"bench-{results['taken_at'].replace(':', '')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
+
+
+if __name__ == "__main__":
+    main()
