@@ -13,6 +13,7 @@ from aiogram import Bot, Dispatcher
 from aiogram.client.default import DefaultBotProperties
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
+from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
 from aiogram.types import ErrorEvent
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
@@ -54,6 +55,17 @@ async def open_database(config: Config) -> Pool:
         await database.close_db(pool)
         raise StartupError(f"the database schema is at {version or 'nothing'}, not {head}: run `make db-migrate`")
     return pool
+
+
+async def check_telegram(bot: Bot) -> None:
+    """Fail with a clear message when Telegram refuses the token or cannot be reached."""
+    try:
+        me = await bot.me()  # cached: polling does not ask again
+    except TelegramUnauthorizedError:
+        raise StartupError("Telegram rejected TELEGRAM_BOT_TOKEN: check it with @BotFather") from None
+    except TelegramNetworkError as error:
+        raise StartupError(f"cannot reach the Telegram Bot API: {type(error).__name__}") from None
+    logger.info("bot id=%s starting", me.id)
 
 
 def create_bot(config: Config) -> Bot:
@@ -114,10 +126,14 @@ async def main() -> None:
         pool = await open_database(config)
     except StartupError as error:
         raise SystemExit(f"start-up error: {error}") from None
+    bot = create_bot(config)
     try:
-        bot = create_bot(config)
+        await check_telegram(bot)
         dp = create_dispatcher(config, pool, create_llm(config))
         await dp.start_polling(bot, handle_signals=True)
+    except StartupError as error:
+        await bot.session.close()
+        raise SystemExit(f"start-up error: {error}") from None
     finally:
         await database.close_db(pool)
     logger.info("stopped")

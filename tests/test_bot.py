@@ -43,3 +43,30 @@ async def test_bot_uses_the_configured_api_server() -> None:
     default = create_bot(load_config(REQUIRED))
     assert default.session.api.base.startswith("https://api.telegram.org")
     await default.session.close()
+
+
+async def test_a_rejected_token_is_a_clear_start_up_error() -> None:
+    from aiohttp import web
+
+    from bot import check_telegram
+    from tests.standins import _serve
+
+    async def unauthorized(request: web.Request) -> web.Response:
+        return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
+
+    app = web.Application()
+    app.router.add_post("/bot{token}/{method}", unauthorized)
+    runner, url = await _serve(app)
+    bot = create_bot(load_config({**REQUIRED, "TELEGRAM_API_URL": url}))
+    try:
+        with pytest.raises(StartupError, match="Telegram rejected TELEGRAM_BOT_TOKEN"):
+            await check_telegram(bot)
+    finally:
+        await bot.session.close()
+        await runner.cleanup()
+    nowhere = create_bot(load_config({**REQUIRED, "TELEGRAM_API_URL": f"http://127.0.0.1:{free_port()}"}))
+    try:
+        with pytest.raises(StartupError, match="cannot reach the Telegram Bot API"):
+            await check_telegram(nowhere)
+    finally:
+        await nowhere.session.close()
