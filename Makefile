@@ -72,7 +72,7 @@ db-downgrade: $(STAMP) ## Roll back one migration
 
 db-revision: $(STAMP) ## Create a migration: make db-revision m="add a column"
 	@test -n "$(m)" || { echo 'usage: make db-revision m="what it does"'; exit 2; }
-	$(ALEMBIC) revision -m "$(m)"
+	$(ALEMBIC) revision -m "$(m)" --rev-id $$(printf '%03d' $$(( $$(ls alembic/versions/[0-9][0-9][0-9]_*.py | wc -l) + 1 )))
 
 db-reset: $(STAMP) ## Drop everything (downgrade to base) and migrate to head again (DESTROYS local data)
 	$(ALEMBIC) downgrade base

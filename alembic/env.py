@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from logging.config import fileConfig
+
 from alembic import context
 from sqlalchemy import create_engine, pool
 
@@ -12,6 +14,11 @@ def sqlalchemy_url(database_url: str) -> str:
     """SQLAlchemy's spelling of a libpq URL, pinned to the psycopg 3 driver."""
     _, _, rest = database_url.partition("://")
     return f"postgresql+psycopg://{rest}"
+
+
+if context.config.config_file_name is not None:
+    # Show "Running upgrade ..." lines; keep the loggers of a host process (the tests) alive.
+    fileConfig(context.config.config_file_name, disable_existing_loggers=False)
 
 
 def run_migrations_online() -> None:
