@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,25 @@ class Sent:
 
 
 @dataclass
-class TelegramStandIn:
+class _Server:
+    """An aiohttp app on a free loopback port; ``url`` is its base address once started."""
+
+    runner: web.AppRunner | None = field(default=None, init=False)
+    url: str = field(default="", init=False)
+
+    async def _serve(self, route: str, handler: Callable[[web.Request], Awaitable[web.Response]]) -> str:
+        app = web.Application()
+        app.router.add_post(route, handler)
+        self.runner, base = await serve(app)
+        return base
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@dataclass
+class TelegramStandIn(_Server):
     """Serves getMe/getUpdates, records sendMessage, sendChatAction, setMyCommands and the rest."""
 
     updates: list[dict[str, Any]] = field(default_factory=list)
@@ -48,17 +66,9 @@ class TelegramStandIn:
     _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(100_000))
     _new_update: asyncio.Event = field(default_factory=asyncio.Event)
     _sent_event: asyncio.Event = field(default_factory=asyncio.Event)
-    runner: web.AppRunner | None = None
-    url: str = ""
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/bot{token}/{method}", self._handle)
-        self.runner, self.url = await _serve(app)
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        self.url = await self._serve("/bot{token}/{method}", self._handle)
 
     # -- what a test does -----------------------------------------------------------------
 
@@ -180,7 +190,7 @@ class TelegramStandIn:
 
 
 @dataclass
-class LLMStandIn:
+class LLMStandIn(_Server):
     """An OpenAI-compatible /v1/chat/completions that records requests.
 
     ``reply`` builds the answer from the request's messages; ``status`` makes it fail with that
@@ -192,18 +202,9 @@ class LLMStandIn:
     status: int = 200
     delay: float = 0.0
     started: asyncio.Event = field(default_factory=asyncio.Event)
-    runner: web.AppRunner | None = None
-    url: str = ""
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._handle)
-        self.runner, base = await _serve(app)
-        self.url = f"{base}/v1"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        self.url = await self._serve("/v1/chat/completions", self._handle) + "/v1"
 
     @property
     def conversations(self) -> list[list[dict[str, Any]]]:
@@ -248,7 +249,7 @@ def _maybe_json(value: Any) -> Any:
     return value
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -49,14 +49,14 @@ async def test_a_rejected_token_is_a_clear_start_up_error() -> None:
     from aiohttp import web
 
     from bot import check_telegram
-    from tests.standins import _serve
+    from tests.standins import serve
 
     async def unauthorized(request: web.Request) -> web.Response:
         return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)
 
     app = web.Application()
     app.router.add_post("/bot{token}/{method}", unauthorized)
-    runner, url = await _serve(app)
+    runner, url = await serve(app)
     bot = create_bot(load_config({**REQUIRED, "TELEGRAM_API_URL": url}))
     try:
         with pytest.raises(StartupError, match="Telegram rejected TELEGRAM_BOT_TOKEN"):
