@@ -29,8 +29,8 @@ P = ParamSpec("P")
 
 
 class StoredMessage(NamedTuple):
-    """One message as the history read returns it (a NamedTuple: built for every history row
-    on the hot path, where it measured several times cheaper than a frozen dataclass)."""
+    """One message as the history read returns it. A NamedTuple: one is built per history row
+    on the hot path, and a tuple is the cheapest typed row to build."""
 
     id: int
     role: Role
@@ -109,8 +109,9 @@ async def run(
 
     After a server restart every idle connection in the pool is dead; the first statement on
     each finds out. Checking the pool then drops the dead ones, so the retry gets a live
-    connection and the caller never sees the restart. Every write in this module is
-    idempotent (unique constraints), which makes the retry safe.
+    connection and the caller never sees the restart. The bot's writes carry a unique key (the
+    Telegram message id; the question an answer replies to), so even a retry after a commit
+    whose reply was lost stores nothing twice.
     """
     conn: Connection | None = None
     try:
@@ -126,7 +127,8 @@ async def run(
 
 
 # -- SQL --------------------------------------------------------------------------------------
-# Parameters are cast to their column types so each statement is prepared once per connection.
+# Parameters are cast to their column types: whatever width psycopg picks for a Python int,
+# the comparison is bigint = bigint and the unique indexes apply.
 
 # Registration of the user and the chat, as CTEs shared by the statements below. The common
 # case (known user, same first name, known chat) only reads: no row lock, no WAL, no identity
@@ -341,7 +343,8 @@ async def fetch_history(
 ) -> list[StoredMessage]:
     """The last ``limit`` live messages of (user, chat), oldest first."""
     cur = conn.cursor(row_factory=args_row(StoredMessage))
-    await cur.execute(SELECT_HISTORY, _history_params(telegram_user_id, telegram_chat_id, limit), prepare=True)
+    params = {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, "limit": limit}
+    await cur.execute(SELECT_HISTORY, params, prepare=True)
     return (await cur.fetchall())[::-1]
 
 
@@ -391,7 +394,3 @@ async def fetch_schema_version(conn: Connection) -> str | None:
         return version
     except psycopg.errors.UndefinedTable:
         return None
-
-
-def _history_params(telegram_user_id: int, telegram_chat_id: int, limit: int) -> dict[str, int]:
-    return {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, "limit": limit}
