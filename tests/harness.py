@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiogram import Dispatcher
@@ -73,6 +73,13 @@ async def running_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIt
         await database.close_db(pool)
 
 
+def new_log_file() -> Path:
+    """An empty file of its own for one bot process's output."""
+    fd, path = tempfile.mkstemp(prefix="llmbot-", suffix=".log")
+    os.close(fd)
+    return Path(path)
+
+
 @dataclass
 class BotProcess:
     """``python bot.py`` as a child process with ``env``; its output goes to ``log``."""
@@ -80,7 +87,7 @@ class BotProcess:
     env: dict[str, str]
     telegram: TelegramStandIn
     process: subprocess.Popen[bytes] | None = None
-    log: Path = Path(tempfile.mkstemp(prefix="llmbot-", suffix=".log")[1])
+    log: Path = field(default_factory=lambda: new_log_file())
 
     async def start(self) -> None:
         started = len(self.telegram.calls("setMyCommands"))
