@@ -52,17 +52,19 @@ check: lint typecheck test ## What CI runs: lint, typecheck, tests
 bench: $(STAMP) ## Benchmark the per-turn database cost (quick run; BENCH_ARGS="--rows 10000000" for more)
 	$(PY) -m bench $(BENCH_ARGS)
 
+DOCKER_OK = docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1
+
 db-up: $(STAMP) ## Start PostgreSQL: docker compose if a Docker engine answers, else a local cluster in .pgdata/
-	@if docker info >/dev/null 2>&1; then \
+	@if $(DOCKER_OK); then \
 		docker compose up -d --wait postgres; \
 	else \
-		echo "No Docker engine answers: starting a local PostgreSQL cluster in $(PGDATA)/"; \
+		echo "No Docker engine with compose answers: starting a local PostgreSQL cluster in $(PGDATA)/"; \
 		$(PY) -m tests.local_postgres up --data-dir $(PGDATA); \
 	fi
 
 db-down: $(STAMP) ## Stop whichever PostgreSQL db-up started
 	@if [ -f $(PGDATA)/PG_VERSION ]; then $(PY) -m tests.local_postgres down --data-dir $(PGDATA); fi
-	@if docker info >/dev/null 2>&1; then docker compose down; fi
+	@if $(DOCKER_OK); then docker compose down; fi
 
 db-migrate: $(STAMP) ## Apply every migration (alembic upgrade head)
 	$(ALEMBIC) upgrade head
