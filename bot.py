@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
 
 import psycopg
 from aiogram import Bot, Dispatcher
@@ -108,7 +107,7 @@ async def on_startup(
         dispatcher["retention_task"] = asyncio.create_task(retention.purge_daily(pool, days=config.retention_days))
 
 
-async def on_shutdown(dispatcher: Dispatcher, config: Config, in_flight: InFlight, **_: Any) -> None:
+async def on_shutdown(dispatcher: Dispatcher, config: Config, in_flight: InFlight) -> None:
     # Polling has stopped; turns still running get their answer stored and sent before exit.
     await in_flight.wait(config.shutdown_timeout_s)
     task = dispatcher.workflow_data.get("retention_task")

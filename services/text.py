@@ -28,8 +28,7 @@ def split_message(text: str, limit: int = TELEGRAM_MESSAGE_LIMIT) -> list[str]:
         cut = _last_boundary(head)
         parts.append(rest[:cut].rstrip())
         rest = rest[cut:].lstrip("\n ")
-    if rest.strip():
-        parts.append(rest)
+    parts.append(rest)
     return [part for part in parts if part.strip()] or [text[:limit]]
 
 
