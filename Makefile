@@ -59,11 +59,11 @@ db-up: $(STAMP) ## Start PostgreSQL: docker compose if a Docker engine answers, 
 		docker compose up -d --wait postgres; \
 	else \
 		echo "No Docker engine with compose answers: starting a local PostgreSQL cluster in $(PGDATA)/"; \
-		$(PY) -m tests.local_postgres up --data-dir $(PGDATA); \
+		$(PY) -m services.local_postgres up --data-dir $(PGDATA); \
 	fi
 
 db-down: $(STAMP) ## Stop whichever PostgreSQL db-up started
-	@if [ -f $(PGDATA)/PG_VERSION ]; then $(PY) -m tests.local_postgres down --data-dir $(PGDATA); fi
+	@if [ -f $(PGDATA)/PG_VERSION ]; then $(PY) -m services.local_postgres down --data-dir $(PGDATA); fi
 	@if $(DOCKER_OK); then docker compose down; fi
 
 db-migrate: $(STAMP) ## Apply every migration (alembic upgrade head)

@@ -31,6 +31,7 @@ from aiogram.methods import SendMessage, TelegramMethod
 from aiogram.methods.base import TelegramType
 from aiogram.types import Chat, Message, Update
 from alembic import command
+from alembic.config import Config as AlembicConfig
 from psycopg import pq
 
 from bot import APOLOGY, create_dispatcher
@@ -40,10 +41,10 @@ from services import context, database
 from services.database import Pool
 from services.dialog import DB_APOLOGY, LLM_APOLOGY
 from services.llm import LLM
-from tests.conftest import alembic_config
-from tests.local_postgres import LocalPostgres, throwaway
+from services.local_postgres import LocalPostgres, throwaway
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parent.parent
 TOKEN = "123456:BENCH-token-abcdefghijklmnopqrstuvwxyz"
 HISTORY_LIMIT = 20
 REFUSALS = {DB_APOLOGY, LLM_APOLOGY, SLOW_DOWN, APOLOGY}
@@ -321,6 +322,13 @@ async def history_latency(pool: Pool, n: int, dialogs: int = 10_000) -> dict[str
 
 
 # -- the run --------------------------------------------------------------------------------
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    """Alembic's configuration for the project, pointed at ``url``."""
+    cfg = AlembicConfig(str(ROOT / "alembic.ini"))
+    cfg.attributes["database_url"] = url
+    return cfg
 
 
 @asynccontextmanager

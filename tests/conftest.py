@@ -15,8 +15,8 @@ from psycopg import sql
 
 from services import database
 from services.database import Pool
+from services.local_postgres import LocalPostgres, PostgresNotFoundError, throwaway
 from tests.harness import bot_env
-from tests.local_postgres import LocalPostgres, PostgresNotFoundError, throwaway
 from tests.standins import LLMStandIn, TelegramStandIn
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,9 +7,9 @@ import pytest
 from bot import StartupError, create_bot, open_database, schema_head
 from config import load_config
 from services import database
+from services.local_postgres import free_port
 from tests.conftest import alembic_config, create_database
 from tests.harness import TOKEN
-from tests.local_postgres import free_port
 
 REQUIRED = {"TELEGRAM_BOT_TOKEN": TOKEN, "OPENAI_API_KEY": "sk"}
 

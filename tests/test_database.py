@@ -283,7 +283,7 @@ async def test_history_query_is_an_index_scan_without_sort(pool: Pool) -> None:
 
 
 async def test_init_db_fails_fast_when_nothing_listens() -> None:
-    from tests.local_postgres import free_port
+    from services.local_postgres import free_port
 
     with pytest.raises(psycopg.OperationalError):
         await database.init_db(f"postgresql://bot:bot@127.0.0.1:{free_port()}/none", size=1, timeout_s=0.5)

@@ -11,8 +11,8 @@ import pytest
 from handlers.unsupported import TEXT_ONLY
 from services.database import Pool
 from services.dialog import DB_APOLOGY, LLM_APOLOGY
+from services.local_postgres import LocalPostgres
 from tests.harness import BotProcess, running_bot
-from tests.local_postgres import LocalPostgres
 from tests.standins import LLMStandIn, TelegramStandIn
 
 

@@ -7,8 +7,8 @@ unprivileged ``postgres`` user on a folder that user owns.
 
 Command line::
 
-    python -m tests.local_postgres up [--data-dir .pgdata]    # uses DATABASE_URL
-    python -m tests.local_postgres down [--data-dir .pgdata]
+    python -m services.local_postgres up [--data-dir .pgdata]    # uses DATABASE_URL
+    python -m services.local_postgres down [--data-dir .pgdata]
 """
 
 from __future__ import annotations
