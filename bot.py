@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from aiogram import Bot, Dispatcher
@@ -13,22 +13,23 @@ from aiogram.client.default import DefaultBotProperties
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
-from aiogram.types import ErrorEvent
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 
 from config import Config, ConfigError, load_config
 from handlers import create_routers
 from handlers.commands import COMMANDS
-from handlers.middlewares import AccessMiddleware, InFlight
+from handlers.delivery import TelegramDelivery
+from handlers.flood import FloodControl
+from handlers.middlewares import AccessMiddleware, ChatIntake, InFlight
 from services import database, retention
 from services.database import Pool
-from services.dialog import answer_pending_questions
 from services.llm import LLM, create_llm
+from services.turns import Turns
 
 logger = logging.getLogger("bot")
 ROOT = Path(__file__).resolve().parent
-APOLOGY = "Sorry, something went wrong on my side. Please try again."
+OUR_LOGGERS = ("bot", "config", "handlers", "services")
 
 
 class StartupError(Exception):
@@ -67,49 +68,64 @@ async def check_telegram(bot: Bot) -> None:
     logger.info("bot id=%s starting", me.id)
 
 
+def setup_logging(level: str) -> None:
+    """Our loggers at ``level``; libraries at WARNING (aiogram at INFO, for its polling and
+    per-update lines): below that, some print request bodies (message text) and request URLs
+    (the bot token)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("aiogram").setLevel(max(logging.INFO, logging.getLevelNamesMapping()[level]))
+
+
 def create_bot(config: Config) -> Bot:
-    """The Bot, talking to TELEGRAM_API_URL when set (a local Bot API server or a test stand-in)."""
+    """The Bot, talking to TELEGRAM_API_URL when set (a local Bot API server or a test stand-in),
+    every request obeying Telegram's flood control."""
     session = (
         AiohttpSession(api=TelegramAPIServer.from_base(config.telegram_api_url)) if config.telegram_api_url else None
     )
-    # No parse mode: answers go out as plain text, so LLM output can never be rejected as bad markup.
-    return Bot(config.telegram_bot_token, session=session, default=DefaultBotProperties(link_preview_is_disabled=True))
+    bot = Bot(config.telegram_bot_token, session=session, default=DefaultBotProperties(link_preview_is_disabled=True))
+    bot.session.middleware(FloodControl())
+    return bot
 
 
-async def on_error(event: ErrorEvent) -> None:
-    """Last resort: log the traceback (no message text) and apologise to the user."""
-    update = event.update
-    logger.error("update %s failed: %s", update.update_id, type(event.exception).__name__, exc_info=event.exception)
-    if update.message is not None:
-        with contextlib.suppress(Exception):
-            await update.message.answer(APOLOGY)
-
-
-def create_dispatcher(config: Config, pool: Pool, llm: LLM) -> Dispatcher:
+def create_dispatcher(config: Config, pool: Pool, llm: LLM, bot: Bot) -> Dispatcher:
     """The Dispatcher with every router, middleware, dependency and lifecycle hook."""
-    in_flight = InFlight()
-    dp = Dispatcher(config=config, pool=pool, llm=llm, in_flight=in_flight)
-    dp.update.outer_middleware(in_flight)
+    dp = Dispatcher(
+        config=config, pool=pool, turns=Turns(pool, llm, TelegramDelivery(bot), config), in_flight=InFlight()
+    )
+    dp.update.outer_middleware(dp["in_flight"])
+    dp.update.outer_middleware(ChatIntake(dp["turns"]))
     dp.message.outer_middleware(AccessMiddleware(config.allowed_user_ids))
     dp.include_routers(*create_routers())
-    dp.errors.register(on_error)
     dp.startup.register(on_startup)
     dp.shutdown.register(on_shutdown)
     return dp
 
 
-async def on_startup(
-    bot: Bot, dispatcher: Dispatcher, config: Config, pool: Pool, llm: LLM, in_flight: InFlight
-) -> None:
+async def poll(dp: Dispatcher, bot: Bot, config: Config, **options: Any) -> None:
+    """Long-poll Telegram until stopped. At most MAX_TURNS_IN_FLIGHT updates are handled at
+    once; past that, updates wait in Telegram."""
+    await dp.start_polling(
+        bot,
+        allowed_updates=dp.resolve_used_update_types(),
+        tasks_concurrency_limit=config.max_turns_in_flight,
+        **options,
+    )
+
+
+async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Pool, turns: Turns) -> None:
     await bot.set_my_commands(COMMANDS)
-    in_flight.track(asyncio.create_task(answer_pending_questions(bot, pool, llm, config)))
+    await turns.recover()  # before the first update, so unfinished turns keep their place in line
     if config.retention_days:
         dispatcher["retention_task"] = asyncio.create_task(retention.purge_daily(pool, days=config.retention_days))
 
 
-async def on_shutdown(dispatcher: Dispatcher, config: Config, in_flight: InFlight) -> None:
-    # Polling has stopped; turns still running get their answer stored and sent before exit.
+async def on_shutdown(dispatcher: Dispatcher, config: Config, in_flight: InFlight, turns: Turns) -> None:
+    # Polling has stopped; questions being stored are stored, queued turns answered and sent
+    # before exit, within SHUTDOWN_TIMEOUT_S; what is left resumes at the next start.
     await in_flight.wait(config.shutdown_timeout_s)
+    await turns.drain(config.shutdown_timeout_s)
     task = dispatcher.workflow_data.get("retention_task")
     if task is not None:
         task.cancel()
@@ -120,7 +136,7 @@ async def main() -> None:
         config = load_config()
     except ConfigError as error:
         raise SystemExit(f"configuration error: {error}") from None
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(config.log_level)
     try:
         pool = await open_database(config)
     except StartupError as error:
@@ -128,8 +144,7 @@ async def main() -> None:
     bot = create_bot(config)
     try:
         await check_telegram(bot)
-        dp = create_dispatcher(config, pool, create_llm(config))
-        await dp.start_polling(bot, handle_signals=True)
+        await poll(create_dispatcher(config, pool, create_llm(config), bot), bot, config, handle_signals=True)
     except StartupError as error:
         await bot.session.close()
         raise SystemExit(f"start-up error: {error}") from None

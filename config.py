@@ -37,6 +37,7 @@ class Config:
     database_url: str = field(repr=False)
     db_pool_size: int
     db_pool_timeout_s: float
+    max_turns_in_flight: int
     history_limit: int
     max_input_chars: int
     pending_reply_max_age_s: int
@@ -150,6 +151,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         database_url=r.get("DATABASE_URL", DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL"),
         db_pool_size=r.get("DB_POOL_SIZE", "10", _bounded(int, 1, 1000), positive),
         db_pool_timeout_s=r.get("DB_POOL_TIMEOUT_S", "10", _bounded(float, 0.1, 600), "seconds from 0.1 to 600"),
+        max_turns_in_flight=r.get("MAX_TURNS_IN_FLIGHT", "1000", _bounded(int, 1, 100_000), positive),
         history_limit=r.get("HISTORY_LIMIT", "20", _bounded(int, 1, 1000), "a whole number from 1 to 1000"),
         max_input_chars=r.get("MAX_INPUT_CHARS", "8000", _bounded(int, 1, 1_000_000), positive),
         pending_reply_max_age_s=r.get("PENDING_REPLY_MAX_AGE_S", "600", _bounded(int, 0, 604_800), "seconds ≥ 0"),

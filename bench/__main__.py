@@ -34,14 +34,15 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from psycopg import pq
 
-from bot import APOLOGY, create_dispatcher
+from bot import create_dispatcher
 from config import load_config
+from handlers.errors import APOLOGY
 from handlers.messages import SLOW_DOWN
 from services import context, database
 from services.database import Pool
-from services.dialog import DB_APOLOGY, LLM_APOLOGY
 from services.llm import LLM
 from services.local_postgres import LocalPostgres, throwaway
+from services.turns import DB_APOLOGY, LLM_APOLOGY
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parent.parent
@@ -89,20 +90,23 @@ async def floors(pool: Pool, n: int) -> dict[str, dict[str, float]]:
 
 
 async def one_turn(pool: Pool, user: int, chat: int, message_id: int) -> None:
-    """The database work of one text message, exactly as the handler does it."""
-    turn = await context.add_user_message(
+    """The database work of one text message, exactly as the turn pipeline does it: store the
+    question, read the turn's start, store the answer, record its delivery."""
+    question = await context.add_question(
         pool,
         telegram_user_id=user,
         first_name="Bench",
         telegram_chat_id=chat,
         telegram_message_id=message_id,
+        telegram_thread_id=None,
         text=f"question {message_id} from {user}",
-        history_limit=HISTORY_LIMIT,
-        max_input_chars=8000,
         rate_limit_per_minute=1_000_000,  # counted, as with the default config, never hit
     )
+    turn = await context.start_turn(pool, question_id=question.id, history_limit=HISTORY_LIMIT, max_input_chars=8000)
     assert turn is not None
-    await context.add_answer(pool, question_id=turn.question_id, text=f"answer to {message_id}")
+    answer = await context.add_answer(pool, question_id=question.id, text=f"answer to {message_id}")
+    assert answer is not None
+    await context.record_sent_part(pool, answer_id=answer, telegram_message_id=message_id, last=True)
 
 
 async def per_turn(pool: Pool, n: int) -> dict[str, float]:
@@ -199,7 +203,7 @@ async def throughput(pool: Pool, url: str, concurrency: int, turns: int, base_id
     )
     session = InstantSession()
     bot = Bot(TOKEN, session=session)
-    dp: Dispatcher = create_dispatcher(config, pool, cast(LLM, InstantLLM()))
+    dp: Dispatcher = create_dispatcher(config, pool, cast(LLM, InstantLLM()), bot)
     per_worker = max(1, turns // concurrency)
     pool.pop_stats()  # reset the counters
 
@@ -215,6 +219,7 @@ async def throughput(pool: Pool, url: str, concurrency: int, turns: int, base_id
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(batch) for batch in batches))
+    await dp["turns"].drain(600)  # the handlers only queue the turns
     elapsed = time.perf_counter() - started
     stats = pool.pop_stats()
     total = per_worker * concurrency
@@ -229,28 +234,30 @@ async def throughput(pool: Pool, url: str, concurrency: int, turns: int, base_id
 
 
 def pgbench_script() -> str:
-    """The same turn for pgbench: our ADD_MESSAGE statement verbatim, with pgbench variables for
-    its parameters, then the answer. pgbench cannot feed the new message's id (one of several
-    rows) to the next statement, so its answer finds the question by an index lookup instead."""
-    add_message = re.sub(r"%\((\w+)\)s", r":\1", database.ADD_MESSAGE)
-    answer = """
-        INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)
-        SELECT user_id, chat_id, 'assistant', 'pgbench answer', id FROM messages
-        WHERE id = (
-            SELECT max(id) FROM messages
-            WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = :telegram_user_id)
-              AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = :telegram_chat_id)
-              AND deleted_at IS NULL)
-        ON CONFLICT ON CONSTRAINT messages_reply_to_key DO NOTHING"""
+    """The same turn for pgbench: our four statements verbatim, with pgbench variables for their
+    parameters. pgbench cannot feed one statement's id to the next, so each later statement
+    finds the chat's newest message (the question, then the answer) by an index lookup."""
+
+    def pgbench_sql(statement: str) -> str:
+        return re.sub(r"%\((\w+)\)s", r":\1", statement).strip() + ";"
+
+    latest = """(SELECT max(id) FROM messages
+            WHERE chat_id = (SELECT id FROM chats WHERE telegram_chat_id = :telegram_chat_id))"""
     return "\n".join(
         [
             "\\set telegram_user_id random(1, 100000)",
             "\\set telegram_chat_id :telegram_user_id",
             "\\set telegram_message_id random(1, 2000000000)",
             f"\\set limit {HISTORY_LIMIT}",
-            "\\set count_hit 1",
-            add_message.strip() + ";",
-            answer.strip() + ";",
+            "\\set rate_limit 1000000",
+            pgbench_sql(database.ADD_QUESTION.replace("%(telegram_thread_id)s", "NULL").replace("%(content)s", "'q'")),
+            pgbench_sql(database.SELECT_TURN_START.replace("%(question_id)s", latest)),
+            pgbench_sql(database.INSERT_ANSWER.replace("%(question_id)s", latest).replace("%(content)s", "'a'")),
+            pgbench_sql(
+                database.RECORD_SENT_PART.replace("%(answer_id)s", latest)
+                .replace("%(telegram_message_id)s", "1")
+                .replace("%(last)s", "true")
+            ),
             "",
         ]
     )
@@ -313,8 +320,8 @@ async def fill(pool: Pool, rows: int, dialogs: int = 10_000) -> None:
 async def history_latency(pool: Pool, n: int, dialogs: int = 10_000) -> dict[str, float]:
     async def read(i: int) -> None:
         user = (i * 7919) % dialogs + 1
-        await context.get_context(
-            pool, telegram_user_id=user, telegram_chat_id=user, history_limit=HISTORY_LIMIT, max_input_chars=8000
+        await database.run(
+            pool, database.fetch_history, telegram_user_id=user, telegram_chat_id=user, limit=HISTORY_LIMIT
         )
 
     await timed(200, read)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiogram import Router
 
-from handlers import commands, messages, unsupported
+from handlers import commands, errors, messages, unsupported
 
 
 def create_routers() -> list[Router]:
-    """The routers in the order they must be tried: commands, text, then the catch-all."""
-    return [commands.create_router(), messages.create_router(), unsupported.create_router()]
+    """The routers in the order they must be tried: commands, text, then the catch-all; and
+    the handlers of errors, which see the errors of all."""
+    return [errors.create_router(), commands.create_router(), messages.create_router(), unsupported.create_router()]

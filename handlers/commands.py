@@ -9,9 +9,8 @@ from aiogram.filters import Command, CommandStart
 from aiogram.types import BotCommand, Message, User
 
 from services import context
-from services.context import StorageUnavailable
 from services.database import Pool
-from services.dialog import DB_APOLOGY
+from services.turns import Turns
 
 logger = logging.getLogger(__name__)
 
@@ -26,28 +25,23 @@ HELP = (
 )
 
 
-async def cmd_start(message: Message, user: User, pool: Pool) -> None:
-    try:
-        await context.register(
-            pool, telegram_user_id=user.id, first_name=user.first_name, telegram_chat_id=message.chat.id
-        )
-    except StorageUnavailable:
-        await message.answer(DB_APOLOGY)
-        return
-    await message.answer(f"Hello, {user.first_name}! {HELP}")
+async def cmd_start(message: Message, event_from_user: User, pool: Pool) -> None:
+    await context.register(
+        pool,
+        telegram_user_id=event_from_user.id,
+        first_name=event_from_user.first_name,
+        telegram_chat_id=message.chat.id,
+    )
+    await message.answer(f"Hello, {event_from_user.first_name}! {HELP}")
 
 
 async def cmd_help(message: Message) -> None:
     await message.answer(HELP)
 
 
-async def cmd_clear(message: Message, user: User, pool: Pool) -> None:
-    try:
-        cleared = await context.clear_context(pool, telegram_user_id=user.id, telegram_chat_id=message.chat.id)
-    except StorageUnavailable:
-        await message.answer(DB_APOLOGY)
-        return
-    logger.info("user %s cleared %d message(s) in chat %s", user.id, cleared, message.chat.id)
+async def cmd_clear(message: Message, event_from_user: User, turns: Turns) -> None:
+    cleared = await turns.clear(user_id=event_from_user.id, chat_id=message.chat.id)
+    logger.info("user %s cleared %d message(s) in chat %s", event_from_user.id, cleared, message.chat.id)
     if cleared:
         await message.answer(f"Done: I forgot {cleared} message(s). Let's start over.")
     else:

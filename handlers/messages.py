@@ -4,66 +4,45 @@ from __future__ import annotations
 
 import logging
 
-from aiogram import Bot, F, Router
+from aiogram import F, Router
 from aiogram.enums import ChatType
 from aiogram.types import Message, User
 
-from config import Config
-from services import context
-from services.context import RateLimited, StorageUnavailable
-from services.database import Pool
-from services.dialog import DB_APOLOGY, answer_question, send_text
-from services.llm import LLM
+from services.context import RateLimited
 from services.text import storable
+from services.turns import Address, Turns
 
 logger = logging.getLogger(__name__)
 SLOW_DOWN = "You're writing faster than I can think. Please slow down and try again in a minute."
+EMPTY = "Send me some text and I'll answer."
 
 
-async def on_text(message: Message, user: User, bot: Bot, pool: Pool, llm: LLM, config: Config) -> None:
+def address_of(message: Message) -> Address:
+    """Where the answers to ``message`` go: its chat and topic; in groups they quote it, so each
+    user sees which answer is theirs."""
+    return Address(
+        chat_id=message.chat.id,
+        thread_id=message.message_thread_id if message.is_topic_message else None,
+        reply_to=message.message_id if message.chat.type != ChatType.PRIVATE else None,
+    )
+
+
+async def on_text(message: Message, event_from_user: User, turns: Turns) -> None:
     text = storable(message.text or "")
     if not text.strip():
-        await message.answer("Send me some text and I'll answer.")
+        await message.answer(EMPTY)
         return
-    chat_id = message.chat.id
-    reply_to = message.message_id if message.chat.type != ChatType.PRIVATE else None
     try:
-        turn = await context.add_user_message(
-            pool,
-            telegram_user_id=user.id,
-            first_name=user.first_name,
-            telegram_chat_id=chat_id,
+        await turns.ask(
+            user_id=event_from_user.id,
+            first_name=event_from_user.first_name,
+            address=address_of(message),
             telegram_message_id=message.message_id,
             text=text,
-            history_limit=config.history_limit,
-            max_input_chars=config.max_input_chars,
-            rate_limit_per_minute=config.rate_limit_per_minute,
         )
-    except StorageUnavailable:
-        await send_text(bot, chat_id, DB_APOLOGY, reply_to_message_id=reply_to)
-        return
     except RateLimited:
-        logger.info("user %s is over %d messages a minute", user.id, config.rate_limit_per_minute)
-        await send_text(bot, chat_id, SLOW_DOWN, reply_to_message_id=reply_to)
-        return
-    if turn is None:
-        logger.info("message %s in chat %s was delivered before; ignored", message.message_id, chat_id)
-        return
-    logger.info(
-        "user %s in chat %s: message %s, %d chars, %d in context",
-        user.id,
-        chat_id,
-        turn.question_id,
-        len(text),
-        len(turn.context),
-    )
-    await answer_question(
-        bot, pool, llm,
-        chat_id=chat_id,
-        question_id=turn.question_id,
-        history=turn.context,
-        reply_to_message_id=reply_to,
-    )  # fmt: skip
+        logger.info("user %s is over the rate limit", event_from_user.id)
+        await message.answer(SLOW_DOWN)
 
 
 def create_router() -> Router:

@@ -1,4 +1,5 @@
-"""Per-update concerns: who may talk to the bot, and which turns are still in flight."""
+"""Per-update concerns: who may talk to the bot, which updates are still being handled, and
+the order in which a chat's updates enter it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiogram import BaseMiddleware
-from aiogram.types import Message, TelegramObject
+from aiogram.types import Message, TelegramObject, Update
+
+from services.turns import Turns
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]
@@ -17,7 +20,7 @@ NOT_ALLOWED = "Sorry, this bot is private."
 
 
 class AccessMiddleware(BaseMiddleware):
-    """Lets through messages from people, injecting ``user``; drops other bots' messages and
+    """Lets through messages from people; drops other bots' messages and
     anonymous senders (channels), and refuses users outside ``allowed_user_ids`` when it is set.
     Nothing is stored for a message dropped here."""
 
@@ -34,7 +37,6 @@ class AccessMiddleware(BaseMiddleware):
             logger.info("refused user %s: not in ALLOWED_USER_IDS", user.id)
             await event.answer(NOT_ALLOWED)
             return None
-        data["user"] = user
         return await handler(event, data)
 
 
@@ -47,14 +49,11 @@ class InFlight(BaseMiddleware):
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
 
-    def track(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
         task = asyncio.current_task()
         if task is not None:
-            self.track(task)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         return await handler(event, data)
 
     async def wait(self, timeout_s: float) -> None:
@@ -62,7 +61,27 @@ class InFlight(BaseMiddleware):
         others = self.tasks - {asyncio.current_task()}
         if not others:
             return
-        logger.info("waiting up to %.0fs for %d turn(s) in flight", timeout_s, len(others))
+        logger.info("waiting up to %.0fs for %d update(s) being handled", timeout_s, len(others))
         _, pending = await asyncio.wait(others, timeout=timeout_s)
         if pending:
-            logger.warning("%d turn(s) did not finish within %.0fs", len(pending), timeout_s)
+            logger.warning("%d update(s) were not handled within %.0fs", len(pending), timeout_s)
+
+
+class ChatIntake(BaseMiddleware):
+    """Handles a chat's updates in the order they arrived: each holds its chat's intake (see
+    ``Turns.intake``) from before routing until its handler returns.
+
+    Taken here, as the first thing the update's task does, because routing can suspend the task
+    (aiogram runs plain-function filters such as ``F.text`` in a thread), which would let a later
+    update of the chat (a /clear) overtake an earlier one.
+    """
+
+    def __init__(self, turns: Turns) -> None:
+        self.turns = turns
+
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        assert isinstance(event, Update)
+        if event.message is None:
+            return await handler(event, data)
+        async with self.turns.intake(event.message.chat.id):
+            return await handler(event, data)

@@ -1,4 +1,4 @@
-"""The dialog context service: what the handlers call to remember and recall a conversation.
+"""The dialog context service: what the turn pipeline calls to remember and recall a conversation.
 
 Functional and stateless: every function takes the pool and Telegram ids, runs its SQL through
 ``services.database`` and returns plain values. Database failures surface as one exception,
@@ -8,14 +8,15 @@ Functional and stateless: every function takes the pool and Telegram ids, runs i
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypedDict, TypeVar
 
 import psycopg
 
 from services import database
-from services.database import Connection, PendingQuestion, Pool, Role, StoredMessage
+from services.database import AddedQuestion, Connection, Pool, Role, StoredAnswer, StoredMessage, UnfinishedTurn
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -38,11 +39,12 @@ class RateLimited(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Turn:
-    """A stored user message and the context to answer it with (oldest first, ending with it)."""
+class TurnContext:
+    """What a turn works with: the context to ask the LLM (oldest first, ending with the
+    question), and the answer already stored for it, if any."""
 
-    question_id: int
     context: list[ChatMessage]
+    answer: StoredAnswer | None
 
 
 async def _call(
@@ -85,63 +87,61 @@ async def register(pool: Pool, *, telegram_user_id: int, first_name: str | None,
     )
 
 
-async def add_user_message(
+async def add_question(
     pool: Pool,
     *,
     telegram_user_id: int,
     first_name: str | None,
     telegram_chat_id: int,
     telegram_message_id: int | None,
+    telegram_thread_id: int | None,
     text: str,
-    history_limit: int,
-    max_input_chars: int,
     rate_limit_per_minute: int = 0,
-) -> Turn | None:
-    """Store the user's message (registering user and chat) and return the context to answer
-    it with, in one round trip.
+) -> AddedQuestion:
+    """Store the user's message (registering user and chat) in one round trip.
 
-    Returns None when this Telegram message was stored before (a redelivered update): it is
-    being or has been answered already. Raises ``RateLimited`` (after soft-deleting the
-    message, so it neither enters the history nor awaits an answer) when the user is over
-    ``rate_limit_per_minute`` (0: no limit).
+    Raises ``RateLimited`` when the user is over ``rate_limit_per_minute`` (0: no limit): the
+    message is then stored set aside, so it neither enters the history nor awaits an answer.
     """
-    turn = await _call(
+    added = await _call(
         pool,
-        database.add_message,
+        database.add_question,
         telegram_user_id=telegram_user_id,
         first_name=first_name,
         telegram_chat_id=telegram_chat_id,
-        role="user",
         content=text,
         telegram_message_id=telegram_message_id,
-        history_limit=history_limit,
-        count_hit=rate_limit_per_minute > 0,
+        telegram_thread_id=telegram_thread_id,
+        rate_limit=rate_limit_per_minute,
     )
-    if turn.message_id is None:
-        return None
-    if turn.hits is not None and turn.hits > rate_limit_per_minute:
-        await _call(pool, database.soft_delete_message, message_id=turn.message_id)
+    if added.new and added.set_aside:
         raise RateLimited
-    return Turn(question_id=turn.message_id, context=fit_to_budget(turn.history, max_input_chars))
+    return added
 
 
-async def add_answer(pool: Pool, *, question_id: int, text: str) -> bool:
-    """Store the assistant's answer to a question; False if it had been answered already."""
-    return await _call(pool, database.add_answer, question_id=question_id, content=text) is not None
+async def start_turn(pool: Pool, *, question_id: int, history_limit: int, max_input_chars: int) -> TurnContext | None:
+    """The context of a question's turn and its stored answer; None when nothing is left to do."""
+    start = await _call(pool, database.fetch_turn_start, question_id=question_id, history_limit=history_limit)
+    if start is None:
+        return None
+    return TurnContext(context=fit_to_budget(start.history, max_input_chars), answer=start.answer)
 
 
-async def get_context(
-    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, history_limit: int, max_input_chars: int
-) -> list[ChatMessage]:
-    """The last ``history_limit`` live messages of (user, chat), oldest first, within budget."""
-    history = await _call(
-        pool,
-        database.fetch_history,
-        telegram_user_id=telegram_user_id,
-        telegram_chat_id=telegram_chat_id,
-        limit=history_limit,
+async def add_answer(pool: Pool, *, question_id: int, text: str) -> int | None:
+    """Store the assistant's answer; its id, or None when the question was cleared or answered."""
+    return await _call(pool, database.add_answer, question_id=question_id, content=text)
+
+
+async def record_sent_part(pool: Pool, *, answer_id: int, telegram_message_id: int, last: bool) -> None:
+    """Record one part of an answer accepted by Telegram; the last one makes it delivered."""
+    await _call(
+        pool, database.record_sent_part, answer_id=answer_id, telegram_message_id=telegram_message_id, last=last
     )
-    return fit_to_budget(history, max_input_chars)
+
+
+async def set_failed(pool: Pool, *, message_id: int) -> None:
+    """End a turn for good: its question got no answer, or Telegram refused its answer."""
+    await _call(pool, database.set_failed, message_id=message_id)
 
 
 async def clear_context(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> int:
@@ -151,6 +151,18 @@ async def clear_context(pool: Pool, *, telegram_user_id: int, telegram_chat_id: 
     )
 
 
-async def pending_questions(pool: Pool, *, max_age_s: int) -> list[PendingQuestion]:
-    """Questions younger than ``max_age_s`` that never got an answer (e.g. a crash mid-turn)."""
-    return await _call(pool, database.fetch_pending_questions, max_age_s=max_age_s)
+async def unfinished_turns(pool: Pool, *, max_age_s: int) -> list[UnfinishedTurn]:
+    """Turns younger than ``max_age_s`` a crash or an outage left unanswered or undelivered."""
+    return await _call(pool, database.fetch_unfinished_turns, max_age_s=max_age_s)
+
+
+@asynccontextmanager
+async def exclusive(pool: Pool, name: str) -> AsyncIterator[bool]:
+    """Try to become the one process doing ``name`` (a PostgreSQL advisory lock held for the
+    block, released if the process dies); yields whether this process is."""
+    try:
+        async with database.advisory_lock(pool, name) as taken:
+            yield taken
+    except psycopg.OperationalError as error:
+        logger.warning("advisory lock %s: %s", name, type(error).__name__)
+        raise StorageUnavailable(type(error).__name__) from error

@@ -4,20 +4,25 @@ Every function takes the connection first and binds its values server-side; none
 a value into SQL. Connections are in autocommit mode: each statement is its own transaction,
 so a write costs one round trip and one commit, and nothing holds a transaction open. Users
 and chats are addressed by their Telegram ids; internal ids stay inside the database.
+
+History is read in *turn order*: each question at its own id, its answer right after it
+(``coalesce(reply_to_id, id)``), so a question stored while an earlier one was still being
+answered never comes between that question and its answer.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Concatenate, Final, Literal, NamedTuple, ParamSpec, TypeAlias, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.rows import args_row, class_row, scalar_row, tuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg.rows import args_row, class_row, scalar_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +53,55 @@ class MessageCounts:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingQuestion:
-    """A user message that was stored but never answered."""
+class AddedQuestion:
+    """A user message as stored: its id; ``new`` is False when this Telegram message was stored
+    before (a redelivered update, or a retry of a statement whose reply was lost); ``set_aside``
+    when it was stored already soft-deleted (over the rate limit, or cleared since)."""
 
     id: int
-    telegram_user_id: int
-    telegram_chat_id: int
-    telegram_message_id: int | None
+    new: bool
+    set_aside: bool
 
 
 @dataclass(frozen=True, slots=True)
-class AddedMessage:
-    """The stored message's id (``None`` when Telegram delivered it before), the history ending
-    with it, and the user's messages this minute (``None`` when not counted)."""
+class StoredAnswer:
+    """An answer stored for a question, and how many of its parts Telegram has accepted."""
 
-    message_id: int | None
+    id: int
+    content: str
+    sent_parts: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStart:
+    """What a turn finds when it starts: the live history ending with its question (oldest
+    first), and the answer when one was stored but not yet fully delivered."""
+
     history: list[StoredMessage]
-    hits: int | None
+    answer: StoredAnswer | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedTurn:
+    """A recent question that has no answer, or whose answer Telegram has not accepted yet."""
+
+    question_id: int
+    telegram_user_id: int
+    telegram_chat_id: int
+    telegram_message_id: int | None
+    telegram_thread_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _TurnRow:
+    id: int
+    role: Role
+    content: str
+    length: int
+    created_at: datetime
+    is_answer: bool
+    settled: bool
+    sent_parts: int
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -73,8 +110,9 @@ class AddedMessage:
 async def init_db(url: str, *, size: int = 10, timeout_s: float = 5.0) -> Pool:
     """Open a pool of ``size`` autocommit connections; raise ``PoolTimeout`` if none connects.
 
-    ``timeout_s`` bounds how long a caller waits for a connection, so an outage reaches the
-    user as a quick apology rather than a hang.
+    Each connection is checked as it is handed out, so after a server restart the dead ones are
+    replaced before a caller sees them. ``timeout_s`` bounds the wait for a connection before
+    ``run`` asks whether the server answers at all.
     """
     pool: Pool = AsyncConnectionPool(
         url,
@@ -82,6 +120,7 @@ async def init_db(url: str, *, size: int = 10, timeout_s: float = 5.0) -> Pool:
         max_size=size,
         open=False,
         timeout=timeout_s,
+        check=AsyncConnectionPool.check_connection,
         # Give up background reconnection quickly: its backoff doubles up to this bound, which
         # would delay recovery long after the server is back. A waiting caller regrows the pool
         # at once instead.
@@ -102,28 +141,48 @@ async def close_db(pool: Pool) -> None:
     await pool.close()
 
 
+def _conninfo(pool: Pool) -> str:
+    assert isinstance(pool.conninfo, str)  # init_db passes a URL
+    return pool.conninfo
+
+
+async def server_answers(pool: Pool) -> bool:
+    """Whether the database accepts a new connection now, bypassing the pool."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(_conninfo(pool), connect_timeout=max(1, int(pool.timeout)))
+    except psycopg.OperationalError:
+        return False
+    await conn.close()
+    return True
+
+
 async def run(
     pool: Pool, work: Callable[Concatenate[Connection, P], Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
 ) -> T:
-    """``work(conn, ...)`` on a pooled connection, once more on a fresh one if the first was dead.
+    """``work(conn, ...)`` on a pooled connection.
 
-    After a server restart every idle connection in the pool is dead; the first statement on
-    each finds out. Checking the pool then drops the dead ones, so the retry gets a live
-    connection and the caller never sees the restart. The bot's writes carry a unique key (the
-    Telegram message id; the question an answer replies to), so even a retry after a commit
-    whose reply was lost stores nothing twice.
+    A full pool means *wait*: when no connection frees up within the pool's timeout, the
+    server is asked directly; only when it does not answer does ``PoolTimeout`` reach the
+    caller, as an outage.
     """
-    conn: Connection | None = None
-    try:
-        async with pool.connection() as conn:
-            return await work(conn, *args, **kwargs)
-    except psycopg.OperationalError:
-        if conn is None or not conn.broken:
-            raise
-        logger.warning("database connection lost; checking the pool and retrying once")
-        await pool.check()
-        async with pool.connection() as conn:
-            return await work(conn, *args, **kwargs)
+    while True:
+        try:
+            async with pool.connection() as conn:
+                return await work(conn, *args, **kwargs)
+        except PoolTimeout:
+            if not await server_answers(pool):
+                raise
+            logger.warning("every database connection is busy; still waiting (%s)", pool.get_stats())
+
+
+@asynccontextmanager
+async def advisory_lock(pool: Pool, name: str) -> AsyncIterator[bool]:
+    """Try to take the session-level advisory lock ``name`` on a connection of its own, held
+    until the block ends (or the process dies); yields whether it was taken."""
+    async with await psycopg.AsyncConnection.connect(_conninfo(pool), autocommit=True) as conn:
+        cur = conn.cursor(row_factory=scalar_row)
+        await cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,))
+        yield bool(await cur.fetchone())
 
 
 # -- SQL --------------------------------------------------------------------------------------
@@ -163,52 +222,75 @@ REGISTER: Final = (
     "WITH" + _REGISTER_CTES + "SELECT (SELECT id FROM user_row) AS user_id, (SELECT id FROM chat_row) AS chat_id"
 )
 
-# The first half of a chat turn as one statement: register, count a rate-limit hit (a fixed
-# one-minute window per user, only when asked), store the message, and read the history
-# before it. The history comes from the statement's snapshot, which does not hold the new
-# row yet, so the new row is returned first and the caller puts it last.
-ADD_MESSAGE: Final = (
+# A question, stored in one statement: register, count a rate-limit hit (a fixed one-minute
+# window per user, when a limit is set) and store the message, set aside (soft-deleted) at
+# once when it is over the limit, so no crash can leave a refused question awaiting an answer.
+# A Telegram message stored before is not stored again; its row is returned with new = false
+# (xmax is 0 only on a freshly inserted row), so the caller can still see it answered.
+ADD_QUESTION: Final = (
     "WITH"
     + _REGISTER_CTES
     + """,
     rate AS (
         INSERT INTO rate_limits AS r (telegram_user_id, window_start, hits)
         SELECT %(telegram_user_id)s::bigint, date_trunc('minute', now()), 1
-        WHERE %(count_hit)s::boolean
+        WHERE %(rate_limit)s::integer > 0
         ON CONFLICT (telegram_user_id) DO UPDATE
         SET hits = CASE WHEN r.window_start = EXCLUDED.window_start THEN r.hits + 1 ELSE 1 END,
             window_start = EXCLUDED.window_start
         RETURNING hits
-    ),
-    added AS (
-        INSERT INTO messages (user_id, chat_id, role, content, telegram_message_id)
-        SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row),
-               %(role)s::text, %(content)s::text, %(telegram_message_id)s::bigint
-        ON CONFLICT ON CONSTRAINT messages_telegram_message_key DO NOTHING
-        RETURNING id, role, content, length, created_at
     )
-    SELECT true AS added, (SELECT hits FROM rate) AS hits, id, role, content, length, created_at
-    FROM added
-    UNION ALL
-    (
-        SELECT false, NULL, id, role, content, length, created_at
-        FROM messages
-        WHERE user_id = (SELECT id FROM user_row)
-          AND chat_id = (SELECT id FROM chat_row)
-          AND deleted_at IS NULL
-        ORDER BY id DESC
-        LIMIT %(limit)s::integer
-    )
+    INSERT INTO messages AS m (user_id, chat_id, role, content, telegram_message_id, telegram_thread_id, deleted_at)
+    SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row), 'user', %(content)s::text,
+           %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
+           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer THEN now() END
+    ON CONFLICT ON CONSTRAINT messages_telegram_message_key
+        DO UPDATE SET telegram_message_id = m.telegram_message_id
+    RETURNING id, xmax = 0 AS new, deleted_at IS NOT NULL AS set_aside
 """
 )
 
+# What a turn needs when it starts, in one index scan: the live history of the question's
+# (user, chat) up to the question, in turn order, newest first; its answer comes first when
+# there is one. Nothing comes back for a question that is cleared or failed.
+SELECT_TURN_START: Final = """
+    WITH q AS (
+        SELECT id, user_id, chat_id FROM messages
+        WHERE id = %(question_id)s::bigint AND role = 'user' AND deleted_at IS NULL AND failed_at IS NULL
+    )
+    SELECT m.id, m.role, m.content, m.length, m.created_at,
+           m.reply_to_id IS NOT NULL AND m.reply_to_id = q.id AS is_answer,
+           m.delivered_at IS NOT NULL OR m.failed_at IS NOT NULL AS settled,
+           coalesce(cardinality(m.sent_message_ids), 0) AS sent_parts
+    FROM q CROSS JOIN LATERAL (
+        SELECT id, role, content, length, created_at, reply_to_id, delivered_at, failed_at, sent_message_ids
+        FROM messages
+        WHERE user_id = q.user_id AND chat_id = q.chat_id AND deleted_at IS NULL
+          AND coalesce(reply_to_id, id) <= q.id
+        ORDER BY coalesce(reply_to_id, id) DESC, id DESC
+        LIMIT %(limit)s::integer + 1
+    ) m
+"""
+
+# Only a live question gets an answer: a /clear that came first wins, and nothing is stored.
 INSERT_ANSWER: Final = """
-    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)
-    SELECT user_id, chat_id, 'assistant', %(content)s::text, id
+    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id, telegram_thread_id)
+    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id
     FROM messages
-    WHERE id = %(question_id)s::bigint
+    WHERE id = %(question_id)s::bigint AND deleted_at IS NULL
     ON CONFLICT ON CONSTRAINT messages_reply_to_key DO NOTHING
     RETURNING id
+"""
+
+RECORD_SENT_PART: Final = """
+    UPDATE messages
+    SET sent_message_ids = coalesce(sent_message_ids, '{}') || %(telegram_message_id)s::bigint,
+        delivered_at = CASE WHEN %(last)s::boolean THEN now() END
+    WHERE id = %(answer_id)s::bigint
+"""
+
+SET_FAILED: Final = """
+    UPDATE messages SET failed_at = now() WHERE id = %(message_id)s::bigint AND failed_at IS NULL
 """
 
 # Newest first so the partial index is read backwards with LIMIT and no sort; callers reverse.
@@ -218,7 +300,7 @@ SELECT_HISTORY: Final = """
     WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
       AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
       AND deleted_at IS NULL
-    ORDER BY id DESC
+    ORDER BY coalesce(reply_to_id, id) DESC, id DESC
     LIMIT %(limit)s::integer
 """
 
@@ -237,27 +319,23 @@ COUNT_MESSAGES: Final = """
       AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
 """
 
-# A question is pending when nothing answers it and nothing came after it in its dialog:
-# a question followed by a newer one is answered, in context, by the newer one's answer.
-SELECT_PENDING_QUESTIONS: Final = """
-    SELECT q.id, u.telegram_user_id, c.telegram_chat_id, q.telegram_message_id
+# A turn is unfinished when its live question is neither failed nor answered by an answer that
+# Telegram accepted (or refused for good). The BRIN index on created_at limits the scan to
+# recent rows.
+SELECT_UNFINISHED_TURNS: Final = """
+    SELECT q.id AS question_id, u.telegram_user_id, c.telegram_chat_id, q.telegram_message_id, q.telegram_thread_id
     FROM messages q
     JOIN users u ON u.id = q.user_id
     JOIN chats c ON c.id = q.chat_id
     WHERE q.role = 'user'
       AND q.deleted_at IS NULL
+      AND q.failed_at IS NULL
       AND q.created_at > now() - make_interval(secs => %(max_age_s)s::integer)
-      AND NOT EXISTS (SELECT FROM messages a WHERE a.reply_to_id = q.id)
       AND NOT EXISTS (
-          SELECT FROM messages later
-          WHERE later.user_id = q.user_id AND later.chat_id = q.chat_id
-            AND later.deleted_at IS NULL AND later.id > q.id
+          SELECT FROM messages a
+          WHERE a.reply_to_id = q.id AND (a.delivered_at IS NOT NULL OR a.failed_at IS NOT NULL)
       )
     ORDER BY q.id
-"""
-
-SOFT_DELETE_MESSAGE: Final = """
-    UPDATE messages SET deleted_at = now() WHERE id = %(message_id)s::bigint AND deleted_at IS NULL
 """
 
 # deleted_at >= created_at, so the created_at bound is implied; it lets the BRIN index skip
@@ -280,77 +358,86 @@ async def upsert_user_and_chat(
     await conn.execute(REGISTER, params, prepare=True)
 
 
-async def add_message(
+async def add_question(
     conn: Connection,
     *,
     telegram_user_id: int,
     first_name: str | None,
     telegram_chat_id: int,
-    role: Role,
     content: str,
     telegram_message_id: int | None = None,
-    history_limit: int = 0,
-    count_hit: bool = False,
-) -> AddedMessage:
-    """Store a message, registering its user and chat, in one round trip and one transaction.
+    telegram_thread_id: int | None = None,
+    rate_limit: int = 0,
+) -> AddedQuestion:
+    """Store a user's message, registering user and chat, in one round trip and one transaction.
 
-    Also returns the last ``history_limit`` live messages of (user, chat) ending with this one,
-    and, with ``count_hit``, the user's rate-limit hits this minute. ``message_id`` is None when
-    this Telegram message was stored before.
+    With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
+    minute's hits exceed the limit.
     """
-    cur = conn.cursor(row_factory=tuple_row)
+    cur = conn.cursor(row_factory=class_row(AddedQuestion))
     await cur.execute(
-        ADD_MESSAGE,
+        ADD_QUESTION,
         {
             "telegram_user_id": telegram_user_id,
             "first_name": first_name,
             "telegram_chat_id": telegram_chat_id,
-            "role": role,
             "content": content,
             "telegram_message_id": telegram_message_id,
-            "count_hit": count_hit,
-            "limit": history_limit,
+            "telegram_thread_id": telegram_thread_id,
+            "rate_limit": rate_limit,
         },
         prepare=True,
     )
-    new: StoredMessage | None = None
-    hits: int | None = None
-    older: list[StoredMessage] = []
-    for added, row_hits, *message in await cur.fetchall():
-        if added:
-            new, hits = StoredMessage(*message), row_hits
-        else:
-            older.append(StoredMessage(*message))
-    older.sort(reverse=True)  # newest first, by id (the first field)
-    if new is None:
-        return AddedMessage(message_id=None, history=older[::-1], hits=None)
-    history = older[: max(history_limit - 1, 0)][::-1]
-    if history_limit:
-        history.append(new)
-    return AddedMessage(message_id=new.id, history=history, hits=hits)
+    added = await cur.fetchone()
+    assert added is not None  # INSERT ... ON CONFLICT DO UPDATE returns the row either way
+    return added
+
+
+async def fetch_turn_start(conn: Connection, *, question_id: int, history_limit: int) -> TurnStart | None:
+    """The history ending with the question and its stored answer, if any; None when the turn
+    has nothing left to do (the question is cleared or failed, its answer delivered or refused)."""
+    cur = conn.cursor(row_factory=class_row(_TurnRow))
+    await cur.execute(SELECT_TURN_START, {"question_id": question_id, "limit": history_limit}, prepare=True)
+    rows = await cur.fetchall()
+    if not rows:
+        return None
+    answer: StoredAnswer | None = None
+    if rows[0].is_answer:
+        head = rows.pop(0)
+        if head.settled:
+            return None
+        answer = StoredAnswer(id=head.id, content=head.content, sent_parts=head.sent_parts)
+    history = [StoredMessage(r.id, r.role, r.content, r.length, r.created_at) for r in rows[:history_limit]]
+    return TurnStart(history=history[::-1], answer=answer)
 
 
 async def add_answer(conn: Connection, *, question_id: int, content: str) -> int | None:
-    """Store the assistant's answer to a user message; None if it was answered before."""
+    """Store the assistant's answer to a live question; None if it was answered before or cleared."""
     cur = conn.cursor(row_factory=scalar_row)
     await cur.execute(INSERT_ANSWER, {"question_id": question_id, "content": content}, prepare=True)
     answer_id: int | None = await cur.fetchone()
     return answer_id
 
 
+async def record_sent_part(conn: Connection, *, answer_id: int, telegram_message_id: int, last: bool) -> None:
+    """Record that Telegram accepted one more part of an answer; ``last`` marks it delivered."""
+    params = {"answer_id": answer_id, "telegram_message_id": telegram_message_id, "last": last}
+    await conn.execute(RECORD_SENT_PART, params, prepare=True)
+
+
+async def set_failed(conn: Connection, *, message_id: int) -> None:
+    """Mark a turn ended for good: a question with no answer, or an answer Telegram refused."""
+    await conn.execute(SET_FAILED, {"message_id": message_id})
+
+
 async def fetch_history(
     conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, limit: int
 ) -> list[StoredMessage]:
-    """The last ``limit`` live messages of (user, chat), oldest first."""
+    """The last ``limit`` live messages of (user, chat) in turn order, oldest first."""
     cur = conn.cursor(row_factory=args_row(StoredMessage))
     params = {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, "limit": limit}
     await cur.execute(SELECT_HISTORY, params, prepare=True)
     return (await cur.fetchall())[::-1]
-
-
-async def soft_delete_message(conn: Connection, *, message_id: int) -> None:
-    """Mark one message deleted."""
-    await conn.execute(SOFT_DELETE_MESSAGE, {"message_id": message_id})
 
 
 async def soft_delete_messages(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> int:
@@ -372,10 +459,10 @@ async def count_messages(conn: Connection, *, telegram_user_id: int, telegram_ch
     return counts
 
 
-async def fetch_pending_questions(conn: Connection, *, max_age_s: int) -> list[PendingQuestion]:
-    """User messages younger than ``max_age_s`` that still await an answer, oldest first."""
-    cur = conn.cursor(row_factory=class_row(PendingQuestion))
-    await cur.execute(SELECT_PENDING_QUESTIONS, {"max_age_s": max_age_s})
+async def fetch_unfinished_turns(conn: Connection, *, max_age_s: int) -> list[UnfinishedTurn]:
+    """Turns younger than ``max_age_s`` still to answer or deliver, oldest first."""
+    cur = conn.cursor(row_factory=class_row(UnfinishedTurn))
+    await cur.execute(SELECT_UNFINISHED_TURNS, {"max_age_s": max_age_s})
     return await cur.fetchall()
 
 

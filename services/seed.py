@@ -34,19 +34,22 @@ async def seed(conn: Connection) -> int:
         question: int | None = None
         for index, text in enumerate(texts):
             if index % 2 == 0:
-                added = await database.add_message(
+                added = await database.add_question(
                     conn,
                     telegram_user_id=user,
                     first_name=first_name,
                     telegram_chat_id=chat,
-                    role="user",
                     content=text,
                     telegram_message_id=user * 100 + index,
                 )
-                question = added.message_id
-                new += question is not None
+                question = added.id
+                new += added.new
             elif question is not None:
-                new += await database.add_answer(conn, question_id=question, content=text) is not None
+                answer = await database.add_answer(conn, question_id=question, content=text)
+                if answer is not None:
+                    # demo answers count as delivered, so the bot's recovery leaves them alone
+                    await database.record_sent_part(conn, answer_id=answer, telegram_message_id=0, last=True)
+                    new += 1
     return new
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiogram import Dispatcher
 
-from bot import create_bot, create_dispatcher
+from bot import create_bot, create_dispatcher, poll
 from config import load_config
 from services import database
 from services.llm import create_llm
@@ -41,6 +41,7 @@ def bot_env(database_url: str, telegram: TelegramStandIn, llm: LLMStandIn, **ove
         "SYSTEM_PROMPT": "You are a test.",
         "DB_POOL_SIZE": "4",
         "DB_POOL_TIMEOUT_S": "2",
+        "MAX_TURNS_IN_FLIGHT": "100",
         "HISTORY_LIMIT": "20",
         "MAX_INPUT_CHARS": "8000",
         "PENDING_REPLY_MAX_AGE_S": "600",
@@ -60,9 +61,9 @@ async def running_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIt
     config = load_config(env)
     pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
     bot = create_bot(config)
-    dp = create_dispatcher(config, pool, create_llm(config))
+    dp = create_dispatcher(config, pool, create_llm(config), bot)
     started = len(telegram.calls("setMyCommands"))
-    polling = asyncio.create_task(dp.start_polling(bot, handle_signals=False, polling_timeout=1))
+    polling = asyncio.create_task(poll(dp, bot, config, handle_signals=False, polling_timeout=1))
     try:
         await telegram.wait_for(lambda: len(telegram.calls("setMyCommands")) > started or polling.done())
         yield dp

@@ -26,6 +26,8 @@ class Sent:
 
     method: str
     params: dict[str, Any]
+    status: int = 200  # what the stand-in answered: 200 accepted, else the error code
+    message_id: int | None = None  # the id given to an accepted message
 
     @property
     def chat_id(self) -> int:
@@ -62,6 +64,7 @@ class TelegramStandIn(_Server):
     sent: list[Sent] = field(default_factory=list)
     confirmed_offset: int = 0
     fail_next_sends: int = 0
+    refused_chats: dict[int, tuple[int, str]] = field(default_factory=dict)  # chat id -> (error code, description)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(100_000))
     _new_update: asyncio.Event = field(default_factory=asyncio.Event)
@@ -119,7 +122,8 @@ class TelegramStandIn(_Server):
         return payload
 
     def messages_to(self, chat_id: int) -> list[str]:
-        return [s.text for s in self.sent if s.method == "sendMessage" and s.chat_id == chat_id]
+        """The texts Telegram accepted for ``chat_id``, in order: what the user sees."""
+        return [s.text for s in self.sent if s.method == "sendMessage" and s.chat_id == chat_id and s.status == 200]
 
     def calls(self, method: str) -> list[Sent]:
         return [s for s in self.sent if s.method == method]
@@ -148,27 +152,24 @@ class TelegramStandIn(_Server):
             return _ok(await self._get_updates(params))
         if method == "getMe":
             return _ok(BOT_USER)
-        self.sent.append(Sent(method, params))
+        sent = Sent(method, params)
+        self.sent.append(sent)
         self._sent_event.set()
+        if method in ("sendMessage", "sendChatAction") and int(params["chat_id"]) in self.refused_chats:
+            sent.status, description = self.refused_chats[int(params["chat_id"])]
+            return _error(sent.status, description)
         if method == "sendMessage":
             if self.fail_next_sends:
                 self.fail_next_sends -= 1
-                return web.json_response(
-                    {
-                        "ok": False,
-                        "error_code": 429,
-                        "description": "Too Many Requests: retry after 1",
-                        "parameters": {"retry_after": 1},
-                    },
-                    status=429,
-                )
+                sent.status = 429
+                return _error(429, "Too Many Requests: retry after 1", parameters={"retry_after": 1})
             if len(str(params.get("text", ""))) > 4096:
-                return web.json_response(
-                    {"ok": False, "error_code": 400, "description": "Bad Request: message is too long"}, status=400
-                )
+                sent.status = 400
+                return _error(400, "Bad Request: message is too long")
+            sent.message_id = next(self._message_ids)
             return _ok(
                 {
-                    "message_id": next(self._message_ids),
+                    "message_id": sent.message_id,
                     "date": int(time.time()),
                     "chat": {"id": int(params["chat_id"]), "type": "private"},
                     "from": BOT_USER,
@@ -194,17 +195,23 @@ class LLMStandIn(_Server):
     """An OpenAI-compatible /v1/chat/completions that records requests.
 
     ``reply`` builds the answer from the request's messages; ``status`` makes it fail with that
-    HTTP status; ``delay`` makes it slow.
+    HTTP status; ``delay`` makes it slow, and ``delays`` the next requests one by one.
     """
 
     requests: list[dict[str, Any]] = field(default_factory=list)
     reply: Callable[[list[dict[str, Any]]], str] = field(default=lambda messages: f"echo: {messages[-1]['content']}")
     status: int = 200
     delay: float = 0.0
+    delays: list[float] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
         self.url = await self._serve("/v1/chat/completions", self._handle) + "/v1"
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await super().stop()
 
     @property
     def conversations(self) -> list[list[dict[str, Any]]]:
@@ -215,8 +222,11 @@ class LLMStandIn(_Server):
         body = await request.json()
         self.requests.append(body)
         self.started.set()
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        delay = self.delays.pop(0) if self.delays else self.delay
+        if delay:
+            # Ends early when the stand-in stops, so no test waits out a slow answer nobody reads.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
         if self.status != 200:
             return web.json_response(
                 {"error": {"message": "stand-in failure", "type": "server_error"}}, status=self.status
@@ -238,6 +248,10 @@ class LLMStandIn(_Server):
 
 def _ok(result: Any) -> web.Response:
     return web.json_response({"ok": True, "result": result})
+
+
+def _error(code: int, description: str, **extra: Any) -> web.Response:
+    return web.json_response({"ok": False, "error_code": code, "description": description, **extra}, status=code)
 
 
 def _maybe_json(value: Any) -> Any:

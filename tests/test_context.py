@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from services import context, database
-from services.context import StorageUnavailable, fit_to_budget
+from services.context import RateLimited, StorageUnavailable, fit_to_budget
 from services.database import Pool, StoredMessage
 
 
@@ -27,32 +27,36 @@ def test_budget_keeps_the_newest_messages_that_fit() -> None:
     assert fit_to_budget([], 10) == []
 
 
-async def turn(
-    pool: Pool, text: str, *, user: int = 1, chat: int = 1, message_id: int | None = None, limit: int = 20
-) -> context.Turn | None:
-    return await context.add_user_message(
+async def ask(pool: Pool, text: str, *, message_id: int, rate_limit: int = 0) -> int:
+    added = await context.add_question(
         pool,
-        telegram_user_id=user,
+        telegram_user_id=1,
         first_name="Ann",
-        telegram_chat_id=chat,
+        telegram_chat_id=1,
         telegram_message_id=message_id,
+        telegram_thread_id=None,
         text=text,
-        history_limit=limit,
-        max_input_chars=10_000,
+        rate_limit_per_minute=rate_limit,
     )
+    return added.id
 
 
-async def test_turns_build_the_context_in_order(pool: Pool) -> None:
-    first = await turn(pool, "one", message_id=1)
-    assert first is not None and first.context == [{"role": "user", "content": "one"}]
-    assert await context.add_answer(pool, question_id=first.question_id, text="1")
-    assert not await context.add_answer(pool, question_id=first.question_id, text="again")
-    second = await turn(pool, "two", message_id=2)
-    assert second is not None
-    assert [m["content"] for m in second.context] == ["one", "1", "two"]
-    assert await turn(pool, "two", message_id=2) is None  # redelivered
-    got = await context.get_context(pool, telegram_user_id=1, telegram_chat_id=1, history_limit=2, max_input_chars=100)
-    assert [m["content"] for m in got] == ["1", "two"]
+async def test_a_turn_reads_its_context_within_budget(pool: Pool) -> None:
+    first = await ask(pool, "one", message_id=1)
+    assert await context.add_answer(pool, question_id=first, text="1") is not None
+    second = await ask(pool, "two", message_id=2)
+    turn = await context.start_turn(pool, question_id=second, history_limit=20, max_input_chars=100)
+    assert turn is not None and turn.answer is None
+    assert [m["content"] for m in turn.context] == ["one", "1", "two"]
+    short = await context.start_turn(pool, question_id=second, history_limit=20, max_input_chars=4)
+    assert short is not None and [m["content"] for m in short.context] == ["1", "two"]
+
+
+async def test_over_the_rate_limit_is_refused_but_a_redelivery_is_not(pool: Pool) -> None:
+    await ask(pool, "one", message_id=1, rate_limit=1)
+    with pytest.raises(RateLimited):
+        await ask(pool, "two", message_id=2, rate_limit=1)
+    await ask(pool, "two", message_id=2, rate_limit=1)  # stored before: not refused twice
 
 
 async def test_register_keeps_the_first_name_current(pool: Pool) -> None:
@@ -63,11 +67,18 @@ async def test_register_keeps_the_first_name_current(pool: Pool) -> None:
         assert await cur.fetchall() == [("Robert",)]
 
 
-async def test_clear_and_pending(pool: Pool) -> None:
-    await turn(pool, "q1", message_id=1)
-    assert [q.telegram_message_id for q in await context.pending_questions(pool, max_age_s=60)] == [1]
+async def test_clear_and_unfinished(pool: Pool) -> None:
+    await ask(pool, "q1", message_id=1)
+    assert [q.telegram_message_id for q in await context.unfinished_turns(pool, max_age_s=60)] == [1]
     assert await context.clear_context(pool, telegram_user_id=1, telegram_chat_id=1) == 1
-    assert await context.pending_questions(pool, max_age_s=60) == []  # cleared questions are not answered
+    assert await context.unfinished_turns(pool, max_age_s=60) == []  # cleared questions are not answered
+
+
+async def test_only_one_holder_of_an_exclusive_lock(pool: Pool) -> None:
+    async with context.exclusive(pool, "test-lock") as first, context.exclusive(pool, "test-lock") as second:
+        assert first and not second
+    async with context.exclusive(pool, "test-lock") as again:
+        assert again
 
 
 async def test_a_closed_pool_raises_storage_unavailable(database_url: str) -> None:

@@ -21,20 +21,22 @@ async def register(pool: Pool, user: int, chat: int, first_name: str | None = "A
     )
 
 
-async def add(
-    pool: Pool, user: int, chat: int, content: str, role: database.Role = "user", telegram_message_id: int | None = None
-) -> int | None:
+async def add(pool: Pool, user: int, chat: int, content: str, telegram_message_id: int | None = None) -> int:
+    """Store a question; its id."""
     added = await database.run(
         pool,
-        database.add_message,
+        database.add_question,
         telegram_user_id=user,
         first_name="Ann",
         telegram_chat_id=chat,
-        role=role,
         content=content,
         telegram_message_id=telegram_message_id,
     )
-    return added.message_id
+    return added.id
+
+
+async def answer(pool: Pool, question: int, content: str) -> int | None:
+    return await database.run(pool, database.add_answer, question_id=question, content=content)
 
 
 async def history(pool: Pool, user: int, chat: int, limit: int = 50) -> list[database.StoredMessage]:
@@ -65,17 +67,34 @@ async def test_concurrent_first_contacts_register_one_user(pool: Pool) -> None:
     assert await rows(pool, "SELECT count(*) FROM chats") == [(1,)]
 
 
-async def test_add_message_and_history_oldest_first(pool: Pool) -> None:
+async def test_add_question_and_history_oldest_first(pool: Pool) -> None:
     await register(pool, USER_A, CHAT_X)
-    ids = [await add(pool, USER_A, CHAT_X, f"m{i}", "user" if i % 2 == 0 else "assistant") for i in range(5)]
+    ids: list[int | None] = []
+    for i in range(5):
+        if i % 2 == 0:
+            ids.append(await add(pool, USER_A, CHAT_X, f"m{i}"))
+        else:
+            ids.append(await answer(pool, ids[-1] or 0, f"m{i}"))
     got = await history(pool, USER_A, CHAT_X, limit=3)
     assert [m.content for m in got] == ["m2", "m3", "m4"]
     assert [m.id for m in got] == ids[2:]
     assert [m.role for m in got] == ["user", "assistant", "user"]
 
 
-async def test_add_message_registers_user_and_chat_on_first_contact(pool: Pool) -> None:
-    assert await add(pool, USER_B, CHAT_Y, "first words") is not None
+async def test_history_is_in_turn_order_when_a_question_overtakes_an_answer(pool: Pool) -> None:
+    # B is stored while A is still being answered: A's answer must still come before B.
+    a = await add(pool, USER_A, CHAT_X, "A")
+    b = await add(pool, USER_A, CHAT_X, "B")
+    await answer(pool, a, "echo: A")
+    await answer(pool, b, "echo: B")
+    assert [m.content for m in await history(pool, USER_A, CHAT_X)] == ["A", "echo: A", "B", "echo: B"]
+    start = await database.run(pool, database.fetch_turn_start, question_id=b, history_limit=10)
+    assert start is not None and start.answer is not None and start.answer.content == "echo: B"
+    assert [m.content for m in start.history] == ["A", "echo: A", "B"]
+
+
+async def test_add_question_registers_user_and_chat_on_first_contact(pool: Pool) -> None:
+    assert await add(pool, USER_B, CHAT_Y, "first words") == 1
     assert await rows(pool, "SELECT telegram_user_id, first_name FROM users") == [(USER_B, "Ann")]
     assert await rows(pool, "SELECT telegram_chat_id FROM chats") == [(CHAT_Y,)]
 
@@ -107,13 +126,8 @@ async def test_same_millisecond_inserts_keep_insertion_order(pool: Pool) -> None
         # one transaction: every row gets the very same created_at
         async with conn.transaction():
             for i in range(30):
-                await database.add_message(
-                    conn,
-                    telegram_user_id=USER_A,
-                    first_name="Ann",
-                    telegram_chat_id=CHAT_X,
-                    role="user",
-                    content=f"{i:02}",
+                await database.add_question(
+                    conn, telegram_user_id=USER_A, first_name="Ann", telegram_chat_id=CHAT_X, content=f"{i:02}"
                 )
 
     await database.run(pool, burst)
@@ -138,56 +152,79 @@ async def test_nul_byte_is_refused_by_postgresql_without_storing_anything(pool: 
     with pytest.raises(psycopg.DataError):
         await add(pool, USER_A, CHAT_X, "a\x00b")
     assert await rows(pool, "SELECT count(*) FROM messages") == [(0,)]
-    assert await add(pool, USER_A, CHAT_X, "still works") is not None
+    assert await add(pool, USER_A, CHAT_X, "still works") > 0
 
 
-async def test_redelivered_telegram_message_is_stored_once(pool: Pool) -> None:
-    await register(pool, USER_A, CHAT_X)
-    assert await add(pool, USER_A, CHAT_X, "hi", telegram_message_id=7) is not None
-    assert await add(pool, USER_A, CHAT_X, "hi", telegram_message_id=7) is None
-    assert await add(pool, USER_A, CHAT_Y, "hi", telegram_message_id=7) is not None  # ids are per chat
+async def test_redelivered_telegram_message_is_stored_once_and_recognised(pool: Pool) -> None:
+    async def store(chat: int) -> database.AddedQuestion:
+        return await database.run(
+            pool, database.add_question, telegram_user_id=USER_A, first_name=None, telegram_chat_id=chat,
+            content="hi", telegram_message_id=7,
+        )  # fmt: skip
+
+    first = await store(CHAT_X)
+    again = await store(CHAT_X)  # a redelivery, or a retry of a statement whose reply was lost
+    assert first.new and not again.new and again.id == first.id and not again.set_aside
+    other_chat = await store(CHAT_Y)  # Telegram message ids are per chat
+    assert other_chat.new and other_chat.id != first.id
     assert await rows(pool, "SELECT count(*) FROM messages") == [(2,)]
 
 
 async def test_add_answer_links_to_the_question_once(pool: Pool) -> None:
     await register(pool, USER_A, CHAT_X)
     question = await add(pool, USER_A, CHAT_X, "2+2?", telegram_message_id=1)
-    assert question is not None
-    answer = await database.run(pool, database.add_answer, question_id=question, content="4")
-    again = await database.run(pool, database.add_answer, question_id=question, content="four")
-    assert answer is not None and again is None
+    assert await answer(pool, question, "4") is not None
+    assert await answer(pool, question, "four") is None
     got = await history(pool, USER_A, CHAT_X)
     assert [(m.role, m.content) for m in got] == [("user", "2+2?"), ("assistant", "4")]
+    cleared = await add(pool, USER_A, CHAT_X, "cleared before its answer")
+    await database.run(pool, database.soft_delete_messages, telegram_user_id=USER_A, telegram_chat_id=CHAT_X)
+    assert await answer(pool, cleared, "too late") is None  # a cleared question gets no answer
 
 
-async def test_a_turn_stores_counts_and_reads_in_one_statement(pool: Pool) -> None:
-    async def turn(message_id: int, text: str, limit: int = 3) -> database.AddedMessage:
+async def test_the_rate_limit_is_decided_by_the_storing_statement(pool: Pool) -> None:
+    async def store(message_id: int) -> database.AddedQuestion:
         return await database.run(
-            pool,
-            database.add_message,
-            telegram_user_id=USER_B,
-            first_name=None,
-            telegram_chat_id=CHAT_Y,
-            role="user",
-            content=text,
-            telegram_message_id=message_id,
-            history_limit=limit,
-            count_hit=True,
-        )
+            pool, database.add_question, telegram_user_id=USER_B, first_name=None, telegram_chat_id=CHAT_Y,
+            content=f"m{message_id}", telegram_message_id=message_id, rate_limit=2,
+        )  # fmt: skip
 
-    first = await turn(10, "first")
-    assert first.message_id is not None and first.hits == 1
-    assert [m.content for m in first.history] == ["first"]
-    for i in range(11, 14):
-        latest = await turn(i, f"m{i}")
-    assert [m.content for m in latest.history] == ["m11", "m12", "m13"]
-    assert latest.history[-1].id == latest.message_id and latest.hits == 4
-    again = await turn(10, "first")
-    assert again.message_id is None and again.hits is None
-    assert [m.content for m in again.history] == ["m11", "m12", "m13"]
-    assert await rows(pool, "SELECT hits FROM rate_limits") == [(5,)]  # every attempt counts
-    none = await turn(20, "no history asked", limit=0)
-    assert none.history == [] and none.message_id is not None
+    stored = [await store(i) for i in range(1, 5)]
+    assert [s.set_aside for s in stored] == [False, False, True, True]
+    assert await rows(pool, "SELECT hits FROM rate_limits") == [(4,)]
+    # set aside in the same row: out of the history, never awaiting an answer
+    assert [m.content for m in await history(pool, USER_B, CHAT_Y)] == ["m1", "m2"]
+    assert [t.question_id for t in await database.run(pool, database.fetch_unfinished_turns, max_age_s=60)] == [
+        stored[0].id,
+        stored[1].id,
+    ]
+
+
+async def test_a_turn_start_tells_what_is_left_to_do(pool: Pool) -> None:
+    async def start(question: int) -> database.TurnStart | None:
+        return await database.run(pool, database.fetch_turn_start, question_id=question, history_limit=2)
+
+    first = await add(pool, USER_A, CHAT_X, "first")
+    unanswered = await start(first)
+    assert unanswered is not None and unanswered.answer is None
+    assert [m.content for m in unanswered.history] == ["first"]
+    reply = await answer(pool, first, "part one and part two")
+    assert reply is not None
+    await database.run(pool, database.record_sent_part, answer_id=reply, telegram_message_id=501, last=False)
+    half_sent = await start(first)
+    assert half_sent is not None and half_sent.answer == database.StoredAnswer(reply, "part one and part two", 1)
+    await database.run(pool, database.record_sent_part, answer_id=reply, telegram_message_id=502, last=True)
+    assert await start(first) is None  # delivered: nothing left
+    assert await rows(pool, "SELECT sent_message_ids FROM messages WHERE id = %s", (reply,)) == [([501, 502],)]
+
+    second = await add(pool, USER_A, CHAT_X, "second")
+    third = await add(pool, USER_A, CHAT_X, "third")
+    later = await start(second)  # the history stops at its question and keeps the limit
+    assert later is not None and [m.content for m in later.history] == ["part one and part two", "second"]
+    await database.run(pool, database.set_failed, message_id=second)
+    assert await start(second) is None  # failed: the user was told
+    await database.run(pool, database.soft_delete_messages, telegram_user_id=USER_A, telegram_chat_id=CHAT_X)
+    assert await start(third) is None  # cleared
 
 
 async def test_soft_delete_keeps_rows_and_hides_them(pool: Pool) -> None:
@@ -219,23 +256,29 @@ async def test_users_and_chats_are_isolated(pool: Pool) -> None:
     assert len(await history(pool, USER_A, CHAT_X)) == 1
 
 
-async def test_pending_questions_are_unanswered_latest_and_recent(pool: Pool) -> None:
-    await register(pool, USER_A, CHAT_X)
-    await register(pool, USER_B, CHAT_X)
-    answered = await add(pool, USER_A, CHAT_X, "answered", telegram_message_id=1)
-    assert answered is not None
-    await database.run(pool, database.add_answer, question_id=answered, content="yes")
-    await add(pool, USER_A, CHAT_X, "superseded", telegram_message_id=2)
-    pending = await add(pool, USER_A, CHAT_X, "pending", telegram_message_id=3)
-    assert pending is not None
-    old = await add(pool, USER_B, CHAT_X, "too old", telegram_message_id=4)
+async def test_unfinished_turns_are_recent_unanswered_or_undelivered(pool: Pool) -> None:
+    delivered = await add(pool, USER_A, CHAT_X, "delivered", telegram_message_id=1)
+    reply = await answer(pool, delivered, "yes")
+    assert reply is not None
+    await database.run(pool, database.record_sent_part, answer_id=reply, telegram_message_id=9, last=True)
+    undelivered = await add(pool, USER_A, CHAT_X, "answered, never sent", telegram_message_id=2)
+    await answer(pool, undelivered, "stored only")
+    unanswered = await add(pool, USER_A, CHAT_X, "unanswered", telegram_message_id=3)
+    failed = await add(pool, USER_A, CHAT_X, "the LLM failed", telegram_message_id=4)
+    await database.run(pool, database.set_failed, message_id=failed)
+    refused = await add(pool, USER_B, CHAT_Y, "Telegram refused the answer", telegram_message_id=5)
+    refused_answer = await answer(pool, refused, "blocked")
+    assert refused_answer is not None
+    await database.run(pool, database.set_failed, message_id=refused_answer)
+    old = await add(pool, USER_B, CHAT_X, "too old", telegram_message_id=6)
     await rows(pool, "UPDATE messages SET created_at = now() - interval '1 hour' WHERE id = %s", (old,))
-    got = await database.run(pool, database.fetch_pending_questions, max_age_s=600)
+    got = await database.run(pool, database.fetch_unfinished_turns, max_age_s=600)
     assert got == [
-        database.PendingQuestion(id=pending, telegram_user_id=USER_A, telegram_chat_id=CHAT_X, telegram_message_id=3)
+        database.UnfinishedTurn(undelivered, USER_A, CHAT_X, 2, None),
+        database.UnfinishedTurn(unanswered, USER_A, CHAT_X, 3, None),
     ]
-    everything = await database.run(pool, database.fetch_pending_questions, max_age_s=7200)
-    assert [p.id for p in everything] == [pending, old]
+    everything = await database.run(pool, database.fetch_unfinished_turns, max_age_s=7200)
+    assert [t.question_id for t in everything] == [undelivered, unanswered, old]
 
 
 async def test_purge_removes_only_long_deleted_messages(pool: Pool) -> None:
@@ -253,7 +296,7 @@ async def test_purge_removes_only_long_deleted_messages(pool: Pool) -> None:
 
 
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "003"
+    assert await database.run(pool, database.fetch_schema_version) == "004"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
@@ -266,19 +309,24 @@ async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
         await database.close_db(empty)
 
 
-async def test_history_query_is_an_index_scan_without_sort(pool: Pool) -> None:
-    await register(pool, USER_A, CHAT_X)
+@pytest.mark.parametrize(
+    ("statement", "params"),
+    [
+        (database.SELECT_HISTORY, {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X, "limit": 20}),
+        (database.SELECT_TURN_START, {"question_id": 1, "limit": 20}),
+    ],
+    ids=["history", "turn-start"],
+)
+async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement: str, params: dict[str, int]) -> None:
+    await add(pool, USER_A, CHAT_X, "x")
     async with pool.connection() as conn:
         await conn.execute("SET enable_seqscan = off")  # an empty table would otherwise be seq-scanned
         try:
-            cur = await conn.execute(
-                "EXPLAIN " + database.SELECT_HISTORY,
-                {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X, "limit": 20},
-            )
+            cur = await conn.execute("EXPLAIN " + statement, params)
             plan = "\n".join(row[0] for row in await cur.fetchall())
         finally:
             await conn.execute("RESET enable_seqscan")
-    assert "Index Scan Backward using messages_history_idx" in plan
+    assert "Index Scan Backward using messages_turn_idx" in plan
     assert "Sort" not in plan
 
 

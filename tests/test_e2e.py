@@ -10,8 +10,8 @@ import pytest
 
 from handlers.unsupported import TEXT_ONLY
 from services.database import Pool
-from services.dialog import DB_APOLOGY, LLM_APOLOGY
 from services.local_postgres import LocalPostgres
+from services.turns import DB_APOLOGY, LLM_APOLOGY
 from tests.harness import BotProcess, running_bot
 from tests.standins import LLMStandIn, TelegramStandIn
 
@@ -19,6 +19,15 @@ from tests.standins import LLMStandIn, TelegramStandIn
 async def stored(pool: Pool, query: str = "SELECT role, content FROM messages ORDER BY id") -> list[Any]:
     async with pool.connection() as conn:
         return await (await conn.execute(query)).fetchall()
+
+
+async def delivered(pool: Pool, count: int) -> None:
+    """Wait until ``count`` answers are recorded as delivered (the record follows the send)."""
+    for _ in range(100):
+        if await stored(pool, "SELECT count(*) FROM messages WHERE delivered_at IS NOT NULL") == [(count,)]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} answer(s) never recorded as delivered")
 
 
 def contents(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -211,6 +220,7 @@ async def test_database_down_mid_conversation_then_back(
     async with running_bot(env, telegram):
         telegram.send("before the outage")
         await telegram.wait_for_messages(1, 1)
+        await delivered(pool, 1)
         pg_cluster.stop()
         try:
             telegram.send("during the outage")

@@ -47,7 +47,7 @@ def test_schema_constraints_and_types(database_url: str) -> None:
             "SELECT is_generated, generation_expression FROM information_schema.columns"
             " WHERE table_name = 'messages' AND column_name = 'length'"
         ).fetchone()
-        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'messages_history_idx'").fetchone()
+        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'messages_turn_idx'").fetchone()
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("INSERT INTO users (telegram_user_id) VALUES (-7)")
             conn.execute("INSERT INTO chats (telegram_chat_id) VALUES (-7)")
@@ -62,6 +62,8 @@ def test_schema_constraints_and_types(database_url: str) -> None:
         "chats.created_at",
         "messages.created_at",
         "messages.deleted_at",
+        "messages.delivered_at",
+        "messages.failed_at",
     ):
         assert types[column] == "timestamp with time zone", column
     for column in (
@@ -71,7 +73,9 @@ def test_schema_constraints_and_types(database_url: str) -> None:
         "messages.id",
         "messages.user_id",
         "messages.chat_id",
+        "messages.telegram_thread_id",
     ):
         assert types[column] == "bigint", column
     assert generated == ("ALWAYS", "char_length(content)")
     assert index is not None and "WHERE (deleted_at IS NULL)" in index[0]
+    assert "COALESCE(reply_to_id, id)" in index[0]

@@ -41,23 +41,22 @@ async def play(url: str, ops: list[tuple[int, int, str, int]]) -> None:
                 if op == "clear":
                     await context.clear_context(pool, telegram_user_id=user, telegram_chat_id=chat)
                 else:
-                    await context.add_user_message(
+                    await context.add_question(
                         pool,
                         telegram_user_id=user,
                         first_name=None,
                         telegram_chat_id=chat,
                         telegram_message_id=index,
+                        telegram_thread_id=None,
                         text=f"{user}/{chat}/{index}",
-                        history_limit=1000,
-                        max_input_chars=1_000_000,
                     )
 
         await asyncio.gather(*(run_key(user, chat, steps) for (user, chat), steps in per_key.items()))
         for user, chat in per_key:
-            got = await context.get_context(
-                pool, telegram_user_id=user, telegram_chat_id=chat, history_limit=1000, max_input_chars=1_000_000
+            got = await database.run(
+                pool, database.fetch_history, telegram_user_id=user, telegram_chat_id=chat, limit=1000
             )
-            assert [m["content"] for m in got] == expected[user, chat]
+            assert [m.content for m in got] == expected[user, chat]
         async with pool.connection() as conn:
             cur = await conn.execute("SELECT count(*), count(DISTINCT content) FROM messages")
             says = sum(op == "say" for _, _, op, _ in ops)

@@ -1,0 +1,242 @@
+"""The turn pipeline: one chat turn, start to end, and the order turns run in.
+
+A turn: the question is stored at once, in arrival order → it waits behind the chat's earlier
+turns → its context is read → the LLM answers → the answer is stored → each part goes to
+Telegram and is recorded as accepted. Every step leaves a fact in the database, so a turn cut
+short anywhere (crash, outage, Telegram down) resumes where it stopped, and never asks the LLM
+again for an answer it has stored. Telegram itself stays behind the ``Delivery`` seam.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import dataclass
+from typing import Protocol
+
+from config import Config
+from services import context
+from services.chat_queue import ChatQueues, Stopped
+from services.context import StorageUnavailable
+from services.database import Pool, StoredAnswer
+from services.llm import LLM, LLMError
+from services.text import split_message, storable
+
+logger = logging.getLogger(__name__)
+
+DB_APOLOGY = "Sorry, my memory is unavailable right now. Please try again in a minute."
+LLM_APOLOGY = "Sorry, I couldn't come up with an answer just now. Please try again in a moment."
+RECOVERY_LOCK = "llmbot.recovery"
+
+
+class DeliveryRefused(Exception):
+    """Telegram refused for good (bot blocked, chat gone, request rejected): retrying cannot help."""
+
+
+class DeliveryFailed(Exception):
+    """Telegram could not be reached, or kept asking to wait: the answer waits for recovery."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where a turn's replies go: the chat, its forum topic, and the message the reply quotes."""
+
+    chat_id: int
+    thread_id: int | None = None
+    reply_to: int | None = None
+
+
+class Delivery(Protocol):
+    """Telegram as the pipeline sees it (``handlers.delivery`` implements it)."""
+
+    async def send(self, address: Address, text: str, *, quote: bool) -> int:
+        """Send one message (at most one Telegram message long); Telegram's id for it."""
+
+    def typing(self, address: Address) -> AbstractAsyncContextManager[None]:
+        """Show "typing…" in the chat while the block runs."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """A stored question waiting for its turn."""
+
+    question_id: int
+    user_id: int
+    address: Address
+
+
+class Turns:
+    """Stores questions, runs their turns one chat at a time, and clears and recovers them."""
+
+    def __init__(self, pool: Pool, llm: LLM, delivery: Delivery, config: Config) -> None:
+        self._pool = pool
+        self._llm = llm
+        self._delivery = delivery
+        self._config = config
+        self._queues: ChatQueues[TurnRequest] = ChatQueues(self._run, limit=config.max_turns_in_flight)
+        self._recovery: asyncio.Task[None] | None = None
+
+    def intake(self, chat_id: int) -> AbstractAsyncContextManager[None]:
+        """The chat's intake, a FIFO lock: ``ask`` and ``clear`` run inside it, entered in the
+        order the chat's updates arrived, so a chat's questions and clears take effect in that order."""
+        return self._queues.intake(chat_id)
+
+    async def ask(
+        self, *, user_id: int, first_name: str | None, address: Address, telegram_message_id: int, text: str
+    ) -> None:
+        """Store a question and queue its turn behind the chat's earlier ones (inside the intake).
+
+        Raises ``RateLimited`` (the question is set aside) or ``StorageUnavailable``. A message
+        stored before (a redelivered update, a retried statement) is queued again: its turn
+        finds out from the database what, if anything, is still to do.
+        """
+        question = await context.add_question(
+            self._pool,
+            telegram_user_id=user_id,
+            first_name=first_name,
+            telegram_chat_id=address.chat_id,
+            telegram_message_id=telegram_message_id,
+            telegram_thread_id=address.thread_id,
+            text=text,
+            rate_limit_per_minute=self._config.rate_limit_per_minute,
+        )
+        self._queues.submit(address.chat_id, question.id, TurnRequest(question.id, user_id, address))
+        logger.info(
+            "user %s in chat %s: question %s, %d chars%s",
+            user_id,
+            address.chat_id,
+            question.id,
+            len(text),
+            "" if question.new else " (stored before)",
+        )
+
+    async def clear(self, *, user_id: int, chat_id: int) -> int:
+        """Forget the user's history in the chat (inside the intake); how many messages were cleared.
+
+        The user's queued turns are dropped and a running one is stopped (or, when it is already
+        delivering, waited for), so no answer from before arrives after the clear.
+        """
+        await self._queues.cancel(chat_id, lambda turn: turn.user_id == user_id)
+        return await context.clear_context(self._pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
+
+    async def recover(self) -> int:
+        """Queue the turns a crash or an outage left unfinished, ahead of new messages; how many.
+
+        One process at a time (a PostgreSQL advisory lock, held until they have run); each turn
+        then reads its own state, so a turn finished meanwhile is not answered twice.
+        """
+        if self._config.pending_reply_max_age_s == 0:
+            return 0
+        lock = AsyncExitStack()
+        try:
+            if not await lock.enter_async_context(context.exclusive(self._pool, RECOVERY_LOCK)):
+                logger.info("another process is recovering unfinished turns")
+                await lock.aclose()
+                return 0
+            unfinished = await context.unfinished_turns(self._pool, max_age_s=self._config.pending_reply_max_age_s)
+        except StorageUnavailable:
+            await lock.aclose()
+            logger.warning("recovery of unfinished turns skipped: database unavailable")
+            return 0
+        done = [
+            self._queues.submit(
+                turn.telegram_chat_id,
+                turn.question_id,
+                TurnRequest(
+                    turn.question_id,
+                    turn.telegram_user_id,
+                    Address(turn.telegram_chat_id, turn.telegram_thread_id, turn.telegram_message_id),
+                ),
+            )
+            for turn in unfinished
+        ]
+        self._recovery = asyncio.create_task(self._release_after(lock, done))
+        logger.info("recovering %d unfinished turn(s)", len(unfinished))
+        return len(unfinished)
+
+    async def _release_after(self, lock: AsyncExitStack, done: list[asyncio.Future[None]]) -> None:
+        try:
+            if done:
+                await asyncio.wait(done)
+            logger.info("recovered %d unfinished turn(s)", len(done))
+        finally:
+            await lock.aclose()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let queued and running turns finish, up to ``timeout_s``; what is left is recovered
+        at the next start."""
+        left = await self._queues.drain(timeout_s)
+        if left:
+            logger.warning("%d chat(s) still had turns after %.0fs; they resume at the next start", left, timeout_s)
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+
+    # -- one turn ---------------------------------------------------------------------------
+
+    async def _run(self, turn: TurnRequest) -> None:
+        try:
+            await self._answer(turn)
+        except StorageUnavailable:
+            logger.warning("turn of question %s stopped: database unavailable", turn.question_id)
+            await self._say(turn.address, DB_APOLOGY)
+        except DeliveryFailed as error:
+            logger.warning("answer to question %s waits for recovery: %s", turn.question_id, error)
+
+    async def _answer(self, turn: TurnRequest) -> None:
+        start = await context.start_turn(
+            self._pool,
+            question_id=turn.question_id,
+            history_limit=self._config.history_limit,
+            max_input_chars=self._config.max_input_chars,
+        )
+        if start is None:
+            logger.info("question %s needs nothing more (cleared, failed or delivered)", turn.question_id)
+            return
+        answer = start.answer
+        if answer is None:
+            try:
+                async with self._delivery.typing(turn.address):
+                    text = storable(
+                        await self._queues.stoppable(turn.address.chat_id, self._llm.complete(start.context))
+                    )
+            except LLMError:
+                await context.set_failed(self._pool, message_id=turn.question_id)
+                await self._say(turn.address, LLM_APOLOGY)
+                return
+            except Stopped:
+                logger.info("turn of question %s stopped before its answer", turn.question_id)
+                return
+            answer_id = await context.add_answer(self._pool, question_id=turn.question_id, text=text)
+            if answer_id is None:
+                logger.info("question %s was cleared or answered meanwhile; answer dropped", turn.question_id)
+                return
+            answer = StoredAnswer(id=answer_id, content=text, sent_parts=0)
+        await self._deliver(turn, answer)
+
+    async def _deliver(self, turn: TurnRequest, answer: StoredAnswer) -> None:
+        parts = split_message(answer.content)
+        for index in range(answer.sent_parts, len(parts)):
+            try:
+                message_id = await self._delivery.send(turn.address, parts[index], quote=index == 0)
+            except DeliveryRefused as error:
+                logger.warning("Telegram refused answer %s in chat %s: %s", answer.id, turn.address.chat_id, error)
+                await context.set_failed(self._pool, message_id=answer.id)
+                return
+            last = index == len(parts) - 1
+            try:
+                await context.record_sent_part(
+                    self._pool, answer_id=answer.id, telegram_message_id=message_id, last=last
+                )
+            except StorageUnavailable:
+                # The user has this part; only the record is missing. Recovery may send it again.
+                logger.warning("part %d of answer %s sent but not recorded", index + 1, answer.id)
+        logger.info("delivered answer %s in chat %s: %d chars", answer.id, turn.address.chat_id, len(answer.content))
+
+    async def _say(self, address: Address, text: str) -> None:
+        """A short notice (an apology) that is worth one try and no more."""
+        with contextlib.suppress(DeliveryRefused, DeliveryFailed):
+            await self._delivery.send(address, text, quote=True)
