@@ -13,11 +13,11 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from psycopg import sql
 
+from bench.standins import LLMStandIn, TelegramStandIn
 from services import database
 from services.database import Pool
 from services.local_postgres import LocalPostgres, PostgresNotFoundError, throwaway
 from tests.harness import bot_env
-from tests.standins import LLMStandIn, TelegramStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 

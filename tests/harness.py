@@ -16,11 +16,11 @@ from pathlib import Path
 
 from aiogram import Dispatcher
 
+from bench.standins import LLMStandIn, TelegramStandIn
 from bot import create_bot, create_dispatcher, poll
 from config import load_config
 from services import database
 from services.llm import create_llm
-from tests.standins import LLMStandIn, TelegramStandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "123456:TEST-token-abcdefghijklmnopqrstuvwxyz"

@@ -48,8 +48,8 @@ async def test_bot_uses_the_configured_api_server() -> None:
 async def test_a_rejected_token_is_a_clear_start_up_error() -> None:
     from aiohttp import web
 
+    from bench.standins import serve
     from bot import check_telegram
-    from tests.standins import serve
 
     async def unauthorized(request: web.Request) -> web.Response:
         return web.json_response({"ok": False, "error_code": 401, "description": "Unauthorized"}, status=401)

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
+from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.unsupported import TEXT_ONLY
 from services.database import Pool
 from services.local_postgres import LocalPostgres
 from services.turns import DB_APOLOGY, LLM_APOLOGY
 from tests.harness import BotProcess, running_bot
-from tests.standins import LLMStandIn, TelegramStandIn
 
 
 async def stored(pool: Pool, query: str = "SELECT role, content FROM messages ORDER BY id") -> list[Any]:

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.middlewares import NOT_ALLOWED
 from services.database import Pool
 from tests.harness import running_bot
-from tests.standins import LLMStandIn, TelegramStandIn
 
 
 async def stored(pool: Pool) -> list[tuple[str, str]]:

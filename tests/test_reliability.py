@@ -7,11 +7,11 @@ import asyncio
 import signal
 from typing import Any
 
+from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.messages import SLOW_DOWN
 from services import database, retention
 from services.database import Pool
 from tests.harness import TOKEN, BotProcess, running_bot
-from tests.standins import LLMStandIn, TelegramStandIn
 
 
 async def fetch(pool: Pool, query: str) -> list[Any]:

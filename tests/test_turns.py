@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from bench.standins import LLMStandIn, TelegramStandIn
 from services import database
 from services.database import Pool
 from tests.harness import running_bot
-from tests.standins import LLMStandIn, TelegramStandIn
 
 BLOCKED = (403, "Forbidden: bot was blocked by the user")
 

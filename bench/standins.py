@@ -1,4 +1,5 @@
-"""Local stand-ins for the Telegram Bot API and an OpenAI-compatible endpoint, over real HTTP.
+"""Local stand-ins for the Telegram Bot API and an OpenAI-compatible endpoint, over real HTTP, for the
+tests and the benchmark.
 
 Both are small aiohttp servers on 127.0.0.1 that record every request, so tests can drive the
 real bot (its aiohttp session, its openai client) and assert on what crossed the wire.
