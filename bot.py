@@ -25,6 +25,9 @@ from handlers.middlewares import AccessMiddleware, ChatIntake, InFlight
 from services import database, retention
 from services.database import Pool
 from services.llm import LLM, create_llm
+from services.memory import RecentHistory
+from services.spool import Spool
+from services.storage import Storage
 from services.turns import Turns
 
 logger = logging.getLogger("bot")
@@ -89,11 +92,19 @@ def create_bot(config: Config) -> Bot:
     return bot
 
 
-def create_dispatcher(config: Config, pool: Pool, llm: LLM, bot: Bot) -> Dispatcher:
+def create_storage(config: Config, pool: Pool | None) -> Storage:
+    """PostgreSQL (``pool``; None with DATABASE_ENABLED=false), with the memory and the spool an
+    outage falls back to."""
+    history = RecentHistory(max_chars=config.memory_cache_chars, per_dialog=config.history_limit + 2)
+    spool = Spool(config.spool_path, config.spool_max_items) if pool is not None else None
+    return Storage(pool, history=history, spool=spool)
+
+
+def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> Dispatcher:
     """The Dispatcher with every router, middleware, dependency and lifecycle hook."""
-    dp = Dispatcher(
-        config=config, pool=pool, turns=Turns(pool, llm, TelegramDelivery(bot), config), in_flight=InFlight()
-    )
+    storage = create_storage(config, pool)
+    turns = Turns(storage, llm, TelegramDelivery(bot), config)
+    dp = Dispatcher(config=config, pool=pool, dialog_store=storage, turns=turns, in_flight=InFlight())
     dp.update.outer_middleware(dp["in_flight"])
     dp.update.outer_middleware(ChatIntake(dp["turns"]))
     dp.message.outer_middleware(AccessMiddleware(config.allowed_user_ids))
@@ -114,18 +125,22 @@ async def poll(dp: Dispatcher, bot: Bot, config: Config, **options: Any) -> None
     )
 
 
-async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Pool, turns: Turns) -> None:
+async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Pool | None, turns: Turns) -> None:
     await bot.set_my_commands(COMMANDS)
     await turns.recover()  # before the first update, so unfinished turns keep their place in line
-    if config.retention_days:
+    if config.retention_days and pool is not None:
         dispatcher["retention_task"] = asyncio.create_task(retention.purge_daily(pool, days=config.retention_days))
 
 
-async def on_shutdown(dispatcher: Dispatcher, config: Config, in_flight: InFlight, turns: Turns) -> None:
+async def on_shutdown(
+    dispatcher: Dispatcher, config: Config, in_flight: InFlight, turns: Turns, dialog_store: Storage
+) -> None:
     # Polling has stopped; questions being stored are stored, queued turns answered and sent
-    # before exit, within SHUTDOWN_TIMEOUT_S; what is left resumes at the next start.
+    # before exit, within SHUTDOWN_TIMEOUT_S; what is left resumes at the next start (a spool
+    # not yet written back stays in its file).
     await in_flight.wait(config.shutdown_timeout_s)
     await turns.drain(config.shutdown_timeout_s)
+    await dialog_store.close()
     task = dispatcher.workflow_data.get("retention_task")
     if task is not None:
         task.cancel()
@@ -138,9 +153,11 @@ async def main() -> None:
         raise SystemExit(f"configuration error: {error}") from None
     setup_logging(config.log_level)
     try:
-        pool = await open_database(config)
+        pool = await open_database(config) if config.database_enabled else None
     except StartupError as error:
         raise SystemExit(f"start-up error: {error}") from None
+    if pool is None:
+        logger.warning("DATABASE_ENABLED=false: conversations live in memory only and end with the process")
     bot = create_bot(config)
     try:
         await check_telegram(bot)
@@ -149,7 +166,8 @@ async def main() -> None:
         await bot.session.close()
         raise SystemExit(f"start-up error: {error}") from None
     finally:
-        await database.close_db(pool)
+        if pool is not None:
+            await database.close_db(pool)
     logger.info("stopped")
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -34,10 +35,14 @@ class Config:
     llm_max_tokens: int
     llm_timeout_s: float
     system_prompt: str
+    database_enabled: bool
     database_url: str = field(repr=False)
     db_pool_size: int
     db_pool_timeout_s: float
     max_turns_in_flight: int
+    memory_cache_chars: int
+    spool_path: Path
+    spool_max_items: int
     history_limit: int
     max_input_chars: int
     pending_reply_max_age_s: int
@@ -113,6 +118,13 @@ def _bot_token(raw: str) -> str:
     return raw
 
 
+def _boolean(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(raw)
+    return value in ("true", "1", "yes")
+
+
 def _user_ids(raw: str) -> frozenset[int]:
     return frozenset(int(part) for part in raw.replace(",", " ").split())
 
@@ -148,10 +160,14 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         llm_max_tokens=r.get("LLM_MAX_TOKENS", "1024", _bounded(int, 1, 1_000_000), positive),
         llm_timeout_s=r.get("LLM_TIMEOUT_S", "60", _bounded(float, 0.1, 3600), "seconds from 0.1 to 3600"),
         system_prompt=r.get("SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, str, "text"),
+        database_enabled=r.get("DATABASE_ENABLED", "true", _boolean, "true or false"),
         database_url=r.get("DATABASE_URL", DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL"),
         db_pool_size=r.get("DB_POOL_SIZE", "10", _bounded(int, 1, 1000), positive),
         db_pool_timeout_s=r.get("DB_POOL_TIMEOUT_S", "10", _bounded(float, 0.1, 600), "seconds from 0.1 to 600"),
         max_turns_in_flight=r.get("MAX_TURNS_IN_FLIGHT", "1000", _bounded(int, 1, 100_000), positive),
+        memory_cache_chars=r.get("MEMORY_CACHE_CHARS", "10000000", _bounded(int, 0, 10**10), "a whole number ≥ 0"),
+        spool_path=r.get("SPOOL_PATH", ".spool/writes.jsonl", Path, "a file path"),
+        spool_max_items=r.get("SPOOL_MAX_ITEMS", "10000", _bounded(int, 1, 10**8), positive),
         history_limit=r.get("HISTORY_LIMIT", "20", _bounded(int, 1, 1000), "a whole number from 1 to 1000"),
         max_input_chars=r.get("MAX_INPUT_CHARS", "8000", _bounded(int, 1, 1_000_000), positive),
         pending_reply_max_age_s=r.get("PENDING_REPLY_MAX_AGE_S", "600", _bounded(int, 0, 604_800), "seconds ≥ 0"),
@@ -159,9 +175,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         rate_limit_per_minute=r.get("RATE_LIMIT_PER_MINUTE", "20", _bounded(int, 0, 100_000), "a whole number ≥ 0"),
         allowed_user_ids=r.get("ALLOWED_USER_IDS", "", _user_ids, "Telegram user ids separated by commas"),
         retention_days=r.get("RETENTION_DAYS", "0", _bounded(int, 0, 36_500), "a whole number of days ≥ 0"),
-        telegram_api_url=r.get(
-            "TELEGRAM_API_URL", "", lambda raw: _http_url(raw) if raw.strip() else None, "an http(s) URL"
-        ),
+        telegram_api_url=r.get("TELEGRAM_API_URL", "", _optional_http_url, "an http(s) URL"),
         log_level=r.get("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     )
     if r.errors:

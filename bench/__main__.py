@@ -3,7 +3,10 @@
 Starts its own throwaway PostgreSQL with default (durable) settings, migrates it, and measures
 in one run: the floors (SELECT 1, one committed INSERT), the database cost of one turn and its
 round trips, throughput through the real aiogram pipeline next to pgbench running the same SQL,
-and history-read latency as the table grows. Prints a table and writes JSON to bench/results/.
+history-read latency as the table grows, and the whole bot over HTTP (the real dispatcher, LLM
+client and database against the stand-ins of ``bench.standins``) at 1 and 1000 concurrent
+chats. Prints tables and writes JSON to bench/results/; exits non-zero when the whole-bot run
+apologised or lost a turn.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import re
@@ -34,6 +38,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from psycopg import pq
 
+from bench.whole_bot import whole_bot
 from bot import create_dispatcher
 from config import load_config
 from handlers.errors import APOLOGY
@@ -48,6 +53,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parent.parent
 TOKEN = "123456:BENCH-token-abcdefghijklmnopqrstuvwxyz"
 HISTORY_LIMIT = 20
+COMMITS_PER_TURN = 3
+STATEMENTS_PER_TURN = 4  # ADD_QUESTION, SELECT_TURN_START, INSERT_ANSWER, RECORD_SENT_PART
 REFUSALS = {DB_APOLOGY, LLM_APOLOGY, SLOW_DOWN, APOLOGY}
 
 
@@ -115,8 +122,10 @@ async def per_turn(pool: Pool, n: int) -> dict[str, float]:
     return summary(await timed(n, lambda i: one_turn(pool, 10_000 + i % users, 10_000 + i % users, i)))
 
 
-async def round_trips_per_turn(url: str) -> int:
-    """Client Sync messages (each one synchronous round trip) of one turn, from libpq's trace."""
+async def round_trips_per_turn(url: str) -> dict[str, int]:
+    """The synchronous round trips of one turn, from libpq's trace of the pool's one connection:
+    each statement ends with a Sync; each check of a connection as the pool hands it out is an
+    empty simple Query."""
     pool = await database.init_db(url, size=1)
     try:
         await one_turn(pool, 1, 1, 1)  # register first: the measured turn is a returning user's
@@ -125,12 +134,16 @@ async def round_trips_per_turn(url: str) -> int:
                 conn.pgconn.trace(trace.fileno())
                 conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
             await one_turn(pool, 1, 1, 2)
-            async with pool.connection() as conn:
-                conn.pgconn.untrace()
+            conn.pgconn.untrace()  # directly: taking it from the pool again would be traced too
             trace.seek(0)
-            return len(re.findall(r"^F\s+\d+\s+Sync", trace.read(), flags=re.MULTILINE))
+            sent = trace.read()
     finally:
         await database.close_db(pool)
+    statements = len(re.findall(r"^F\s+\d+\s+Sync", sent, flags=re.MULTILINE))
+    checks = len(re.findall(r"^F\s+\d+\s+Query", sent, flags=re.MULTILINE))
+    if statements != STATEMENTS_PER_TURN:
+        raise RuntimeError(f"the trace shows {statements} statements in a turn, not {STATEMENTS_PER_TURN}")
+    return {"total": statements + checks, "statements": statements, "pool_checks": checks}
 
 
 # -- throughput through aiogram -------------------------------------------------------------
@@ -250,7 +263,11 @@ def pgbench_script() -> str:
             "\\set telegram_message_id random(1, 2000000000)",
             f"\\set limit {HISTORY_LIMIT}",
             "\\set rate_limit 1000000",
-            pgbench_sql(database.ADD_QUESTION.replace("%(telegram_thread_id)s", "NULL").replace("%(content)s", "'q'")),
+            pgbench_sql(
+                database.ADD_QUESTION.replace("%(telegram_thread_id)s", "NULL")
+                .replace("%(created_at)s", "NULL")
+                .replace("%(content)s", "'q'")
+            ),
             pgbench_sql(database.SELECT_TURN_START.replace("%(question_id)s", latest)),
             pgbench_sql(database.INSERT_ANSWER.replace("%(question_id)s", latest).replace("%(content)s", "'a'")),
             pgbench_sql(
@@ -352,6 +369,14 @@ async def bench_database(cluster: LocalPostgres, name: str) -> AsyncIterator[tup
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     cluster = throwaway(settings={"max_connections": "1100", "shared_buffers": "256MB"})
     try:
+        # First, so that the process's peak RSS is the bot's (and the stand-ins'), not a later section's.
+        url = cluster.create_database("bench_bot")
+        command.upgrade(alembic_config(url), "head")
+        whole = []
+        for level, chats in enumerate(args.bot_chats):
+            base = (level + 1) * 1_000_000
+            turns = max(3, math.ceil(args.bot_turns / chats))
+            whole.append(await whole_bot(url, TOKEN, list(range(base, base + chats)), turns, args.llm_delay))
         results: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -361,12 +386,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "durability": "fsync on, synchronous_commit on (defaults)",
             },
             "taken_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "whole_bot": whole,
         }
         async with bench_database(cluster, "bench_turn") as (pool, url):
             results["floors"] = await floors(pool, args.samples)
             results["per_turn"] = await per_turn(pool, args.samples)
-            results["round_trips_per_turn"] = await round_trips_per_turn(url)
-            floor = 2 * results["floors"]["insert_commit"]["p50_ms"]
+            trips = await round_trips_per_turn(url)
+            results["round_trips_per_turn"] = trips["total"]
+            results["round_trips_detail"] = trips
+            floor = COMMITS_PER_TURN * results["floors"]["insert_commit"]["p50_ms"]
             results["per_turn"]["floor_ms"] = floor
             results["per_turn"]["p50_vs_floor"] = results["per_turn"]["p50_ms"] / floor
             results["throughput"] = []
@@ -390,8 +418,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cluster.destroy()
 
 
+def failures(results: dict[str, Any]) -> list[str]:
+    """What must never happen in the whole-bot run: an apology, a lost or a duplicated answer."""
+    return [
+        f"{row['chats']} chat(s): {row[key]} {key.replace('_', ' ')}"
+        for row in results["whole_bot"]
+        for key in ("apologies", "lost_turns", "extra_answers")
+        if row[key]
+    ]
+
+
+def ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def report(results: dict[str, Any]) -> str:
     f, t = results["floors"], results["per_turn"]
+    trips = results.get("round_trips_detail", {"statements": results["round_trips_per_turn"], "pool_checks": 0})
     lines = [
         f"machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}, "
         f"PostgreSQL {results['machine']['postgresql']} on loopback, {results['machine']['durability']}",
@@ -400,11 +443,14 @@ def report(results: dict[str, Any]) -> str:
         "| --- | ---: | ---: |",
         f"| SELECT 1 | {f['select_1']['p50_ms']:.3f} | {f['select_1']['p99_ms']:.3f} |",
         f"| one committed INSERT | {f['insert_commit']['p50_ms']:.3f} | {f['insert_commit']['p99_ms']:.3f} |",
-        f"| per-turn floor (2 commits) | {t['floor_ms']:.3f} | |",
+        f"| per-turn floor ({COMMITS_PER_TURN} commits) | {t['floor_ms']:.3f} | |",
         f"| per-turn DB cost | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} |",
         "",
-        f"per-turn DB cost / floor (p50): {t['p50_vs_floor']:.2f}x; "
-        f"synchronous round trips per turn: {results['round_trips_per_turn']}",
+        f"floor = {COMMITS_PER_TURN} x one committed INSERT: the question is stored before the LLM is called, "
+        "the answer before it is sent (a crash never calls the LLM twice), the delivery once Telegram accepted it",
+        f"per-turn DB cost / floor (p50): {t['p50_vs_floor']:.2f}x (goal <= 1.5x); "
+        f"synchronous round trips per turn: {results['round_trips_per_turn']} "
+        f"({trips['statements']} statements + {trips['pool_checks']} pool connection checks)",
         "",
         "| concurrent chats | turns/s (aiogram) | pgbench TPS | ratio | errors | pool timeouts |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -423,6 +469,35 @@ def report(results: dict[str, Any]) -> str:
     lines.append(
         f"\nhistory read, largest / smallest table (p50): {results['history_read']['largest_vs_smallest']:.2f}x"
     )
+    whole = results.get("whole_bot", [])
+    if whole:
+        lines += [
+            "",
+            f"the whole bot over HTTP (LLM stand-in answers in {whole[0]['llm_delay_s']:g} s; default config):",
+            "",
+            "| concurrent chats | turns | turns/s | overhead p50 ms | overhead p99 ms | CPU ms/turn "
+            "| peak RSS MiB | RSS growth MiB | apologies | lost |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in whole:
+            lines.append(
+                f"| {row['chats']} | {row['turns']} | {row['turns_per_s']:.1f} | {ms(row['overhead']['p50_ms'])} "
+                f"| {ms(row['overhead']['p99_ms'])} | {row['cpu_ms_per_turn']:.2f} | {row['peak_rss_mib']:.0f} "
+                f"| {row['rss_growth_mib']:.1f} | {row['apologies']} | {row['lost_turns']} |"
+            )
+        lines += [
+            "",
+            "overhead = (Telegram accepted the answer - getUpdates handed out the question) - the LLM's time on it; "
+            "goal: p99 <= 50 ms at 1000 chats.",
+            "One process: the stand-ins share the bot's event loop, so their work is in the overhead, CPU and RSS; "
+            "peak RSS is ru_maxrss of the whole bench process, RSS growth the sampled rise during the run.",
+        ]
+        for row in whole:
+            turns = ", ".join(
+                f"turn {i + 1} {ms(s['p50_ms'])}/{ms(s['p99_ms'])}" for i, s in enumerate(row["overhead_by_turn"])
+            )
+            if len(row["overhead_by_turn"]) <= 5:
+                lines.append(f"{row['chats']} chat(s), overhead p50/p99 ms by turn: {turns}")
     return "\n".join(lines)
 
 
@@ -432,6 +507,11 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=2000, help="turns per throughput level (at least 3 per chat)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--pgbench-seconds", type=int, default=5)
+    parser.add_argument("--bot-chats", type=int, nargs="+", default=[1, 1000], help="concurrent chats, whole bot")
+    parser.add_argument(
+        "--bot-turns", type=int, default=20, help="whole bot: turns per level, at least 3 per chat (default 20)"
+    )
+    parser.add_argument("--llm-delay", type=float, default=1.0, help="whole bot: the LLM stand-in's seconds per answer")
     parser.add_argument(
         "--rows",
         type=int,
@@ -446,6 +526,9 @@ def main() -> None:
     path = RESULTS / f"bench-{results['taken_at'].replace(':', '')}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
+    problems = failures(results)
+    if problems:
+        raise SystemExit("FAILED: the whole-bot run " + "; ".join(problems))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 tests and the benchmark.
 
 Both are small aiohttp servers on 127.0.0.1 that record every request, so tests can drive the
-real bot (its aiohttp session, its openai client) and assert on what crossed the wire.
+real bot (its aiohttp session, its openai client) and assert on what crossed the wire. They also
+note when (``time.monotonic()``) each update was handed out and each request arrived and was
+answered, for the benchmark's timings.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Sent:
     params: dict[str, Any]
     status: int = 200  # what the stand-in answered: 200 accepted, else the error code
     message_id: int | None = None  # the id given to an accepted message
+    received_at: float = 0.0  # time.monotonic() when the request arrived
+    answered_at: float = 0.0  # time.monotonic() when its answer was ready
 
     @property
     def chat_id(self) -> int:
@@ -70,6 +74,8 @@ class TelegramStandIn(_Server):
     _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(100_000))
     _new_update: asyncio.Event = field(default_factory=asyncio.Event)
     _sent_event: asyncio.Event = field(default_factory=asyncio.Event)
+    handed_out: dict[int, float] = field(default_factory=dict)  # update id -> first getUpdates answer with it
+    on_accepted: Callable[[Sent], None] | None = None  # called with each accepted sendMessage, before it is answered
 
     async def start(self) -> None:
         self.url = await self._serve("/bot{token}/{method}", self._handle)
@@ -147,13 +153,19 @@ class TelegramStandIn(_Server):
     # -- the Bot API ------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.Response:
+        received_at = time.monotonic()
         method = request.match_info["method"]
         params = {key: _maybe_json(value) for key, value in (await request.post()).items()}
         if method == "getUpdates":
-            return _ok(await self._get_updates(params))
+            updates = await self._get_updates(params)
+            response = _ok(updates)
+            handed_at = time.monotonic()
+            for update in updates:
+                self.handed_out.setdefault(update["update_id"], handed_at)
+            return response
         if method == "getMe":
             return _ok(BOT_USER)
-        sent = Sent(method, params)
+        sent = Sent(method, params, received_at=received_at)
         self.sent.append(sent)
         self._sent_event.set()
         if method in ("sendMessage", "sendChatAction") and int(params["chat_id"]) in self.refused_chats:
@@ -168,7 +180,7 @@ class TelegramStandIn(_Server):
                 sent.status = 400
                 return _error(400, "Bad Request: message is too long")
             sent.message_id = next(self._message_ids)
-            return _ok(
+            response = _ok(
                 {
                     "message_id": sent.message_id,
                     "date": int(time.time()),
@@ -177,6 +189,11 @@ class TelegramStandIn(_Server):
                     "text": params.get("text", ""),
                 }
             )
+            sent.answered_at = time.monotonic()
+            if self.on_accepted is not None:
+                self.on_accepted(sent)
+            return response
+        sent.answered_at = time.monotonic()
         return _ok(True)
 
     async def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -206,6 +223,7 @@ class LLMStandIn(_Server):
     delays: list[float] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    spans: list[tuple[float, float]] = field(default_factory=list)  # per request: (arrived, answered), monotonic
 
     async def start(self) -> None:
         self.url = await self._serve("/v1/chat/completions", self._handle) + "/v1"
@@ -220,8 +238,11 @@ class LLMStandIn(_Server):
         return [r["messages"] for r in self.requests]
 
     async def _handle(self, request: web.Request) -> web.Response:
+        arrived = time.monotonic()
         body = await request.json()
+        index = len(self.requests)
         self.requests.append(body)
+        self.spans.append((arrived, arrived))
         self.started.set()
         delay = self.delays.pop(0) if self.delays else self.delay
         if delay:
@@ -229,11 +250,12 @@ class LLMStandIn(_Server):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
         if self.status != 200:
+            self.spans[index] = (arrived, time.monotonic())
             return web.json_response(
                 {"error": {"message": "stand-in failure", "type": "server_error"}}, status=self.status
             )
         content = self.reply(body["messages"])
-        return web.json_response(
+        response = web.json_response(
             {
                 "id": f"chatcmpl-{len(self.requests)}",
                 "object": "chat.completion",
@@ -245,6 +267,8 @@ class LLMStandIn(_Server):
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
         )
+        self.spans[index] = (arrived, time.monotonic())
+        return response
 
 
 def _ok(result: Any) -> web.Response:

@@ -8,8 +8,6 @@ from aiogram import F, Router
 from aiogram.filters import Command, CommandStart
 from aiogram.types import BotCommand, Message, User
 
-from services import context
-from services.database import Pool
 from services.turns import Turns
 
 logger = logging.getLogger(__name__)
@@ -25,13 +23,8 @@ HELP = (
 )
 
 
-async def cmd_start(message: Message, event_from_user: User, pool: Pool) -> None:
-    await context.register(
-        pool,
-        telegram_user_id=event_from_user.id,
-        first_name=event_from_user.first_name,
-        telegram_chat_id=message.chat.id,
-    )
+async def cmd_start(message: Message, event_from_user: User, turns: Turns) -> None:
+    await turns.register(user_id=event_from_user.id, first_name=event_from_user.first_name, chat_id=message.chat.id)
     await message.answer(f"Hello, {event_from_user.first_name}! {HELP}")
 
 

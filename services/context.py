@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypedDict, TypeVar
 
 import psycopg
 
 from services import database
-from services.database import AddedQuestion, Connection, Pool, Role, StoredAnswer, StoredMessage, UnfinishedTurn
+from services.database import AddedQuestion, Connection, Pool, Role, StoredAnswer, UnfinishedTurn
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -58,7 +58,7 @@ async def _call(
         raise StorageUnavailable(type(error).__name__) from error
 
 
-def fit_to_budget(history: Sequence[StoredMessage], max_chars: int) -> list[ChatMessage]:
+def fit_to_budget(history: Sequence[ChatMessage], max_chars: int) -> list[ChatMessage]:
     """The newest messages whose lengths sum to at most ``max_chars``, oldest first.
 
     The newest message is always kept, cut to ``max_chars`` if it alone is longer, so the
@@ -67,12 +67,13 @@ def fit_to_budget(history: Sequence[StoredMessage], max_chars: int) -> list[Chat
     kept: list[ChatMessage] = []
     remaining = max_chars
     for message in reversed(history):
-        if message.length > remaining:
+        length = len(message["content"])
+        if length > remaining:
             if not kept:
-                kept.append({"role": message.role, "content": message.content[:max_chars]})
+                kept.append({"role": message["role"], "content": message["content"][:max_chars]})
             break
-        kept.append({"role": message.role, "content": message.content})
-        remaining -= message.length
+        kept.append(message)
+        remaining -= length
     return kept[::-1]
 
 
@@ -124,7 +125,8 @@ async def start_turn(pool: Pool, *, question_id: int, history_limit: int, max_in
     start = await _call(pool, database.fetch_turn_start, question_id=question_id, history_limit=history_limit)
     if start is None:
         return None
-    return TurnContext(context=fit_to_budget(start.history, max_input_chars), answer=start.answer)
+    history: list[ChatMessage] = [{"role": m.role, "content": m.content} for m in start.history]
+    return TurnContext(context=fit_to_budget(history, max_input_chars), answer=start.answer)
 
 
 async def add_answer(pool: Pool, *, question_id: int, text: str) -> int | None:
@@ -160,9 +162,10 @@ async def unfinished_turns(pool: Pool, *, max_age_s: int) -> list[UnfinishedTurn
 async def exclusive(pool: Pool, name: str) -> AsyncIterator[bool]:
     """Try to become the one process doing ``name`` (a PostgreSQL advisory lock held for the
     block, released if the process dies); yields whether this process is."""
-    try:
-        async with database.advisory_lock(pool, name) as taken:
-            yield taken
-    except psycopg.OperationalError as error:
-        logger.warning("advisory lock %s: %s", name, type(error).__name__)
-        raise StorageUnavailable(type(error).__name__) from error
+    async with AsyncExitStack() as stack:
+        try:
+            taken = await stack.enter_async_context(database.advisory_lock(pool, name))
+        except psycopg.OperationalError as error:
+            logger.warning("advisory lock %s: %s", name, type(error).__name__)
+            raise StorageUnavailable(type(error).__name__) from error
+        yield taken

@@ -227,6 +227,7 @@ REGISTER: Final = (
 # once when it is over the limit, so no crash can leave a refused question awaiting an answer.
 # A Telegram message stored before is not stored again; its row is returned with new = false
 # (xmax is 0 only on a freshly inserted row), so the caller can still see it answered.
+# ``created_at`` is given only when a question spooled during an outage is written back.
 ADD_QUESTION: Final = (
     "WITH"
     + _REGISTER_CTES
@@ -240,9 +241,11 @@ ADD_QUESTION: Final = (
             window_start = EXCLUDED.window_start
         RETURNING hits
     )
-    INSERT INTO messages AS m (user_id, chat_id, role, content, telegram_message_id, telegram_thread_id, deleted_at)
+    INSERT INTO messages AS m
+        (user_id, chat_id, role, content, telegram_message_id, telegram_thread_id, created_at, deleted_at)
     SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row), 'user', %(content)s::text,
            %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
+           coalesce(%(created_at)s::timestamptz, now()),
            CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer THEN now() END
     ON CONFLICT ON CONSTRAINT messages_telegram_message_key
         DO UPDATE SET telegram_message_id = m.telegram_message_id
@@ -304,11 +307,14 @@ SELECT_HISTORY: Final = """
     LIMIT %(limit)s::integer
 """
 
+# ``before`` is given only for a /clear spooled during an outage: it clears what was said
+# before it, and nothing written back after it, however often the write-back is repeated.
 SOFT_DELETE_MESSAGES: Final = """
-    UPDATE messages SET deleted_at = now()
+    UPDATE messages SET deleted_at = coalesce(%(before)s::timestamptz, now())
     WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
       AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
       AND deleted_at IS NULL
+      AND created_at <= coalesce(%(before)s::timestamptz, now())
 """
 
 COUNT_MESSAGES: Final = """
@@ -337,6 +343,49 @@ SELECT_UNFINISHED_TURNS: Final = """
       )
     ORDER BY q.id
 """
+
+# Writing back what an outage spooled: each statement finds the question by its Telegram key
+# (the unique (chat_id, telegram_message_id) index) and is idempotent, so a write-back repeated
+# after a crash stores nothing twice.
+_QUESTION_BY_KEY: Final = """
+    SELECT m.id, m.user_id, m.chat_id, m.telegram_thread_id FROM messages m
+    WHERE m.chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+      AND m.telegram_message_id = %(telegram_message_id)s::bigint
+"""
+
+WRITE_BACK_ANSWER: Final = (
+    "WITH q AS ("
+    + _QUESTION_BY_KEY
+    + """)
+    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, created_at)
+    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id, %(created_at)s::timestamptz
+    FROM q
+    ON CONFLICT ON CONSTRAINT messages_reply_to_key DO NOTHING
+"""
+)
+
+WRITE_BACK_SENT_PART: Final = (
+    "WITH q AS ("
+    + _QUESTION_BY_KEY
+    + """)
+    UPDATE messages a
+    SET sent_message_ids = coalesce(a.sent_message_ids, '{}') || %(sent_message_id)s::bigint,
+        delivered_at = CASE WHEN %(last)s::boolean THEN %(at)s::timestamptz ELSE a.delivered_at END
+    FROM q
+    WHERE a.reply_to_id = q.id
+      AND NOT coalesce(a.sent_message_ids @> ARRAY[%(sent_message_id)s::bigint], false)
+"""
+)
+
+WRITE_BACK_FAILURE: Final = (
+    "WITH q AS ("
+    + _QUESTION_BY_KEY
+    + """)
+    UPDATE messages m SET failed_at = %(at)s::timestamptz
+    FROM q
+    WHERE (CASE WHEN %(answer)s::boolean THEN m.reply_to_id ELSE m.id END) = q.id AND m.failed_at IS NULL
+"""
+)
 
 # deleted_at >= created_at, so the created_at bound is implied; it lets the BRIN index skip
 # every block of recent rows.
@@ -368,11 +417,12 @@ async def add_question(
     telegram_message_id: int | None = None,
     telegram_thread_id: int | None = None,
     rate_limit: int = 0,
+    created_at: datetime | None = None,
 ) -> AddedQuestion:
     """Store a user's message, registering user and chat, in one round trip and one transaction.
 
     With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
-    minute's hits exceed the limit.
+    minute's hits exceed the limit. ``created_at`` defaults to now.
     """
     cur = conn.cursor(row_factory=class_row(AddedQuestion))
     await cur.execute(
@@ -385,6 +435,7 @@ async def add_question(
             "telegram_message_id": telegram_message_id,
             "telegram_thread_id": telegram_thread_id,
             "rate_limit": rate_limit,
+            "created_at": created_at,
         },
         prepare=True,
     )
@@ -440,14 +491,57 @@ async def fetch_history(
     return (await cur.fetchall())[::-1]
 
 
-async def soft_delete_messages(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> int:
-    """Mark every live message of (user, chat) deleted; how many were."""
+async def soft_delete_messages(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, before: datetime | None = None
+) -> int:
+    """Mark every live message of (user, chat) created up to ``before`` (default: now) deleted;
+    how many were."""
     cur = await conn.execute(
         SOFT_DELETE_MESSAGES,
-        {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id},
+        {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, "before": before},
         prepare=True,
     )
     return cur.rowcount
+
+
+async def write_back_answer(
+    conn: Connection, *, telegram_chat_id: int, telegram_message_id: int, content: str, created_at: datetime
+) -> None:
+    """Store a spooled answer to the question Telegram knows as (chat, message id), unless stored."""
+    params = {
+        "telegram_chat_id": telegram_chat_id,
+        "telegram_message_id": telegram_message_id,
+        "content": content,
+        "created_at": created_at,
+    }
+    await conn.execute(WRITE_BACK_ANSWER, params)
+
+
+async def write_back_sent_part(
+    conn: Connection, *, telegram_chat_id: int, telegram_message_id: int, sent_message_id: int, last: bool, at: datetime
+) -> None:
+    """Record a spooled delivery of one part of the answer to (chat, message id), unless recorded."""
+    params = {
+        "telegram_chat_id": telegram_chat_id,
+        "telegram_message_id": telegram_message_id,
+        "sent_message_id": sent_message_id,
+        "last": last,
+        "at": at,
+    }
+    await conn.execute(WRITE_BACK_SENT_PART, params)
+
+
+async def write_back_failure(
+    conn: Connection, *, telegram_chat_id: int, telegram_message_id: int, answer: bool, at: datetime
+) -> None:
+    """Mark the question (chat, message id), or its answer, failed, unless marked."""
+    params = {
+        "telegram_chat_id": telegram_chat_id,
+        "telegram_message_id": telegram_message_id,
+        "answer": answer,
+        "at": at,
+    }
+    await conn.execute(WRITE_BACK_FAILURE, params)
 
 
 async def count_messages(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> MessageCounts:

@@ -17,18 +17,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from config import Config
-from services import context
 from services.chat_queue import ChatQueues, Stopped
 from services.context import StorageUnavailable
-from services.database import Pool, StoredAnswer
 from services.llm import LLM, LLMError
+from services.storage import Answer, Question, Storage
 from services.text import split_message, storable
 
 logger = logging.getLogger(__name__)
 
 DB_APOLOGY = "Sorry, my memory is unavailable right now. Please try again in a minute."
 LLM_APOLOGY = "Sorry, I couldn't come up with an answer just now. Please try again in a moment."
-RECOVERY_LOCK = "llmbot.recovery"
+HISTORY_MISSING = "(I can't reach my memory of our earlier messages right now, so I'm answering this one on its own.)"
 
 
 class DeliveryRefused(Exception):
@@ -62,16 +61,26 @@ class Delivery(Protocol):
 class TurnRequest:
     """A stored question waiting for its turn."""
 
-    question_id: int
-    user_id: int
+    question: Question
     address: Address
+
+    @classmethod
+    def late(cls, question: Question) -> TurnRequest:
+        """The turn of a question recovered after a restart: its answer quotes the question."""
+        return cls(question, Address(question.chat_id, question.thread_id, question.message_id))
+
+    @property
+    def ident(self) -> int:
+        """Unique among the chat's turns: Telegram's message id (or, lacking it, the row's)."""
+        question = self.question
+        return question.message_id if question.message_id is not None else -(question.id or 0)
 
 
 class Turns:
     """Stores questions, runs their turns one chat at a time, and clears and recovers them."""
 
-    def __init__(self, pool: Pool, llm: LLM, delivery: Delivery, config: Config) -> None:
-        self._pool = pool
+    def __init__(self, storage: Storage, llm: LLM, delivery: Delivery, config: Config) -> None:
+        self._storage = storage
         self._llm = llm
         self._delivery = delivery
         self._config = config
@@ -92,25 +101,24 @@ class Turns:
         stored before (a redelivered update, a retried statement) is queued again: its turn
         finds out from the database what, if anything, is still to do.
         """
-        question = await context.add_question(
-            self._pool,
-            telegram_user_id=user_id,
+        question = await self._storage.add_question(
+            user_id=user_id,
             first_name=first_name,
-            telegram_chat_id=address.chat_id,
-            telegram_message_id=telegram_message_id,
-            telegram_thread_id=address.thread_id,
+            chat_id=address.chat_id,
+            message_id=telegram_message_id,
+            thread_id=address.thread_id,
             text=text,
-            rate_limit_per_minute=self._config.rate_limit_per_minute,
+            rate_limit=self._config.rate_limit_per_minute,
         )
-        self._queues.submit(address.chat_id, question.id, TurnRequest(question.id, user_id, address))
-        logger.info(
-            "user %s in chat %s: question %s, %d chars%s",
-            user_id,
-            address.chat_id,
-            question.id,
-            len(text),
-            "" if question.new else " (stored before)",
-        )
+        self._submit(TurnRequest(question, address))
+        logger.info("user %s in chat %s: question %s, %d chars", user_id, address.chat_id, question.id, len(text))
+
+    async def register(self, *, user_id: int, first_name: str | None, chat_id: int) -> None:
+        """Register the user and the chat on first contact, keeping ``first_name`` current."""
+        await self._storage.register(user_id=user_id, first_name=first_name, chat_id=chat_id)
+
+    def _submit(self, turn: TurnRequest) -> asyncio.Future[None]:
+        return self._queues.submit(turn.address.chat_id, turn.ident, turn)
 
     async def clear(self, *, user_id: int, chat_id: int) -> int:
         """Forget the user's history in the chat (inside the intake); how many messages were cleared.
@@ -118,43 +126,32 @@ class Turns:
         The user's queued turns are dropped and a running one is stopped (or, when it is already
         delivering, waited for), so no answer from before arrives after the clear.
         """
-        await self._queues.cancel(chat_id, lambda turn: turn.user_id == user_id)
-        return await context.clear_context(self._pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
+        await self._queues.cancel(chat_id, lambda turn: turn.question.user_id == user_id)
+        return await self._storage.clear(user_id=user_id, chat_id=chat_id)
 
     async def recover(self) -> int:
         """Queue the turns a crash or an outage left unfinished, ahead of new messages; how many.
 
-        One process at a time (a PostgreSQL advisory lock, held until they have run); each turn
-        then reads its own state, so a turn finished meanwhile is not answered twice.
+        First those a previous run spooled during an outage, then the database's: one process at
+        a time (a PostgreSQL advisory lock, held until they have run). Each turn reads its own
+        state when it runs, so a turn finished meanwhile is not answered twice.
         """
-        if self._config.pending_reply_max_age_s == 0:
-            return 0
-        lock = AsyncExitStack()
-        try:
-            if not await lock.enter_async_context(context.exclusive(self._pool, RECOVERY_LOCK)):
-                logger.info("another process is recovering unfinished turns")
-                await lock.aclose()
-                return 0
-            unfinished = await context.unfinished_turns(self._pool, max_age_s=self._config.pending_reply_max_age_s)
-        except StorageUnavailable:
-            await lock.aclose()
-            logger.warning("recovery of unfinished turns skipped: database unavailable")
-            return 0
-        done = [
-            self._queues.submit(
-                turn.telegram_chat_id,
-                turn.question_id,
-                TurnRequest(
-                    turn.question_id,
+        done = [self._submit(TurnRequest.late(question)) for question in self._storage.resume_spool()]
+        if self._config.pending_reply_max_age_s:
+            lock = AsyncExitStack()
+            unfinished = await lock.enter_async_context(self._storage.recovery(self._config.pending_reply_max_age_s))
+            for turn in unfinished:
+                question = Question(
+                    turn.telegram_chat_id,
                     turn.telegram_user_id,
-                    Address(turn.telegram_chat_id, turn.telegram_thread_id, turn.telegram_message_id),
-                ),
-            )
-            for turn in unfinished
-        ]
-        self._recovery = asyncio.create_task(self._release_after(lock, done))
-        logger.info("recovering %d unfinished turn(s)", len(unfinished))
-        return len(unfinished)
+                    turn.telegram_message_id,
+                    turn.question_id,
+                    turn.telegram_thread_id,
+                )
+                done.append(self._submit(TurnRequest.late(question)))
+            self._recovery = asyncio.create_task(self._release_after(lock, done))
+        logger.info("recovering %d unfinished turn(s)", len(done))
+        return len(done)
 
     async def _release_after(self, lock: AsyncExitStack, done: list[asyncio.Future[None]]) -> None:
         try:
@@ -181,60 +178,58 @@ class Turns:
         try:
             await self._answer(turn)
         except StorageUnavailable:
-            logger.warning("turn of question %s stopped: database unavailable", turn.question_id)
+            logger.warning("turn of question %s stopped: nowhere to keep it", turn.ident)
             await self._say(turn.address, DB_APOLOGY)
         except DeliveryFailed as error:
-            logger.warning("answer to question %s waits for recovery: %s", turn.question_id, error)
+            logger.warning("answer to question %s waits for recovery: %s", turn.ident, error)
 
     async def _answer(self, turn: TurnRequest) -> None:
-        start = await context.start_turn(
-            self._pool,
-            question_id=turn.question_id,
-            history_limit=self._config.history_limit,
-            max_input_chars=self._config.max_input_chars,
+        question = turn.question
+        start = await self._storage.start_turn(
+            question, history_limit=self._config.history_limit, max_input_chars=self._config.max_input_chars
         )
         if start is None:
-            logger.info("question %s needs nothing more (cleared, failed or delivered)", turn.question_id)
+            logger.info("question %s needs nothing more (cleared, failed or delivered)", turn.ident)
             return
         answer = start.answer
         if answer is None:
+            if start.history_missing:
+                await self._say(turn.address, HISTORY_MISSING)
             try:
                 async with self._delivery.typing(turn.address):
-                    text = storable(
-                        await self._queues.stoppable(turn.address.chat_id, self._llm.complete(start.context))
-                    )
+                    reply = await self._queues.stoppable(turn.address.chat_id, self._llm.complete(start.context))
             except LLMError:
-                await context.set_failed(self._pool, message_id=turn.question_id)
+                await self._storage.set_failed(question)
                 await self._say(turn.address, LLM_APOLOGY)
                 return
             except Stopped:
-                logger.info("turn of question %s stopped before its answer", turn.question_id)
+                logger.info("turn of question %s stopped before its answer", turn.ident)
                 return
-            answer_id = await context.add_answer(self._pool, question_id=turn.question_id, text=text)
-            if answer_id is None:
-                logger.info("question %s was cleared or answered meanwhile; answer dropped", turn.question_id)
+            answer = await self._storage.add_answer(question, storable(reply))
+            if answer is None:
+                logger.info("question %s was cleared or answered meanwhile; answer dropped", turn.ident)
                 return
-            answer = StoredAnswer(id=answer_id, content=text, sent_parts=0)
         await self._deliver(turn, answer)
 
-    async def _deliver(self, turn: TurnRequest, answer: StoredAnswer) -> None:
+    async def _deliver(self, turn: TurnRequest, answer: Answer) -> None:
         parts = split_message(answer.content)
         for index in range(answer.sent_parts, len(parts)):
             try:
                 message_id = await self._delivery.send(turn.address, parts[index], quote=index == 0)
             except DeliveryRefused as error:
-                logger.warning("Telegram refused answer %s in chat %s: %s", answer.id, turn.address.chat_id, error)
-                await context.set_failed(self._pool, message_id=answer.id)
+                logger.warning("Telegram refused the answer in chat %s: %s", turn.address.chat_id, error)
+                await self._storage.set_failed(turn.question, answer)
                 return
-            last = index == len(parts) - 1
             try:
-                await context.record_sent_part(
-                    self._pool, answer_id=answer.id, telegram_message_id=message_id, last=last
+                await self._storage.record_sent_part(
+                    turn.question, answer, sent_message_id=message_id, last=index == len(parts) - 1
                 )
             except StorageUnavailable:
                 # The user has this part; only the record is missing. Recovery may send it again.
-                logger.warning("part %d of answer %s sent but not recorded", index + 1, answer.id)
-        logger.info("delivered answer %s in chat %s: %d chars", answer.id, turn.address.chat_id, len(answer.content))
+                logger.warning("part %d of the answer to %s sent but not recorded", index + 1, turn.ident)
+        logger.info(
+            "delivered the answer to %s in chat %s: %d chars", turn.ident, turn.address.chat_id, len(answer.content)
+        )
 
     async def _say(self, address: Address, text: str) -> None:
         """A short notice (an apology) that is worth one try and no more."""

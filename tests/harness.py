@@ -50,6 +50,7 @@ def bot_env(database_url: str, telegram: TelegramStandIn, llm: LLMStandIn, **ove
         "ALLOWED_USER_IDS": "",
         "RETENTION_DAYS": "0",
         "LOG_LEVEL": "INFO",
+        "SPOOL_PATH": str(Path(tempfile.mkdtemp(prefix="llmbot-spool-")) / "writes.jsonl"),
     }
     env.update(overrides)
     return env
@@ -59,7 +60,9 @@ def bot_env(database_url: str, telegram: TelegramStandIn, llm: LLMStandIn, **ove
 async def running_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIterator[Dispatcher]:
     """The bot polling in this event loop until the block ends."""
     config = load_config(env)
-    pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
+    pool = None
+    if config.database_enabled:
+        pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
     bot = create_bot(config)
     dp = create_dispatcher(config, pool, create_llm(config), bot)
     started = len(telegram.calls("setMyCommands"))
@@ -71,7 +74,8 @@ async def running_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIt
         if not polling.done():
             await dp.stop_polling()
         await polling
-        await database.close_db(pool)
+        if pool is not None:
+            await database.close_db(pool)
 
 
 def new_log_file() -> Path:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from services import context, database
-from services.context import RateLimited, StorageUnavailable, fit_to_budget
-from services.database import Pool, StoredMessage
+from services.context import ChatMessage, RateLimited, StorageUnavailable, fit_to_budget
+from services.database import Pool
 
 
-def message(content: str, role: database.Role = "user") -> StoredMessage:
-    return StoredMessage(id=0, role=role, content=content, length=len(content), created_at=datetime.now(UTC))
+def message(content: str, role: database.Role = "user") -> ChatMessage:
+    return {"role": role, "content": content}
 
 
 def test_budget_keeps_the_newest_messages_that_fit() -> None:

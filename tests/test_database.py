@@ -231,7 +231,7 @@ async def test_soft_delete_keeps_rows_and_hides_them(pool: Pool) -> None:
     await register(pool, USER_A, CHAT_X)
     for i in range(3):
         await add(pool, USER_A, CHAT_X, f"old{i}")
-    params = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
+    params: dict[str, Any] = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
     assert await database.run(pool, database.soft_delete_messages, **params) == 3
     assert await database.run(pool, database.soft_delete_messages, **params) == 0
     assert await history(pool, USER_A, CHAT_X) == []

@@ -11,23 +11,13 @@ import pytest
 from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.unsupported import TEXT_ONLY
 from services.database import Pool
-from services.local_postgres import LocalPostgres
-from services.turns import DB_APOLOGY, LLM_APOLOGY
+from services.turns import LLM_APOLOGY
 from tests.harness import BotProcess, running_bot
 
 
 async def stored(pool: Pool, query: str = "SELECT role, content FROM messages ORDER BY id") -> list[Any]:
     async with pool.connection() as conn:
         return await (await conn.execute(query)).fetchall()
-
-
-async def delivered(pool: Pool, count: int) -> None:
-    """Wait until ``count`` answers are recorded as delivered (the record follows the send)."""
-    for _ in range(100):
-        if await stored(pool, "SELECT count(*) FROM messages WHERE delivered_at IS NOT NULL") == [(count,)]:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{count} answer(s) never recorded as delivered")
 
 
 def contents(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -206,36 +196,3 @@ async def test_long_answer_is_split_on_paragraphs(
     assert " ".join(" ".join(parts).split()) == " ".join("\n\n".join(paragraphs).split())
     [(answer,)] = await stored(pool, "SELECT content FROM messages WHERE role = 'assistant'")
     assert answer == "\n\n".join(paragraphs)  # stored whole, split only for Telegram
-
-
-async def test_database_down_mid_conversation_then_back(
-    env: dict[str, str],
-    telegram: TelegramStandIn,
-    llm: LLMStandIn,
-    pool: Pool,
-    pg_cluster: LocalPostgres | None,
-) -> None:
-    if pg_cluster is None:
-        pytest.skip("needs the suite's own PostgreSQL to stop and start it")
-    async with running_bot(env, telegram):
-        telegram.send("before the outage")
-        await telegram.wait_for_messages(1, 1)
-        await delivered(pool, 1)
-        pg_cluster.stop()
-        try:
-            telegram.send("during the outage")
-            assert (await telegram.wait_for_messages(1, 2, timeout=30))[1] == DB_APOLOGY
-            telegram.send("/clear")
-            assert (await telegram.wait_for_messages(1, 3, timeout=30))[2] == DB_APOLOGY
-        finally:
-            pg_cluster.start()
-        telegram.send("after the outage")
-        replies = await telegram.wait_for_messages(1, 4, timeout=30)
-    assert replies[3] == "echo: after the outage"
-    assert contents(llm.conversations[-1])[1:] == [
-        ("user", "before the outage"),
-        ("assistant", "echo: before the outage"),
-        ("user", "after the outage"),
-    ]
-    await pool.check()  # the shared test pool lost its connections too
-    assert len(await stored(pool)) == 4

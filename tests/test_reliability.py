@@ -156,7 +156,7 @@ async def test_logs_hold_no_token_key_or_message_text(
     await telegram.wait_for_messages(1, 2)
     assert await process.stop() == 0
     logs = process.output()
-    assert "delivered answer" in logs and "LLM call failed" in logs  # the logs did record the turns
+    assert "delivered the answer" in logs and "LLM call failed" in logs  # the logs did record the turns
     for secret in (TOKEN, TOKEN.split(":")[1], env["OPENAI_API_KEY"], secret_text, "8c1f"):
         assert secret not in logs
     # Library loggers stay above DEBUG, where some (openai 1.x, httpx) print request bodies and URLs.

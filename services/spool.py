@@ -1,0 +1,130 @@
+"""Writes that wait for PostgreSQL: what an outage said and did, in order, bounded, in memory and
+in an append-only file (one JSON object per line), so a restart during the outage keeps it.
+
+Each kind of item is written back by one idempotent statement keyed by Telegram's ids (the
+unique keys the schema already has), so a write-back repeated after a crash stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from services import database
+from services.database import Connection
+
+logger = logging.getLogger(__name__)
+
+
+class SpoolFull(Exception):
+    """The spool holds its maximum: the write cannot be kept."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """One write of the outage. ``message_id`` is the question's Telegram id in ``chat_id``; the
+    other fields are used by the kinds that need them."""
+
+    kind: Literal["question", "answer", "sent", "failed", "clear"]
+    chat_id: int
+    user_id: int
+    at: datetime
+    message_id: int = 0
+    first_name: str | None = None
+    thread_id: int | None = None
+    text: str = ""
+    sent_message_id: int = 0
+    last: bool = False
+    answer: bool = False
+
+    def to_json(self) -> str:
+        fields: dict[str, Any] = asdict(self)
+        fields["at"] = self.at.isoformat()
+        return json.dumps(fields, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> Spooled:
+        fields = json.loads(line)
+        fields["at"] = datetime.fromisoformat(fields["at"])
+        return cls(**fields)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Spool:
+    """At most ``max_items`` writes, oldest first; ``path`` (None: memory only) mirrors them."""
+
+    def __init__(self, path: Path | None, max_items: int) -> None:
+        self.path = path
+        self.max_items = max_items
+        self.items: list[Spooled] = []
+
+    def load(self) -> list[Spooled]:
+        """Read what a previous process left in the file; a line torn by a crash is skipped."""
+        if self.path is None or not self.path.exists():
+            return []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                self.items.append(Spooled.from_json(line))
+            except (ValueError, TypeError, KeyError):
+                logger.error("spool %s: line %d is unreadable and skipped", self.path, number)
+        return list(self.items)
+
+    def add(self, item: Spooled) -> None:
+        """Keep ``item`` (file first, then memory); ``SpoolFull`` when there is no room."""
+        if len(self.items) >= self.max_items:
+            raise SpoolFull
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(item.to_json() + "\n")
+        self.items.append(item)
+
+    def drop_first(self, count: int) -> None:
+        """Forget the first ``count`` items (written back); the file keeps only the rest."""
+        del self.items[:count]
+        if self.path is None:
+            return
+        if not self.items:
+            self.path.unlink(missing_ok=True)
+            return
+        partial = self.path.with_suffix(".tmp")
+        partial.write_text("".join(item.to_json() + "\n" for item in self.items), encoding="utf-8")
+        partial.replace(self.path)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+async def write_back(conn: Connection, item: Spooled) -> None:
+    """Apply one spooled write to the database."""
+    key = {"telegram_chat_id": item.chat_id, "telegram_message_id": item.message_id}
+    if item.kind == "question":
+        await database.add_question(
+            conn,
+            telegram_user_id=item.user_id,
+            first_name=item.first_name,
+            telegram_chat_id=item.chat_id,
+            content=item.text,
+            telegram_message_id=item.message_id,
+            telegram_thread_id=item.thread_id,
+            created_at=item.at,
+        )
+    elif item.kind == "answer":
+        await database.write_back_answer(conn, **key, content=item.text, created_at=item.at)
+    elif item.kind == "sent":
+        await database.write_back_sent_part(
+            conn, **key, sent_message_id=item.sent_message_id, last=item.last, at=item.at
+        )
+    elif item.kind == "failed":
+        await database.write_back_failure(conn, **key, answer=item.answer, at=item.at)
+    else:
+        await database.soft_delete_messages(
+            conn, telegram_user_id=item.user_id, telegram_chat_id=item.chat_id, before=item.at
+        )

@@ -1,0 +1,391 @@
+"""Where the turn pipeline keeps what it must not lose, whether or not PostgreSQL answers.
+
+While PostgreSQL answers, every read and write goes to it (through ``services.context``), and the
+recent history of each active dialog is remembered in process memory as turns pass. When a call
+finds the database unavailable, the bot degrades instead of apologising: turns are answered
+from that memory, and every write (question, answer, delivery, failure, /clear) waits in the
+spool, in order. A background task asks the server every second; once it answers, the spool is
+written back in order and the bot returns to the database. With no database at all
+(``DATABASE_ENABLED=false``) the same memory path is the only one, and nothing is spooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import psycopg
+
+from services import context, database, spool
+from services.context import ChatMessage, StorageUnavailable, TurnContext, fit_to_budget
+from services.database import Connection, Pool, StoredAnswer, UnfinishedTurn
+from services.memory import Dialog, RecentHistory, Remembered
+from services.spool import Spool, Spooled, SpoolFull
+
+logger = logging.getLogger(__name__)
+RECOVERY_LOCK = "llmbot.recovery"
+WRITE_BACK_BATCH = 100  # spooled writes per transaction
+STATUS_EVERY_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """A question as the pipeline tracks it: Telegram's ids, and the database id once stored."""
+
+    chat_id: int
+    user_id: int
+    message_id: int | None
+    id: int | None = None
+    thread_id: int | None = None
+
+    @property
+    def dialog(self) -> Dialog:
+        return (self.user_id, self.chat_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An answer as stored: the database id (None while only spooled), its text, the parts sent."""
+
+    id: int | None
+    content: str
+    sent_parts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStart:
+    """A turn's context, the answer already stored for it, and whether its dialog's history is
+    missing right now (a degraded bot that never saw this dialog)."""
+
+    context: list[ChatMessage]
+    answer: Answer | None
+    history_missing: bool = False
+
+
+@dataclass
+class _SpooledTurn:
+    answer: str | None = None
+    sent_parts: int = 0
+    settled: bool = False  # delivered, failed or cleared: nothing left to do
+
+
+class Storage:
+    """The turn pipeline's persistence, degrading to memory and a spool during an outage."""
+
+    def __init__(
+        self, pool: Pool | None, *, history: RecentHistory, spool: Spool | None, probe_every_s: float = 1.0
+    ) -> None:
+        self._pool = pool
+        self._history = history
+        self._spool = spool
+        self._probe_every_s = probe_every_s
+        self._healthy = pool is not None
+        self._history_missing: set[Dialog] = set()
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def degraded(self) -> bool:
+        """Answering from memory: the database is unavailable, disabled, or being written back to."""
+        return not self._healthy
+
+    @property
+    def spooled(self) -> int:
+        """Writes waiting for the database."""
+        return len(self._spool) if self._spool is not None else 0
+
+    # -- start and stop -------------------------------------------------------------------------
+
+    def resume_spool(self) -> list[Question]:
+        """Load what a previous process spooled (it restarted during an outage): rebuild the memory
+        from it, start writing it back, and return its questions still to answer or deliver."""
+        if self._spool is None or not self._spool.load():
+            return []
+        logger.warning("%d spooled write(s) left by the previous run: writing them back", self.spooled)
+        self._healthy = False  # new writes queue behind the spooled ones
+        questions: dict[tuple[int, int], Question] = {}
+        for item in self._spool.items:
+            dialog = (item.user_id, item.chat_id)
+            if item.kind == "question":
+                questions[item.chat_id, item.message_id] = Question(
+                    item.chat_id, item.user_id, item.message_id, thread_id=item.thread_id
+                )
+                self._history.append(dialog, Remembered("user", item.text, item.message_id))
+            elif item.kind == "answer":
+                self._history.append(dialog, Remembered("assistant", item.text, item.message_id))
+            elif item.kind == "clear":
+                self._history.forget(dialog)
+        self._start_writer()
+        return [q for q in questions.values() if not self._spooled_turn(q).settled]
+
+    async def close(self) -> None:
+        """Stop writing back; what is left stays in the spool's file for the next start."""
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+    @asynccontextmanager
+    async def recovery(self, max_age_s: int) -> AsyncIterator[list[UnfinishedTurn]]:
+        """The database's unfinished turns, read under an advisory lock held for the block (one
+        process recovers at a time); none when this process is not the one, or is degraded."""
+        if not self._healthy:
+            yield []
+            return
+        assert self._pool is not None
+        async with contextlib.AsyncExitStack() as lock:
+            unfinished: list[UnfinishedTurn] = []
+            try:
+                if await lock.enter_async_context(context.exclusive(self._pool, RECOVERY_LOCK)):
+                    unfinished = await context.unfinished_turns(self._pool, max_age_s=max_age_s)
+                else:
+                    logger.info("another process is recovering unfinished turns")
+            except StorageUnavailable:
+                logger.warning("recovery of unfinished turns skipped: database unavailable")
+            yield unfinished
+
+    # -- what a turn does ---------------------------------------------------------------------
+
+    async def register(self, *, user_id: int, first_name: str | None, chat_id: int) -> None:
+        """Register user and chat (degraded: their first question's write-back registers them)."""
+        if self._healthy:
+            assert self._pool is not None
+            try:
+                await context.register(
+                    self._pool, telegram_user_id=user_id, first_name=first_name, telegram_chat_id=chat_id
+                )
+            except StorageUnavailable:
+                self._degrade()
+
+    async def add_question(
+        self,
+        *,
+        user_id: int,
+        first_name: str | None,
+        chat_id: int,
+        message_id: int,
+        thread_id: int | None,
+        text: str,
+        rate_limit: int,
+    ) -> Question:
+        """Store a question; raises ``RateLimited``, or ``StorageUnavailable`` when it cannot be kept."""
+        dialog = (user_id, chat_id)
+        if self._healthy:
+            assert self._pool is not None
+            try:
+                added = await context.add_question(
+                    self._pool,
+                    telegram_user_id=user_id,
+                    first_name=first_name,
+                    telegram_chat_id=chat_id,
+                    telegram_message_id=message_id,
+                    telegram_thread_id=thread_id,
+                    text=text,
+                    rate_limit_per_minute=rate_limit,
+                )
+            except StorageUnavailable:
+                self._degrade()
+            else:
+                if added.new:
+                    self._history.append(dialog, Remembered("user", text, message_id))
+                return Question(chat_id, user_id, message_id, added.id, thread_id)
+        question = Question(chat_id, user_id, message_id, thread_id=thread_id)
+        if self._spool is not None and any(
+            i.kind == "question" and i.chat_id == chat_id and i.message_id == message_id for i in self._spool.items
+        ):
+            return question  # a redelivered update: its turn finds what is left to do
+        if dialog not in self._history and self._pool is not None:
+            self._history_missing.add(dialog)
+        self._keep(Spooled("question", chat_id, user_id, spool.now(), message_id, first_name, thread_id, text))
+        self._history.append(dialog, Remembered("user", text, message_id))
+        return question
+
+    async def start_turn(self, question: Question, *, history_limit: int, max_input_chars: int) -> TurnStart | None:
+        """The turn's context and stored answer; None when nothing is left to do."""
+        if self._healthy and question.id is not None:
+            assert self._pool is not None
+            try:
+                start = await context.start_turn(
+                    self._pool, question_id=question.id, history_limit=history_limit, max_input_chars=max_input_chars
+                )
+            except StorageUnavailable:
+                self._degrade()
+            else:
+                if start is None:
+                    return None
+                self._remember(question, start.context)
+                return TurnStart(start.context, _answer(start))
+        state = self._spooled_turn(question)
+        if state.settled or question.message_id is None:
+            return None
+        answer = Answer(None, state.answer, state.sent_parts) if state.answer is not None else None
+        missing = question.dialog in self._history_missing
+        self._history_missing.discard(question.dialog)  # the user is told once
+        history = self._history.context(question.dialog, question.message_id)
+        return TurnStart(fit_to_budget(history[-history_limit:], max_input_chars), answer, missing)
+
+    async def add_answer(self, question: Question, text: str) -> Answer | None:
+        """Store an answer; None when its question was cleared (or answered) meanwhile."""
+        if self._healthy and question.id is not None:
+            assert self._pool is not None
+            try:
+                answer_id = await context.add_answer(self._pool, question_id=question.id, text=text)
+            except StorageUnavailable:
+                self._degrade()
+            else:
+                if answer_id is None:
+                    return None
+                self._history.append(question.dialog, Remembered("assistant", text, question.message_id))
+                return Answer(answer_id, text)
+        if question.message_id is None or self._spooled_turn(question).settled:
+            return None
+        self._keep(Spooled("answer", question.chat_id, question.user_id, spool.now(), question.message_id, text=text))
+        self._history.append(question.dialog, Remembered("assistant", text, question.message_id))
+        return Answer(None, text)
+
+    async def record_sent_part(self, question: Question, answer: Answer, *, sent_message_id: int, last: bool) -> None:
+        """Record one part of an answer accepted by Telegram; the last one makes it delivered."""
+        if self._healthy and answer.id is not None:
+            assert self._pool is not None
+            try:
+                await context.record_sent_part(
+                    self._pool, answer_id=answer.id, telegram_message_id=sent_message_id, last=last
+                )
+                return
+            except StorageUnavailable:
+                self._degrade()
+        if question.message_id is not None:
+            self._keep(
+                Spooled(
+                    "sent", question.chat_id, question.user_id, spool.now(), question.message_id,
+                    sent_message_id=sent_message_id, last=last,
+                )
+            )  # fmt: skip
+
+    async def set_failed(self, question: Question, answer: Answer | None = None) -> None:
+        """End a turn for good: no answer could be made, or Telegram refused ``answer``."""
+        target = answer.id if answer is not None else question.id
+        if self._healthy and target is not None:
+            assert self._pool is not None
+            try:
+                await context.set_failed(self._pool, message_id=target)
+                return
+            except StorageUnavailable:
+                self._degrade()
+        if question.message_id is not None:
+            self._keep(
+                Spooled(
+                    "failed", question.chat_id, question.user_id, spool.now(), question.message_id,
+                    answer=answer is not None,
+                )
+            )  # fmt: skip
+
+    async def clear(self, *, user_id: int, chat_id: int) -> int:
+        """Forget the dialog; how many messages were cleared (degraded: as many as were remembered)."""
+        remembered = self._history.forget((user_id, chat_id))
+        self._history.remember((user_id, chat_id), [])  # known to be empty: nothing is missing
+        if self._healthy:
+            assert self._pool is not None
+            try:
+                return await context.clear_context(self._pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
+            except StorageUnavailable:
+                self._degrade()
+        self._keep(Spooled("clear", chat_id, user_id, spool.now()))
+        return remembered
+
+    # -- degraded mode ------------------------------------------------------------------------
+
+    def _remember(self, question: Question, history: list[ChatMessage]) -> None:
+        remembered = [Remembered(m["role"], m["content"], None) for m in history]
+        if remembered and question.message_id is not None:
+            remembered[-1] = Remembered("user", remembered[-1].content, question.message_id)
+        self._history.remember(question.dialog, remembered)
+
+    def _spooled_turn(self, question: Question) -> _SpooledTurn:
+        state = _SpooledTurn()
+        if self._spool is None:
+            return state
+        asked = False
+        for item in self._spool.items:
+            if item.chat_id != question.chat_id:
+                continue
+            if item.kind == "clear" and item.user_id == question.user_id:
+                state.settled = state.settled or asked or question.id is not None
+            elif item.message_id != question.message_id:
+                continue
+            elif item.kind == "question":
+                asked = True
+            elif item.kind == "answer":
+                state.answer = item.text
+            elif item.kind == "sent":
+                state.sent_parts += 1
+                state.settled = state.settled or item.last
+            elif item.kind == "failed":
+                state.settled = True
+        return state
+
+    def _keep(self, item: Spooled) -> None:
+        """Spool a write for the database (none without a database); the spool's order is the
+        write-back's, so from here on writes go through it until it is written back."""
+        if self._spool is None:
+            return
+        try:
+            self._spool.add(item)
+        except SpoolFull:
+            logger.error("spool full (%d writes): a %s cannot be kept", self._spool.max_items, item.kind)
+            raise StorageUnavailable("spool full") from None
+        self._healthy = False
+        self._start_writer()
+
+    def _degrade(self) -> None:
+        if self._healthy:
+            logger.error("database unavailable: answering from memory, spooling writes until it returns")
+        self._healthy = False
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._pool is not None and self._spool is not None and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.create_task(self._write_back_when_back(), name="write-back")
+
+    async def _write_back_when_back(self) -> None:
+        assert self._pool is not None and self._spool is not None
+        last_status = time.monotonic()
+        while True:
+            await asyncio.sleep(self._probe_every_s)
+            if time.monotonic() - last_status > STATUS_EVERY_S:
+                logger.warning("degraded: %d spooled write(s) wait for the database", self.spooled)
+                last_status = time.monotonic()
+            if not await database.server_answers(self._pool):
+                continue
+            started, written = time.monotonic(), 0
+            try:
+                while self._spool.items:
+                    batch = self._spool.items[:WRITE_BACK_BATCH]
+                    await database.run(self._pool, _write_batch, batch)
+                    self._spool.drop_first(len(batch))
+                    written += len(batch)
+            except psycopg.Error as error:
+                logger.warning("write-back interrupted after %d write(s): %s", written, type(error).__name__)
+                continue
+            # Nothing awaited since the spool was found empty: no write can slip in between.
+            self._healthy = True
+            self._history_missing.clear()
+            logger.warning(
+                "write-back finished: %d write(s) in %.1fs; the database is back", written, time.monotonic() - started
+            )
+            return
+
+
+async def _write_batch(conn: Connection, batch: list[Spooled]) -> None:
+    async with conn.transaction():
+        for item in batch:
+            await spool.write_back(conn, item)
+
+
+def _answer(start: TurnContext) -> Answer | None:
+    stored: StoredAnswer | None = start.answer
+    return Answer(stored.id, stored.content, stored.sent_parts) if stored is not None else None
