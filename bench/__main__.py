@@ -56,6 +56,9 @@ HISTORY_LIMIT = 20
 COMMITS_PER_TURN = 3
 STATEMENTS_PER_TURN = 4  # ADD_QUESTION, SELECT_TURN_START, INSERT_ANSWER, RECORD_SENT_PART
 REFUSALS = {DB_APOLOGY, LLM_APOLOGY, SLOW_DOWN, APOLOGY}
+# A spool of its own, never written unless the bench database fails: the default path, relative
+# to the working directory, could hold another run's writes.
+SPOOL_PATH = Path(tempfile.gettempdir()) / f"llmbot-bench-{os.getpid()}" / "writes.jsonl"
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -212,7 +215,13 @@ def update(update_id: int, user: int, text: str) -> Update:
 async def throughput(pool: Pool, url: str, concurrency: int, turns: int, base_id: int) -> dict[str, Any]:
     # Hits are counted as in production, under a limit no bench user reaches.
     config = load_config(
-        {"TELEGRAM_BOT_TOKEN": TOKEN, "OPENAI_API_KEY": "x", "DATABASE_URL": url, "RATE_LIMIT_PER_MINUTE": "100000"}
+        {
+            "TELEGRAM_BOT_TOKEN": TOKEN,
+            "OPENAI_API_KEY": "x",
+            "DATABASE_URL": url,
+            "RATE_LIMIT_PER_MINUTE": "100000",
+            "SPOOL_PATH": str(SPOOL_PATH),
+        }
     )
     session = InstantSession()
     bot = Bot(TOKEN, session=session)
@@ -376,7 +385,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for level, chats in enumerate(args.bot_chats):
             base = (level + 1) * 1_000_000
             turns = max(3, math.ceil(args.bot_turns / chats))
-            whole.append(await whole_bot(url, TOKEN, list(range(base, base + chats)), turns, args.llm_delay))
+            chat_ids = list(range(base, base + chats))
+            whole.append(await whole_bot(url, TOKEN, chat_ids, turns, args.llm_delay, spool_path=SPOOL_PATH))
         results: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),

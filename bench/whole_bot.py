@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.standins import LLMStandIn, Sent, TelegramStandIn
@@ -141,8 +142,12 @@ async def sample_rss(peak: list[int], every_s: float = 0.05) -> None:
         await asyncio.sleep(every_s)
 
 
-async def whole_bot(url: str, token: str, chats: list[int], turns: int, llm_delay_s: float) -> dict[str, Any]:
-    """One run of the bot with ``len(chats)`` chats sending ``turns`` messages each."""
+async def whole_bot(
+    url: str, token: str, chats: list[int], turns: int, llm_delay_s: float, *, spool_path: Path
+) -> dict[str, Any]:
+    """One run of the bot with ``len(chats)`` chats sending ``turns`` messages each; the
+    configuration is the default but for the addresses, and ``spool_path`` (written only if the
+    database fails)."""
     telegram, llm = TelegramStandIn(), LLMStandIn(delay=llm_delay_s)
     await telegram.start()
     await llm.start()
@@ -153,6 +158,7 @@ async def whole_bot(url: str, token: str, chats: list[int], turns: int, llm_dela
             "OPENAI_BASE_URL": llm.url,
             "TELEGRAM_API_URL": telegram.url,
             "DATABASE_URL": url,
+            "SPOOL_PATH": str(spool_path),
         }
     )
     pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)

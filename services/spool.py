@@ -18,6 +18,7 @@ from services import database
 from services.database import Connection
 
 logger = logging.getLogger(__name__)
+SpooledKind = Literal["question", "answer", "sent", "failed", "clear"]
 
 
 class SpoolFull(Exception):
@@ -29,7 +30,7 @@ class Spooled:
     """One write of the outage. ``message_id`` is the question's Telegram id in ``chat_id``; the
     other fields are used by the kinds that need them."""
 
-    kind: Literal["question", "answer", "sent", "failed", "clear"]
+    kind: SpooledKind
     chat_id: int
     user_id: int
     at: datetime

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import psycopg
 
@@ -25,12 +27,22 @@ from services import context, database, spool
 from services.context import ChatMessage, StorageUnavailable, TurnContext, fit_to_budget
 from services.database import Connection, Pool, StoredAnswer, UnfinishedTurn
 from services.memory import Dialog, RecentHistory, Remembered
-from services.spool import Spool, Spooled, SpoolFull
+from services.spool import Spool, Spooled, SpooledKind, SpoolFull
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 RECOVERY_LOCK = "llmbot.recovery"
 WRITE_BACK_BATCH = 100  # spooled writes per transaction
 STATUS_EVERY_S = 30.0
+
+
+class Unavailable(enum.Enum):
+    """What ``Storage._in_database`` returns when the database could not do the work."""
+
+    UNAVAILABLE = enum.auto()
+
+
+UNAVAILABLE = Unavailable.UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,14 +164,11 @@ class Storage:
 
     async def register(self, *, user_id: int, first_name: str | None, chat_id: int) -> None:
         """Register user and chat (degraded: their first question's write-back registers them)."""
-        if self._healthy:
-            assert self._pool is not None
-            try:
-                await context.register(
-                    self._pool, telegram_user_id=user_id, first_name=first_name, telegram_chat_id=chat_id
-                )
-            except StorageUnavailable:
-                self._degrade()
+        await self._in_database(
+            lambda pool: context.register(
+                pool, telegram_user_id=user_id, first_name=first_name, telegram_chat_id=chat_id
+            )
+        )
 
     async def add_question(
         self,
@@ -174,25 +183,22 @@ class Storage:
     ) -> Question:
         """Store a question; raises ``RateLimited``, or ``StorageUnavailable`` when it cannot be kept."""
         dialog = (user_id, chat_id)
-        if self._healthy:
-            assert self._pool is not None
-            try:
-                added = await context.add_question(
-                    self._pool,
-                    telegram_user_id=user_id,
-                    first_name=first_name,
-                    telegram_chat_id=chat_id,
-                    telegram_message_id=message_id,
-                    telegram_thread_id=thread_id,
-                    text=text,
-                    rate_limit_per_minute=rate_limit,
-                )
-            except StorageUnavailable:
-                self._degrade()
-            else:
-                if added.new:
-                    self._history.append(dialog, Remembered("user", text, message_id))
-                return Question(chat_id, user_id, message_id, added.id, thread_id)
+        added = await self._in_database(
+            lambda pool: context.add_question(
+                pool,
+                telegram_user_id=user_id,
+                first_name=first_name,
+                telegram_chat_id=chat_id,
+                telegram_message_id=message_id,
+                telegram_thread_id=thread_id,
+                text=text,
+                rate_limit_per_minute=rate_limit,
+            )
+        )
+        if added is not UNAVAILABLE:
+            if added.new:
+                self._history.append(dialog, Remembered("user", text, message_id))
+            return Question(chat_id, user_id, message_id, added.id, thread_id)
         question = Question(chat_id, user_id, message_id, thread_id=thread_id)
         if self._spool is not None and any(
             i.kind == "question" and i.chat_id == chat_id and i.message_id == message_id for i in self._spool.items
@@ -206,17 +212,16 @@ class Storage:
 
     async def start_turn(self, question: Question, *, history_limit: int, max_input_chars: int) -> TurnStart | None:
         """The turn's context and stored answer; None when nothing is left to do."""
-        if self._healthy and question.id is not None:
-            assert self._pool is not None
-            try:
-                start = await context.start_turn(
-                    self._pool, question_id=question.id, history_limit=history_limit, max_input_chars=max_input_chars
+        question_id = question.id
+        if question_id is not None:
+            start = await self._in_database(
+                lambda pool: context.start_turn(
+                    pool, question_id=question_id, history_limit=history_limit, max_input_chars=max_input_chars
                 )
-            except StorageUnavailable:
-                self._degrade()
-            else:
-                if start is None:
-                    return None
+            )
+            if start is None:
+                return None
+            if start is not UNAVAILABLE:
                 self._remember(question, start.context)
                 return TurnStart(start.context, _answer(start))
         state = self._spooled_turn(question)
@@ -230,72 +235,67 @@ class Storage:
 
     async def add_answer(self, question: Question, text: str) -> Answer | None:
         """Store an answer; None when its question was cleared (or answered) meanwhile."""
-        if self._healthy and question.id is not None:
-            assert self._pool is not None
-            try:
-                answer_id = await context.add_answer(self._pool, question_id=question.id, text=text)
-            except StorageUnavailable:
-                self._degrade()
-            else:
-                if answer_id is None:
-                    return None
+        question_id = question.id
+        if question_id is not None:
+            answer_id = await self._in_database(
+                lambda pool: context.add_answer(pool, question_id=question_id, text=text)
+            )
+            if answer_id is None:
+                return None
+            if answer_id is not UNAVAILABLE:
                 self._history.append(question.dialog, Remembered("assistant", text, question.message_id))
                 return Answer(answer_id, text)
         if question.message_id is None or self._spooled_turn(question).settled:
             return None
-        self._keep(Spooled("answer", question.chat_id, question.user_id, spool.now(), question.message_id, text=text))
+        self._keep_for(question, "answer", text=text)
         self._history.append(question.dialog, Remembered("assistant", text, question.message_id))
         return Answer(None, text)
 
     async def record_sent_part(self, question: Question, answer: Answer, *, sent_message_id: int, last: bool) -> None:
         """Record one part of an answer accepted by Telegram; the last one makes it delivered."""
-        if self._healthy and answer.id is not None:
-            assert self._pool is not None
-            try:
-                await context.record_sent_part(
-                    self._pool, answer_id=answer.id, telegram_message_id=sent_message_id, last=last
+        answer_id = answer.id
+        if answer_id is not None:
+            done = await self._in_database(
+                lambda pool: context.record_sent_part(
+                    pool, answer_id=answer_id, telegram_message_id=sent_message_id, last=last
                 )
+            )
+            if done is not UNAVAILABLE:
                 return
-            except StorageUnavailable:
-                self._degrade()
-        if question.message_id is not None:
-            self._keep(
-                Spooled(
-                    "sent", question.chat_id, question.user_id, spool.now(), question.message_id,
-                    sent_message_id=sent_message_id, last=last,
-                )
-            )  # fmt: skip
+        self._keep_for(question, "sent", sent_message_id=sent_message_id, last=last)
 
     async def set_failed(self, question: Question, answer: Answer | None = None) -> None:
         """End a turn for good: no answer could be made, or Telegram refused ``answer``."""
         target = answer.id if answer is not None else question.id
-        if self._healthy and target is not None:
-            assert self._pool is not None
-            try:
-                await context.set_failed(self._pool, message_id=target)
+        if target is not None:
+            done = await self._in_database(lambda pool: context.set_failed(pool, message_id=target))
+            if done is not UNAVAILABLE:
                 return
-            except StorageUnavailable:
-                self._degrade()
-        if question.message_id is not None:
-            self._keep(
-                Spooled(
-                    "failed", question.chat_id, question.user_id, spool.now(), question.message_id,
-                    answer=answer is not None,
-                )
-            )  # fmt: skip
+        self._keep_for(question, "failed", answer=answer is not None)
 
     async def clear(self, *, user_id: int, chat_id: int) -> int:
         """Forget the dialog; how many messages were cleared (degraded: as many as were remembered)."""
         remembered = self._history.forget((user_id, chat_id))
         self._history.remember((user_id, chat_id), [])  # known to be empty: nothing is missing
-        if self._healthy:
-            assert self._pool is not None
-            try:
-                return await context.clear_context(self._pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
-            except StorageUnavailable:
-                self._degrade()
+        cleared = await self._in_database(
+            lambda pool: context.clear_context(pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
+        )
+        if cleared is not UNAVAILABLE:
+            return cleared
         self._keep(Spooled("clear", chat_id, user_id, spool.now()))
         return remembered
+
+    async def _in_database(self, work: Callable[[Pool], Awaitable[T]]) -> T | Literal[Unavailable.UNAVAILABLE]:
+        """``work(pool)`` while the database is in use; ``UNAVAILABLE`` when degraded, or when
+        ``work`` finds it unavailable (which degrades the bot)."""
+        if not self._healthy:
+            return UNAVAILABLE
+        assert self._pool is not None
+        try:
+            return await work(self._pool)
+        except StorageUnavailable:
+            self._degrade()
+            return UNAVAILABLE
 
     # -- degraded mode ------------------------------------------------------------------------
 
@@ -327,6 +327,10 @@ class Storage:
             elif item.kind == "failed":
                 state.settled = True
         return state
+
+    def _keep_for(self, question: Question, kind: SpooledKind, **fields: Any) -> None:
+        if question.message_id is not None:  # a question with no Telegram id cannot be written back
+            self._keep(Spooled(kind, question.chat_id, question.user_id, spool.now(), question.message_id, **fields))
 
     def _keep(self, item: Spooled) -> None:
         """Spool a write for the database (none without a database); the spool's order is the
