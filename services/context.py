@@ -59,10 +59,13 @@ async def _call(
 
 
 def fit_to_budget(history: Sequence[ChatMessage], max_chars: int) -> list[ChatMessage]:
-    """The newest messages whose lengths sum to at most ``max_chars``, oldest first.
+    """The newest messages whose lengths sum to at most ``max_chars``, oldest first, starting
+    at a user message.
 
-    The newest message is always kept, cut to ``max_chars`` if it alone is longer, so the
-    LLM never receives more input than the budget allows.
+    The newest message (the question) is always kept, cut to ``max_chars`` if it alone is
+    longer, so the LLM never receives more input than the budget allows. Answers left at the
+    start of the window (by the budget or by the history limit) are dropped: without their
+    question they would open the context mid-turn.
     """
     kept: list[ChatMessage] = []
     remaining = max_chars
@@ -74,6 +77,8 @@ def fit_to_budget(history: Sequence[ChatMessage], max_chars: int) -> list[ChatMe
             break
         kept.append(message)
         remaining -= length
+    while len(kept) > 1 and kept[-1]["role"] == "assistant":
+        kept.pop()
     return kept[::-1]
 
 

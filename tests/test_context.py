@@ -20,9 +20,19 @@ def test_budget_keeps_the_newest_messages_that_fit() -> None:
         {"role": "assistant", "content": "bbbb"},
         {"role": "user", "content": "cc"},
     ]
-    assert fit_to_budget(history, 6) == [{"role": "assistant", "content": "bbbb"}, {"role": "user", "content": "cc"}]
     assert fit_to_budget(history, 1) == [{"role": "user", "content": "c"}]
     assert fit_to_budget([], 10) == []
+
+
+def test_the_context_starts_at_a_question_never_mid_turn() -> None:
+    history = [message("aaaa"), message("bbbb", "assistant"), message("cc")]
+    # "bbbb" fits the budget, but without "aaaa" it answers nothing the LLM can see
+    assert fit_to_budget(history, 6) == [{"role": "user", "content": "cc"}]
+    answers = [message("a1", "assistant"), message("a2", "assistant"), message("q"), message("a3", "assistant")]
+    assert fit_to_budget(answers, 100) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a3"}]
+    assert fit_to_budget([message("only an answer", "assistant")], 100) == [
+        {"role": "assistant", "content": "only an answer"}
+    ]  # the last message is the question's place: always kept
 
 
 async def ask(pool: Pool, text: str, *, message_id: int, rate_limit: int = 0) -> int:
@@ -47,7 +57,32 @@ async def test_a_turn_reads_its_context_within_budget(pool: Pool) -> None:
     assert turn is not None and turn.answer is None
     assert [m["content"] for m in turn.context] == ["one", "1", "two"]
     short = await context.start_turn(pool, question_id=second, history_limit=20, max_input_chars=4)
-    assert short is not None and [m["content"] for m in short.context] == ["1", "two"]
+    assert short is not None and [m["content"] for m in short.context] == ["two"]  # not "1" without "one"
+
+
+async def test_a_history_window_cut_mid_turn_starts_at_a_question(pool: Pool) -> None:
+    for n in (1, 2):
+        question = await ask(pool, f"q{n}", message_id=n)
+        assert await context.add_answer(pool, question_id=question, text=f"a{n}") is not None
+    third = await ask(pool, "q3", message_id=3)
+    # the last 4 messages are a1, q2, a2, q3: the window opens on an answer
+    turn = await context.start_turn(pool, question_id=third, history_limit=4, max_input_chars=100)
+    assert turn is not None and [m["content"] for m in turn.context] == ["q2", "a2", "q3"]
+
+
+async def test_the_memory_path_starts_at_a_question_too() -> None:
+    from services.memory import RecentHistory
+    from services.storage import Question, Storage
+
+    storage = Storage(None, history=RecentHistory(max_chars=10_000, per_dialog=10), spool=None)
+    for n in (1, 2, 3):
+        added = await storage.add_question(
+            user_id=1, first_name="Ann", chat_id=1, message_id=n, thread_id=None, text=f"q{n}", rate_limit=0
+        )
+        if n < 3:
+            assert await storage.add_answer(added, f"a{n}") is not None
+    start = await storage.start_turn(Question(1, 1, 3), history_limit=4, max_input_chars=100)
+    assert start is not None and [m["content"] for m in start.context] == ["q2", "a2", "q3"]
 
 
 async def test_over_the_rate_limit_is_refused_but_a_redelivery_is_not(pool: Pool) -> None:
