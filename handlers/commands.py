@@ -1,10 +1,17 @@
-"""/start, /help, /clear, and a reply to commands the bot does not know."""
+"""/start, /help, /clear, and a reply to commands the bot does not know.
+
+A message is a command when Telegram says so: a ``bot_command`` entity at its start. Text that
+merely begins with a slash ("/usr/bin is…") is ordinary text, answered like any other. In a
+group, a command addressed to another bot (``/weather@other_bot``) is not ours: it is ignored.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 
-from aiogram import F, Router
+from aiogram import Router
+from aiogram.enums import MessageEntityType
 from aiogram.filters import Command, CommandStart
 from aiogram.types import BotCommand, Message, User
 
@@ -45,10 +52,24 @@ async def cmd_unknown(message: Message) -> None:
     await message.answer("I don't know that command. /help lists the ones I do.")
 
 
+async def cmd_for_another_bot(message: Message) -> None:
+    logger.info("ignored message %s in chat %s: a command for another bot", message.message_id, message.chat.id)
+
+
+async def starts_with_command(message: Message) -> bool:
+    """Whether Telegram marked the message as starting with a bot command."""
+    return any(e.type == MessageEntityType.BOT_COMMAND and e.offset == 0 for e in message.entities or ())
+
+
+ANY_COMMAND = re.compile(r".+")
+
+
 def create_router() -> Router:
     router = Router(name=__name__)
     router.message.register(cmd_start, CommandStart())
     router.message.register(cmd_help, Command("help"))
     router.message.register(cmd_clear, Command("clear"))
-    router.message.register(cmd_unknown, F.text.startswith("/"))
+    # Command() matches "/cmd" and "/cmd@<this bot>" only (it asks Telegram for the bot's name once).
+    router.message.register(cmd_unknown, starts_with_command, Command(ANY_COMMAND))
+    router.message.register(cmd_for_another_bot, starts_with_command, Command(ANY_COMMAND, ignore_mention=True))
     return router
