@@ -3,12 +3,18 @@ the design already keeps."""
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from typing import Any
+
+import pytest
 
 from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.commands import HELP
 from services.database import Pool
+from services.local_postgres import LocalPostgres
+from services.turns import LLM_APOLOGY
 from tests.harness import running_bot
+from tests.test_outage import back_to_the_database, fetch, outage, spooled_lines
 
 GROUP = -100500
 UNKNOWN = "I don't know that command. /help lists the ones I do."
@@ -68,3 +74,65 @@ async def test_text_that_merely_starts_with_a_slash_is_answered(
     assert [content for _, content in await stored(pool)] == [
         pasted, f"echo: {pasted}", "see /help", "echo: see /help",
     ]  # fmt: skip
+
+
+# -- 3. a question that got an apology stays unanswered after a restart ----------------------
+
+
+async def test_a_question_the_user_got_an_apology_for_is_not_answered_after_a_restart(
+    env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
+) -> None:
+    llm.status = 500
+    async with running_bot(env, telegram):
+        telegram.send("this one fails")
+        assert await telegram.wait_for_messages(1, 1) == [LLM_APOLOGY]
+    asked_before_restart = len(llm.requests)
+    llm.status = 200
+    async with running_bot(env, telegram):
+        # the marker: a recovered turn of this chat would be queued ahead of it, and answered first
+        telegram.send("and now?")
+        await telegram.wait_for_messages(1, 2)
+    assert telegram.messages_to(1) == [LLM_APOLOGY, "echo: and now?"]
+    assert [c[-1]["content"] for c in llm.conversations[asked_before_restart:]] == ["and now?"]
+    failed = await fetch(pool, "SELECT content FROM messages WHERE failed_at IS NOT NULL")
+    assert failed == [("this one fails",)]
+
+
+# -- 4. an answer the database could not store is still sent once across a restart -----------
+
+
+@pytest.fixture
+def cluster(pg_cluster: LocalPostgres | None) -> LocalPostgres:
+    if pg_cluster is None:
+        pytest.skip("needs the suite's own PostgreSQL to stop and start it")
+    return pg_cluster
+
+
+@pytest.mark.parametrize("restart", ["after-the-write-back", "stopped-during-the-outage"])
+async def test_an_answer_made_during_an_outage_is_asked_and_sent_once_across_a_restart(
+    restart: str, env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool, cluster: LocalPostgres
+) -> None:
+    llm.delay = 3  # the question is stored; PostgreSQL goes away while the LLM thinks
+    async with AsyncExitStack() as first:
+        dp = await first.enter_async_context(running_bot(env, telegram))
+        telegram.send("question")
+        await llm.started.wait()
+        with outage(cluster):
+            assert await telegram.wait_for_messages(1, 1, timeout=30) == ["echo: question"]
+            assert dp["dialog_store"].spooled >= 2  # the answer and its delivery, not in PostgreSQL
+            if restart == "stopped-during-the-outage":
+                await first.aclose()
+                assert spooled_lines(env) >= 2  # kept in the file for the next start
+        if restart == "after-the-write-back":
+            await back_to_the_database(dp, telegram)
+    llm.delay = 0
+    async with running_bot(env, telegram) as dp:
+        telegram.send("next")  # the marker: a recovered turn of this chat would be answered first
+        await telegram.wait_for_messages(1, 2, timeout=30)
+        await back_to_the_database(dp, telegram)
+    assert telegram.messages_to(1) == ["echo: question", "echo: next"]
+    assert [c[-1]["content"] for c in llm.conversations] == ["question", "next"]
+    assert await fetch(pool, "SELECT content, delivered_at IS NOT NULL FROM messages ORDER BY id") == [
+        ("question", False), ("echo: question", True), ("next", False), ("echo: next", True),
+    ]  # fmt: skip
+    assert spooled_lines(env) == 0
