@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import psycopg
 
@@ -18,6 +20,8 @@ from services.database import Pool
 
 logger = logging.getLogger(__name__)
 DAY_S = 86_400
+CONNECT_TIMEOUT_S = 10
+CANNOT_CONNECT = "error: cannot connect to the database at DATABASE_URL: is PostgreSQL running? (`make db-up`)"
 
 
 async def purge(pool: Pool, *, days: int) -> int:
@@ -37,14 +41,33 @@ async def purge_daily(pool: Pool, *, days: int, interval_s: float = DAY_S) -> No
         await asyncio.sleep(interval_s)
 
 
-async def _main(days: int) -> None:
-    from config import load_database_url
+@asynccontextmanager
+async def tool_pool() -> AsyncIterator[Pool]:
+    """A one-connection pool on DATABASE_URL for a command-line tool (``make db-purge``,
+    ``make db-seed``). A bad DATABASE_URL or a database that does not answer ends the tool with
+    one line on stderr, not a traceback."""
+    from config import ConfigError, load_database_url
 
-    pool = await database.init_db(load_database_url(), size=1)
     try:
-        print(f"purged {await purge(pool, days=days)} message(s) soft-deleted more than {days} day(s) ago")
+        url = load_database_url()
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    try:
+        # One direct attempt first: refused at once when nothing listens, where the pool would
+        # keep retrying (and logging each retry) for its whole timeout.
+        await (await psycopg.AsyncConnection.connect(url, connect_timeout=CONNECT_TIMEOUT_S)).close()
+        pool = await database.init_db(url, size=1, timeout_s=CONNECT_TIMEOUT_S)
+    except psycopg.OperationalError:
+        raise SystemExit(CANNOT_CONNECT) from None
+    try:
+        yield pool
     finally:
         await database.close_db(pool)
+
+
+async def _main(days: int) -> None:
+    async with tool_pool() as pool:
+        print(f"purged {await purge(pool, days=days)} message(s) soft-deleted more than {days} day(s) ago")
 
 
 if __name__ == "__main__":

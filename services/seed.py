@@ -6,6 +6,7 @@ import asyncio
 
 from services import database
 from services.database import Connection
+from services.retention import tool_pool
 
 ANN, BOB = 1001, 1002
 GROUP = -1001000000001
@@ -54,15 +55,10 @@ async def seed(conn: Connection) -> int:
 
 
 async def _main() -> None:
-    from config import load_database_url
-
-    pool = await database.init_db(load_database_url(), size=1)
-    try:
+    async with tool_pool() as pool:
         added = await database.run(pool, seed)
         counts = await database.run(pool, database.count_messages, telegram_user_id=ANN, telegram_chat_id=ANN)
         print(f"seeded {added} new message(s); Ann's private chat holds {counts.live} live message(s)")
-    finally:
-        await database.close_db(pool)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from services import database, retention, seed
 from services.database import Pool
+from services.local_postgres import free_port
 from tests.harness import ROOT
 
 
@@ -42,3 +45,21 @@ async def test_command_lines(pool: Pool, database_url: str) -> None:
     assert "purged 0 message(s)" in purged.stdout
     refused = run_tool("services.retention", "--days", "-1", database_url=database_url)
     assert refused.returncode == 2 and "--days must be 0 or more" in refused.stderr
+
+
+@pytest.mark.parametrize("tool", [["services.seed"], ["services.retention", "--days", "30"]], ids=["seed", "purge"])
+def test_command_lines_without_a_database_say_so_in_one_line(tool: list[str]) -> None:
+    nowhere = f"postgresql://bot:bot@127.0.0.1:{free_port()}/llmbot"  # nothing listens: refused at once
+    failed = run_tool(*tool, database_url=nowhere)
+    assert failed.returncode == 1
+    assert failed.stderr == (
+        "error: cannot connect to the database at DATABASE_URL: is PostgreSQL running? (`make db-up`)\n"
+    )
+    assert failed.stdout == ""
+
+
+def test_a_bad_database_url_is_one_line_too() -> None:
+    failed = run_tool("services.seed", database_url="mysql://bot@localhost/llmbot")
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1, failed.stderr
+    assert "DATABASE_URL" in failed.stderr
