@@ -387,12 +387,28 @@ WRITE_BACK_FAILURE: Final = (
 """
 )
 
-# deleted_at >= created_at, so the created_at bound is implied; it lets the BRIN index skip
-# every block of recent rows.
+# Retention, one batch per statement: at most %(limit)s of the oldest rows soft-deleted before
+# the cutoff, found by an ordered range scan of the partial index messages_deleted_idx (it holds
+# soft-deleted rows only, revision 005), then deleted by primary key. ``= ANY (ARRAY(...))``
+# rather than ``IN (...)``: the ids are collected once and looked up in the key's index, where
+# IN may be planned as a join that scans the whole table. A batch is a short transaction: no
+# long lock, no burst of WAL, and the bot's statements run in between. SKIP LOCKED: two
+# processes purging at once take different rows instead of waiting for each other.
 PURGE_DELETED: Final = """
     DELETE FROM messages
-    WHERE deleted_at < now() - make_interval(days => %(days)s::integer)
-      AND created_at < now() - make_interval(days => %(days)s::integer)
+    WHERE id = ANY (ARRAY(
+        SELECT id FROM messages
+        WHERE deleted_at < now() - make_interval(days => %(days)s::integer)
+        ORDER BY deleted_at
+        LIMIT %(limit)s::integer
+        FOR UPDATE SKIP LOCKED
+    ))
+"""
+
+# Rate-limit counters of windows that are over: the user's next message starts a new window
+# anyway (ADD_QUESTION), so they hold nothing but space.
+PURGE_RATE_LIMITS: Final = """
+    DELETE FROM rate_limits WHERE window_start < now() - interval '1 minute'
 """
 
 
@@ -560,9 +576,16 @@ async def fetch_unfinished_turns(conn: Connection, *, max_age_s: int) -> list[Un
     return await cur.fetchall()
 
 
-async def purge_deleted_messages(conn: Connection, *, days: int) -> int:
-    """Hard-delete messages soft-deleted more than ``days`` days ago; how many were."""
-    cur = await conn.execute(PURGE_DELETED, {"days": days})
+async def purge_deleted_messages(conn: Connection, *, days: int, limit: int) -> int:
+    """Hard-delete at most ``limit`` of the messages soft-deleted more than ``days`` days ago,
+    oldest first; how many were."""
+    cur = await conn.execute(PURGE_DELETED, {"days": days, "limit": limit})
+    return cur.rowcount
+
+
+async def purge_rate_limits(conn: Connection) -> int:
+    """Delete the rate-limit counters of past windows; how many."""
+    cur = await conn.execute(PURGE_RATE_LIMITS)
     return cur.rowcount
 
 

@@ -1,4 +1,5 @@
-"""Retention: hard-delete messages soft-deleted more than N days ago.
+"""Retention: hard-delete messages soft-deleted more than N days ago (in batches), and the
+rate-limit counters of past windows.
 
 Command line (``make db-purge days=N``)::
 
@@ -20,14 +21,28 @@ from services.database import Pool
 
 logger = logging.getLogger(__name__)
 DAY_S = 86_400
+PURGE_BATCH = 10_000  # rows per DELETE: each a short transaction, the bot's statements in between
 CONNECT_TIMEOUT_S = 10
 CANNOT_CONNECT = "error: cannot connect to the database at DATABASE_URL: is PostgreSQL running? (`make db-up`)"
 
 
-async def purge(pool: Pool, *, days: int) -> int:
-    """Delete messages soft-deleted more than ``days`` days ago; how many were."""
-    purged = await database.run(pool, database.purge_deleted_messages, days=days)
-    logger.info("purged %d message(s) soft-deleted more than %d day(s) ago", purged, days)
+async def purge(pool: Pool, *, days: int, batch: int = PURGE_BATCH) -> int:
+    """Delete messages soft-deleted more than ``days`` days ago, ``batch`` per statement until a
+    statement finds fewer, and the rate-limit counters of past windows; how many messages were
+    deleted."""
+    purged = 0
+    while True:
+        deleted = await database.run(pool, database.purge_deleted_messages, days=days, limit=batch)
+        purged += deleted
+        if deleted < batch:
+            break
+    counters = await database.run(pool, database.purge_rate_limits)
+    logger.info(
+        "purged %d message(s) soft-deleted more than %d day(s) ago and %d expired rate-limit counter(s)",
+        purged,
+        days,
+        counters,
+    )
     return purged
 
 

@@ -291,12 +291,57 @@ async def test_purge_removes_only_long_deleted_messages(pool: Pool) -> None:
         "UPDATE messages SET created_at = now() - interval '40 days',"
         " deleted_at = now() - interval '31 days' WHERE content = 'purge'",
     )
-    assert await database.run(pool, database.purge_deleted_messages, days=30) == 1
+    assert await database.run(pool, database.purge_deleted_messages, days=30, limit=10) == 1
     assert await rows(pool, "SELECT content FROM messages ORDER BY id") == [("keep-live",), ("keep-recently-deleted",)]
 
 
+async def test_a_purge_batch_deletes_at_most_its_limit_oldest_first(pool: Pool) -> None:
+    for n in range(5):
+        await add(pool, USER_A, CHAT_X, f"m{n}")
+    await rows(pool, "UPDATE messages SET deleted_at = now() - (50 - id) * interval '1 day'")  # m0 oldest
+    assert await database.run(pool, database.purge_deleted_messages, days=30, limit=2) == 2
+    assert await rows(pool, "SELECT content FROM messages ORDER BY id") == [("m2",), ("m3",), ("m4",)]
+    assert await database.run(pool, database.purge_deleted_messages, days=30, limit=2) == 2
+    assert await database.run(pool, database.purge_deleted_messages, days=30, limit=2) == 1
+    assert await database.run(pool, database.purge_deleted_messages, days=30, limit=2) == 0
+
+
+async def test_purge_finds_soft_deleted_rows_through_their_partial_index(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    # a table where a quarter of the rows were cleared long ago, with statistics, as in production
+    await rows(
+        pool,
+        "INSERT INTO messages (user_id, chat_id, role, content, created_at, deleted_at)"
+        " SELECT 1, 1, 'user', 'x', now() - interval '90 days',"
+        "        CASE WHEN n % 4 = 0 THEN now() - interval '60 days' + n * interval '1 second' END"
+        " FROM generate_series(1, 20000) n",
+    )
+    await rows(pool, "ANALYZE messages")
+    async with pool.connection() as conn:
+        cur = await conn.execute("EXPLAIN " + database.PURGE_DELETED, {"days": 30, "limit": 1000})
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    # the batch's rows come oldest first straight from the partial index, then go by primary key:
+    # no scan of the table, no sort, whatever its size
+    assert "Index Scan using messages_deleted_idx" in plan and "Index Scan using messages_pkey" in plan, plan
+    assert "Seq Scan" not in plan and "Sort" not in plan, plan
+    index = await rows(pool, "SELECT indexdef FROM pg_indexes WHERE indexname = 'messages_deleted_idx'")
+    assert index == [("CREATE INDEX messages_deleted_idx ON public.messages USING btree (deleted_at)"
+                      " WHERE (deleted_at IS NOT NULL)",)]  # fmt: skip
+
+
+async def test_purge_of_rate_limits_keeps_the_current_window(pool: Pool) -> None:
+    await rows(
+        pool,
+        "INSERT INTO rate_limits (telegram_user_id, window_start, hits) VALUES"
+        " (1, date_trunc('minute', now()), 3), (2, date_trunc('minute', now()) - interval '2 minutes', 5),"
+        " (3, now() - interval '1 day', 1)",
+    )
+    assert await database.run(pool, database.purge_rate_limits) == 2
+    assert await rows(pool, "SELECT telegram_user_id FROM rate_limits") == [(1,)]
+
+
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "004"
+    assert await database.run(pool, database.fetch_schema_version) == "005"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:

@@ -16,11 +16,20 @@ def tables(url: str) -> list[str]:
         return [row[0] for row in conn.execute(TABLES)]
 
 
+def indexes(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        return [row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")]
+
+
 def test_upgrade_downgrade_upgrade_round_trip(admin_url: str) -> None:
     url = create_database(admin_url, "llmbot_migrations")
     cfg = alembic_config(url)
     command.upgrade(cfg, "head")
     assert tables(url) == ["alembic_version", "chats", "messages", "rate_limits", "users"]
+    assert "messages_deleted_idx" in indexes(url)
+    command.downgrade(cfg, "004")
+    assert "messages_deleted_idx" not in indexes(url) and "messages_turn_idx" in indexes(url)
+    command.upgrade(cfg, "head")
     command.downgrade(cfg, "base")
     assert tables(url) == ["alembic_version"]
     command.upgrade(cfg, "head")

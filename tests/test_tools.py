@@ -29,6 +29,23 @@ async def test_purge_deletes_old_soft_deleted_messages(pool: Pool) -> None:
     assert await retention.purge(pool, days=0) == 2
 
 
+async def test_purge_deletes_in_batches_until_none_is_left(pool: Pool) -> None:
+    await database.run(pool, seed.seed)
+    for user, chat in ((seed.ANN, seed.ANN), (seed.ANN, seed.GROUP), (seed.BOB, seed.GROUP)):
+        await database.run(pool, database.soft_delete_messages, telegram_user_id=user, telegram_chat_id=chat)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO rate_limits (telegram_user_id, window_start, hits)"
+            " VALUES (1, now() - interval '5 minutes', 9), (2, date_trunc('minute', now()), 1)"
+        )
+    assert await retention.purge(pool, days=0, batch=3) == 8  # batches of 3, 3 and 2
+    counts = await database.run(pool, database.count_messages, telegram_user_id=seed.BOB, telegram_chat_id=seed.BOB)
+    assert counts == database.MessageCounts(live=2, deleted=0)
+    async with pool.connection() as conn:
+        left = await (await conn.execute("SELECT telegram_user_id FROM rate_limits")).fetchall()
+    assert left == [(2,)]  # the past window is gone, the current one kept
+
+
 def run_tool(module: str, *args: str, database_url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": database_url}
     return subprocess.run(
