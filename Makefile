@@ -11,19 +11,24 @@ ALEMBIC := $(BIN)/alembic
 days    ?= 30
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format typecheck check docs-check bench \
+.PHONY: help install constraints run test lint format typecheck check docs-check bench \
         db-up db-down db-migrate db-downgrade db-revision db-reset db-seed db-purge db-psql
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the bot with its dev tools (idempotent)
+install: $(STAMP) ## Create .venv and install the bot with its dev tools, at the versions in constraints.txt (idempotent)
+
+constraints: $(STAMP) ## Pin the exact versions installed in .venv into constraints.txt (after changing a dependency)
+	@{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
+	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) packages pinned"
 
 run: $(STAMP) ## Start the bot (starts PostgreSQL and migrates first)
 	@$(PY) -m config
