@@ -1,34 +1,28 @@
-"""Entry point: read the configuration, open the database, poll Telegram until told to stop."""
+"""Entry point: read the configuration, open the database, poll Telegram until told to stop.
+
+``python bot.py`` checks the configuration before anything else: importing aiogram, openai and
+psycopg takes seconds on a small machine, and a bad ``.env`` is reported without that wait. So
+this module imports them inside the functions that use them (at the top only for type checking).
+"""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
-
-import psycopg
-from aiogram import Bot, Dispatcher
-from aiogram.client.default import DefaultBotProperties
-from aiogram.client.session.aiohttp import AiohttpSession
-from aiogram.client.telegram import TelegramAPIServer
-from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
-from alembic.config import Config as AlembicConfig
-from alembic.script import ScriptDirectory
+from typing import TYPE_CHECKING, Any
 
 from config import Config, ConfigError, load_config
-from handlers import create_routers
-from handlers.commands import COMMANDS
-from handlers.delivery import TelegramDelivery
-from handlers.flood import FloodControl
-from handlers.middlewares import AccessMiddleware, ChatIntake, InFlight
-from services import database, retention
-from services.database import Pool
-from services.llm import LLM, create_llm
-from services.memory import RecentHistory
-from services.spool import Spool
-from services.storage import Storage
-from services.turns import Turns
+
+if TYPE_CHECKING:
+    from aiogram import Bot, Dispatcher
+
+    from handlers.middlewares import InFlight
+    from services.database import Pool
+    from services.llm import LLM
+    from services.storage import Storage
+    from services.turns import Turns
 
 logger = logging.getLogger("bot")
 ROOT = Path(__file__).resolve().parent
@@ -39,13 +33,37 @@ class StartupError(Exception):
     """The bot cannot start; the message says why and what to do."""
 
 
-def schema_head() -> str | None:
-    """The newest Alembic revision in ``alembic/versions``."""
-    return ScriptDirectory.from_config(AlembicConfig(str(ROOT / "alembic.ini"))).get_current_head()
+def schema_head(versions: Path = ROOT / "alembic" / "versions") -> str:
+    """The newest Alembic revision in ``versions``: the one no other revision follows.
+
+    Read from each file's ``revision = ...`` and ``down_revision = ...`` (a name, None, or a
+    tuple after a merge), as Alembic reads them, without importing Alembic and SQLAlchemy.
+    """
+    follows: dict[str, tuple[str, ...]] = {}  # revision -> the revisions it follows
+    for path in versions.glob("*.py"):
+        assigned = {
+            target.id: ast.literal_eval(node.value)
+            for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.Assign)
+            for target in node.targets
+            if isinstance(target, ast.Name) and target.id in ("revision", "down_revision")
+        }
+        if "revision" in assigned:
+            down = assigned.get("down_revision")
+            follows[assigned["revision"]] = down if isinstance(down, tuple) else (down,) if down else ()
+    heads = follows.keys() - {revision for downs in follows.values() for revision in downs}
+    if len(heads) != 1:
+        raise StartupError(f"alembic/versions has {len(heads)} heads, not one: {sorted(heads)}")
+    return heads.pop()
 
 
 async def open_database(config: Config) -> Pool:
     """The pool, once the database answers and is migrated to the newest revision."""
+    import psycopg
+
+    from services import database
+
+    head = schema_head()
     try:
         pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
     except psycopg.OperationalError:
@@ -53,7 +71,6 @@ async def open_database(config: Config) -> Pool:
             "cannot connect to the database at DATABASE_URL: is PostgreSQL running? (`make db-up`)"
         ) from None
     version = await database.run(pool, database.fetch_schema_version)
-    head = schema_head()
     if version != head:
         await database.close_db(pool)
         raise StartupError(f"the database schema is at {version or 'nothing'}, not {head}: run `make db-migrate`")
@@ -62,6 +79,8 @@ async def open_database(config: Config) -> Pool:
 
 async def check_telegram(bot: Bot) -> None:
     """Fail with a clear message when Telegram refuses the token or cannot be reached."""
+    from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
+
     try:
         me = await bot.me()  # cached: polling does not ask again
     except TelegramUnauthorizedError:
@@ -84,6 +103,13 @@ def setup_logging(level: str) -> None:
 def create_bot(config: Config) -> Bot:
     """The Bot, talking to TELEGRAM_API_URL when set (a local Bot API server or a test stand-in),
     every request obeying Telegram's flood control."""
+    from aiogram import Bot
+    from aiogram.client.default import DefaultBotProperties
+    from aiogram.client.session.aiohttp import AiohttpSession
+    from aiogram.client.telegram import TelegramAPIServer
+
+    from handlers.flood import FloodControl
+
     session = (
         AiohttpSession(api=TelegramAPIServer.from_base(config.telegram_api_url)) if config.telegram_api_url else None
     )
@@ -95,6 +121,10 @@ def create_bot(config: Config) -> Bot:
 def create_storage(config: Config, pool: Pool | None) -> Storage:
     """PostgreSQL (``pool``; None with DATABASE_ENABLED=false), with the memory and the spool an
     outage falls back to."""
+    from services.memory import RecentHistory
+    from services.spool import Spool
+    from services.storage import Storage
+
     history = RecentHistory(max_chars=config.memory_cache_chars, per_dialog=config.history_limit + 2)
     spool = Spool(config.spool_path, config.spool_max_items) if pool is not None else None
     return Storage(pool, history=history, spool=spool)
@@ -102,6 +132,13 @@ def create_storage(config: Config, pool: Pool | None) -> Storage:
 
 def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> Dispatcher:
     """The Dispatcher with every router, middleware, dependency and lifecycle hook."""
+    from aiogram import Dispatcher
+
+    from handlers import create_routers
+    from handlers.delivery import TelegramDelivery
+    from handlers.middlewares import AccessMiddleware, ChatIntake, InFlight
+    from services.turns import Turns
+
     storage = create_storage(config, pool)
     turns = Turns(storage, llm, TelegramDelivery(bot), config)
     dp = Dispatcher(config=config, pool=pool, dialog_store=storage, turns=turns, in_flight=InFlight())
@@ -126,6 +163,9 @@ async def poll(dp: Dispatcher, bot: Bot, config: Config, **options: Any) -> None
 
 
 async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Pool | None, turns: Turns) -> None:
+    from handlers.commands import COMMANDS
+    from services import retention
+
     await bot.set_my_commands(COMMANDS)
     await turns.recover()  # before the first update, so unfinished turns keep their place in line
     if config.retention_days and pool is not None:
@@ -152,6 +192,9 @@ async def main() -> None:
     except ConfigError as error:
         raise SystemExit(f"configuration error: {error}") from None
     setup_logging(config.log_level)
+    from services import database
+    from services.llm import create_llm
+
     try:
         pool = await open_database(config) if config.database_enabled else None
     except StartupError as error:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+from bench.standins import TelegramStandIn
 from bot import StartupError, create_bot, open_database, schema_head
 from config import load_config
 from services import database
 from services.local_postgres import free_port
-from tests.conftest import alembic_config, create_database
-from tests.harness import TOKEN
+from tests.conftest import ROOT, alembic_config, create_database
+from tests.harness import TOKEN, BotProcess
 
 REQUIRED = {"TELEGRAM_BOT_TOKEN": TOKEN, "OPENAI_API_KEY": "sk"}
 
@@ -70,3 +74,42 @@ async def test_a_rejected_token_is_a_clear_start_up_error() -> None:
             await check_telegram(nowhere)
     finally:
         await nowhere.session.close()
+
+
+def imported(importtime_output: str) -> set[str]:
+    """The modules ``python -X importtime`` reports, top-level package names only."""
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in importtime_output.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+def test_a_bad_env_is_reported_before_anything_heavy_is_imported() -> None:
+    env = {"PATH": "/usr/bin:/bin", "TELEGRAM_BOT_TOKEN": "", "OPENAI_API_KEY": ""}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "bot.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("configuration error: TELEGRAM_BOT_TOKEN is required")
+    modules = imported(result.stderr)
+    assert "config" in modules and "dotenv" in modules
+    assert not modules & {"aiogram", "openai", "psycopg", "psycopg_pool", "alembic", "sqlalchemy", "handlers"}
+
+
+def test_the_schema_head_is_read_as_alembic_reads_it() -> None:
+    from alembic.script import ScriptDirectory
+
+    from config import load_database_url
+
+    alembic_head = ScriptDirectory.from_config(alembic_config(load_database_url({}))).get_current_head()
+    assert schema_head() == alembic_head == "005"
+
+
+async def test_the_running_bot_never_imports_sqlalchemy(env: dict[str, str], telegram: TelegramStandIn) -> None:
+    bot = BotProcess({**env, "PYTHONPROFILEIMPORTTIME": "1"}, telegram)
+    await bot.start()  # the database checked, migrations compared, polling started
+    assert await bot.stop() == 0, bot.output()
+    modules = imported(bot.output())
+    assert {"aiogram", "openai", "psycopg"} <= modules
+    assert not modules & {"sqlalchemy", "alembic"}
