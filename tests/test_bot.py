@@ -19,7 +19,9 @@ REQUIRED = {"TELEGRAM_BOT_TOKEN": TOKEN, "OPENAI_API_KEY": "sk"}
 
 
 async def test_unreachable_database_is_a_clear_start_up_error() -> None:
-    config = load_config({**REQUIRED, "DATABASE_URL": f"postgresql://bot:bot@127.0.0.1:{free_port()}/x"})
+    # the pool gives up after DB_POOL_TIMEOUT_S, here half a second instead of the default 10
+    nowhere = f"postgresql://bot:bot@127.0.0.1:{free_port()}/x"
+    config = load_config({**REQUIRED, "DATABASE_URL": nowhere, "DB_POOL_TIMEOUT_S": "0.5"})
     with pytest.raises(StartupError, match="cannot connect to the database at DATABASE_URL"):
         await open_database(config)
 

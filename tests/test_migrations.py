@@ -57,14 +57,6 @@ def test_schema_constraints_and_types(database_url: str) -> None:
             " WHERE table_name = 'messages' AND column_name = 'length'"
         ).fetchone()
         index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'messages_turn_idx'").fetchone()
-        with pytest.raises(psycopg.errors.CheckViolation):
-            conn.execute("INSERT INTO users (telegram_user_id) VALUES (-7)")
-            conn.execute("INSERT INTO chats (telegram_chat_id) VALUES (-7)")
-            conn.execute(
-                "INSERT INTO messages (user_id, chat_id, role, content) SELECT u.id, c.id, 'robot', 'x'"
-                " FROM users u, chats c WHERE u.telegram_user_id = -7 AND c.telegram_chat_id = -7"
-            )
-        conn.rollback()
     for column in (
         "users.created_at",
         "users.deleted_at",
@@ -88,3 +80,54 @@ def test_schema_constraints_and_types(database_url: str) -> None:
     assert generated == ("ALWAYS", "char_length(content)")
     assert index is not None and "WHERE (deleted_at IS NULL)" in index[0]
     assert "COALESCE(reply_to_id, id)" in index[0]
+
+
+# Each statement differs from a row the schema accepts by one value, and must be refused by the
+# named constraint: one statement per case, so no other statement can be the one that failed.
+REFUSED = {
+    "messages_role_check": (
+        "INSERT INTO messages (user_id, chat_id, role, content) VALUES (%(user)s, %(chat)s, 'robot', 'x')"
+    ),
+    "messages_reply_role_check": (
+        "INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)"
+        " VALUES (%(user)s, %(chat)s, 'user', 'x', %(question)s)"
+    ),
+    "messages_reply_to_key": (
+        "INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)"
+        " VALUES (%(user)s, %(chat)s, 'assistant', 'a second answer', %(question)s)"
+    ),
+    "messages_telegram_message_key": (
+        "INSERT INTO messages (user_id, chat_id, role, content, telegram_message_id)"
+        " VALUES (%(user)s, %(chat)s, 'user', 'the same Telegram message', 1)"
+    ),
+    "messages_user_id_fkey": (
+        "INSERT INTO messages (user_id, chat_id, role, content) VALUES (-1, %(chat)s, 'user', 'x')"
+    ),
+    "users_telegram_user_id_key": "INSERT INTO users (telegram_user_id) VALUES (7)",
+    "chats_telegram_chat_id_key": "INSERT INTO chats (telegram_chat_id) VALUES (-7)",
+}
+
+
+@pytest.mark.parametrize("constraint", REFUSED)
+def test_the_schema_refuses_what_breaks_a_constraint(database_url: str, constraint: str) -> None:
+    with psycopg.connect(database_url) as conn:  # one transaction, rolled back at the end
+        user = conn.execute("INSERT INTO users (telegram_user_id) VALUES (7) RETURNING id").fetchone()
+        chat = conn.execute("INSERT INTO chats (telegram_chat_id) VALUES (-7) RETURNING id").fetchone()  # a group
+        assert user is not None and chat is not None
+        ids = {"user": user[0], "chat": chat[0]}
+        question = conn.execute(
+            "INSERT INTO messages (user_id, chat_id, role, content, telegram_message_id)"
+            " VALUES (%(user)s, %(chat)s, 'user', 'q', 1) RETURNING id",
+            ids,
+        ).fetchone()
+        assert question is not None
+        ids["question"] = question[0]
+        conn.execute(
+            "INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)"
+            " VALUES (%(user)s, %(chat)s, 'assistant', 'a', %(question)s)",
+            ids,
+        )
+        with pytest.raises(psycopg.errors.IntegrityError) as refused:
+            conn.execute(REFUSED[constraint], ids)
+        assert refused.value.diag.constraint_name == constraint
+        conn.rollback()
