@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,6 +107,22 @@ def test_the_schema_head_is_read_as_alembic_reads_it() -> None:
 
     alembic_head = ScriptDirectory.from_config(alembic_config(load_database_url({}))).get_current_head()
     assert schema_head() == alembic_head == "005"
+
+
+def test_the_schema_head_follows_branches_and_merges(tmp_path: Path) -> None:
+    def revision(name: str, down: str | tuple[str, ...] | None) -> None:
+        (tmp_path / f"{name}_x.py").write_text(f'"""{name}"""\n\nrevision = {name!r}\ndown_revision = {down!r}\n')
+
+    revision("001", None)
+    revision("002", "001")
+    (tmp_path / "__init__.py").write_text("")  # not a revision
+    assert schema_head(tmp_path) == "002"
+    revision("003a", "002")
+    revision("003b", "002")
+    with pytest.raises(StartupError, match=r"2 heads, not one: \['003a', '003b'\]"):
+        schema_head(tmp_path)
+    revision("004", ("003a", "003b"))
+    assert schema_head(tmp_path) == "004"
 
 
 async def test_the_running_bot_never_imports_sqlalchemy(env: dict[str, str], telegram: TelegramStandIn) -> None:
