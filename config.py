@@ -34,6 +34,9 @@ class Config:
     llm_temperature: float
     llm_max_tokens: int
     llm_timeout_s: float
+    llm_stream: bool
+    stream_draft_interval_s: float
+    stream_edit_interval_s: float
     system_prompt: str
     database_enabled: bool
     database_url: str = field(repr=False)
@@ -159,6 +162,13 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         llm_temperature=r.get("LLM_TEMPERATURE", "0.7", _bounded(float, 0, 2), "a number from 0 to 2"),
         llm_max_tokens=r.get("LLM_MAX_TOKENS", "1024", _bounded(int, 1, 1_000_000), positive),
         llm_timeout_s=r.get("LLM_TIMEOUT_S", "60", _bounded(float, 0.1, 3600), "seconds from 0.1 to 3600"),
+        llm_stream=r.get("LLM_STREAM", "true", _boolean, "true or false"),
+        stream_draft_interval_s=r.get(
+            "STREAM_DRAFT_INTERVAL_S", "0.3", _bounded(float, 0.05, 60), "seconds from 0.05 to 60"
+        ),
+        stream_edit_interval_s=r.get(
+            "STREAM_EDIT_INTERVAL_S", "1.5", _bounded(float, 0.1, 60), "seconds from 0.1 to 60"
+        ),
         system_prompt=r.get("SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, str, "text"),
         database_enabled=r.get("DATABASE_ENABLED", "true", _boolean, "true or false"),
         database_url=r.get("DATABASE_URL", DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL"),

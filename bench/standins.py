@@ -50,7 +50,7 @@ class _Server:
     runner: web.AppRunner | None = field(default=None, init=False)
     url: str = field(default="", init=False)
 
-    async def _serve(self, route: str, handler: Callable[[web.Request], Awaitable[web.Response]]) -> str:
+    async def _serve(self, route: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
         app = web.Application()
         app.router.add_post(route, handler)
         self.runner, base = await serve(app)
@@ -76,6 +76,10 @@ class TelegramStandIn(_Server):
     _sent_event: asyncio.Event = field(default_factory=asyncio.Event)
     handed_out: dict[int, float] = field(default_factory=dict)  # update id -> first getUpdates answer with it
     on_accepted: Callable[[Sent], None] | None = None  # called with each accepted sendMessage, before it is answered
+    fail_next_edits: int = 0  # editMessageText answered 429 (retry after 1 s)
+    refuse_entities: int = 0  # messages with entities refused as unparsable, as a picky Telegram would
+    texts: dict[int, str] = field(default_factory=dict)  # message id -> its text now (after edits)
+    chat_of: dict[int, int] = field(default_factory=dict)  # message id -> chat id
 
     async def start(self) -> None:
         self.url = await self._serve("/bot{token}/{method}", self._handle)
@@ -128,6 +132,10 @@ class TelegramStandIn(_Server):
         self.push("message", payload)
         return payload
 
+    def shown(self, chat_id: int) -> list[str]:
+        """The texts of the messages in ``chat_id`` as the user sees them now, edits applied."""
+        return [text for message_id, text in self.texts.items() if self.chat_of[message_id] == chat_id]
+
     def messages_to(self, chat_id: int) -> list[str]:
         """The texts Telegram accepted for ``chat_id``, in order: what the user sees."""
         return [s.text for s in self.sent if s.method == "sendMessage" and s.chat_id == chat_id and s.status == 200]
@@ -171,6 +179,16 @@ class TelegramStandIn(_Server):
         if method in ("sendMessage", "sendChatAction") and int(params["chat_id"]) in self.refused_chats:
             sent.status, description = self.refused_chats[int(params["chat_id"])]
             return _error(sent.status, description)
+        if method in ("sendMessage", "editMessageText", "sendMessageDraft"):
+            refusal = self._refusal(method, params)
+            if refusal is not None:
+                sent.status = refusal[0]
+                extra: dict[str, Any] = {"parameters": {"retry_after": 1}} if refusal[0] == 429 else {}
+                return _error(*refusal, **extra)
+        if method == "editMessageText":
+            self.texts[int(params["message_id"])] = str(params.get("text", ""))
+            return _ok({"message_id": int(params["message_id"]), "date": int(time.time()), "text": params["text"],
+                        "chat": {"id": int(params["chat_id"]), "type": "private"}})  # fmt: skip
         if method == "sendMessage":
             if self.fail_next_sends:
                 self.fail_next_sends -= 1
@@ -180,6 +198,8 @@ class TelegramStandIn(_Server):
                 sent.status = 400
                 return _error(400, "Bad Request: message is too long")
             sent.message_id = next(self._message_ids)
+            self.texts[sent.message_id] = str(params.get("text", ""))
+            self.chat_of[sent.message_id] = int(params["chat_id"])
             response = _ok(
                 {
                     "message_id": sent.message_id,
@@ -195,6 +215,24 @@ class TelegramStandIn(_Server):
             return response
         sent.answered_at = time.monotonic()
         return _ok(True)
+
+    def _refusal(self, method: str, params: dict[str, Any]) -> tuple[int, str] | None:
+        """What Telegram would answer instead of accepting, or None."""
+        chat_id = int(params["chat_id"])
+        if method == "sendMessageDraft" and chat_id < 0:
+            return 400, "Bad Request: message drafts are available only in private chats"
+        if method == "editMessageText":
+            if self.fail_next_edits:
+                self.fail_next_edits -= 1
+                return 429, "Too Many Requests: retry after 1"
+            if self.texts.get(int(params["message_id"])) == params.get("text"):
+                return 400, "Bad Request: message is not modified"
+        entities = params.get("entities") or []
+        if entities and self.refuse_entities:
+            self.refuse_entities -= 1
+            return 400, "Bad Request: can't parse entities: refused by the stand-in"
+        problem = entity_problem(str(params.get("text", "")), entities)
+        return (400, f"Bad Request: {problem}") if problem else None
 
     async def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         offset = int(params.get("offset") or 0)
@@ -213,7 +251,10 @@ class LLMStandIn(_Server):
     """An OpenAI-compatible /v1/chat/completions that records requests.
 
     ``reply`` builds the answer from the request's messages; ``status`` makes it fail with that
-    HTTP status; ``delay`` makes it slow, and ``delays`` the next requests one by one.
+    HTTP status; ``delay`` makes it slow, and ``delays`` the next requests one by one. A request
+    with ``stream: true`` is answered with server-sent events of ``chunk`` characters every
+    ``pace`` seconds; ``fail_after_chunks`` ends such a stream with an error event instead;
+    ``can_stream=False`` refuses streaming with a 400, as some endpoints do.
     """
 
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -224,6 +265,13 @@ class LLMStandIn(_Server):
     started: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     spans: list[tuple[float, float]] = field(default_factory=list)  # per request: (arrived, answered), monotonic
+    chunk: int = 8
+    pace: float = 0.0
+    fail_after_chunks: int | None = None
+    can_stream: bool = True
+    chunks_sent: int = 0
+    first_chunk_at: list[float] = field(default_factory=list)  # monotonic, per streamed request
+    stream_ended_at: list[float] = field(default_factory=list)  # monotonic, per stream written to the end
 
     async def start(self) -> None:
         self.url = await self._serve("/v1/chat/completions", self._handle) + "/v1"
@@ -237,7 +285,7 @@ class LLMStandIn(_Server):
         """The messages of each request, in order."""
         return [r["messages"] for r in self.requests]
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
         body = await request.json()
         index = len(self.requests)
@@ -255,6 +303,12 @@ class LLMStandIn(_Server):
                 {"error": {"message": "stand-in failure", "type": "server_error"}}, status=self.status
             )
         content = self.reply(body["messages"])
+        if body.get("stream"):
+            if not self.can_stream:
+                return web.json_response(
+                    {"error": {"message": "streaming is not supported", "type": "invalid_request_error"}}, status=400
+                )
+            return await self._stream(request, body, content)
         response = web.json_response(
             {
                 "id": f"chatcmpl-{len(self.requests)}",
@@ -269,6 +323,85 @@ class LLMStandIn(_Server):
         )
         self.spans[index] = (arrived, time.monotonic())
         return response
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], content: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def event(payload: dict[str, Any] | str) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            await response.write(f"data: {data}\n\n".encode())
+
+        def chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+            return {
+                "id": f"chatcmpl-{len(self.requests)}",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        with contextlib.suppress(ConnectionResetError):  # the bot stopped reading (a stopped answer)
+            await self._write_stream(event, chunk, content)
+        return response
+
+    async def _write_stream(
+        self,
+        event: Callable[[dict[str, Any] | str], Awaitable[None]],
+        chunk: Callable[..., dict[str, Any]],
+        content: str,
+    ) -> None:
+        await event(chunk({"role": "assistant", "content": ""}))
+        pieces = [content[i : i + self.chunk] for i in range(0, len(content), self.chunk)]
+        for index, piece in enumerate(pieces):
+            if self.fail_after_chunks is not None and index >= self.fail_after_chunks:
+                await event({"error": {"message": "stand-in failure mid-stream", "type": "server_error"}})
+                return
+            if index == 0:
+                self.first_chunk_at.append(time.monotonic())
+            await event(chunk({"content": piece}))
+            self.chunks_sent += 1
+            if self.pace:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.pace)
+        await event(chunk({}, "stop"))
+        await event("[DONE]")
+        self.stream_ended_at.append(time.monotonic())
+
+
+ENTITY_TYPES = {
+    "bold", "italic", "underline", "strikethrough", "spoiler", "code", "pre", "text_link", "blockquote",
+    "expandable_blockquote", "url", "mention", "hashtag", "bot_command", "email",
+}  # fmt: skip
+
+
+def entity_problem(text: str, entities: list[dict[str, Any]]) -> str | None:
+    """What Telegram would refuse in ``text`` with ``entities`` (UTF-16 offsets), or None."""
+    units = len(text.encode("utf-16-le")) // 2
+    if units > 4096:
+        return "message is too long"
+    if len(entities) > 100:
+        return "too many entities"
+    spans: list[tuple[int, int, str]] = []
+    for entity in entities:
+        offset, length, kind = int(entity["offset"]), int(entity["length"]), str(entity["type"])
+        if kind not in ENTITY_TYPES:
+            return f"can't parse entities: unsupported type {kind}"
+        if offset < 0 or length <= 0 or offset + length > units:
+            return f"can't parse entities: {kind} at {offset}+{length} outside the text of {units}"
+        if kind == "text_link" and not entity.get("url"):
+            return "can't parse entities: text_link without url"
+        spans.append((offset, offset + length, kind))
+    for start, end, kind in spans:
+        for other_start, other_end, other_kind in spans:
+            if (start, end, kind) == (other_start, other_end, other_kind):
+                continue
+            if start < other_start < end < other_end:
+                return f"can't parse entities: {kind} and {other_kind} overlap partially"
+            inside = start <= other_start and other_end <= end
+            if inside and kind in ("code", "pre"):
+                return f"can't parse entities: {other_kind} inside {kind}"
+    return None
 
 
 def _ok(result: Any) -> web.Response:

@@ -23,6 +23,7 @@ COMMANDS = [
     BotCommand(command="start", description="Start a conversation"),
     BotCommand(command="help", description="What I can do"),
     BotCommand(command="clear", description="Forget our conversation in this chat"),
+    BotCommand(command="cancel", description="Stop the answer I am writing"),
 ]
 HELP = (
     "I'm an AI assistant. Write to me and I'll answer, remembering our conversation "
@@ -48,6 +49,12 @@ async def cmd_clear(message: Message, event_from_user: User, turns: Turns) -> No
         await message.answer("There was nothing to forget.")
 
 
+async def cmd_cancel(message: Message, event_from_user: User, turns: Turns) -> None:
+    # Stopped: what was written so far is delivered as the answer, which is reply enough.
+    if not turns.stop(chat_id=message.chat.id, user_id=event_from_user.id):
+        await message.answer("There is no answer being written to stop.")
+
+
 async def cmd_unknown(message: Message) -> None:
     await message.answer("I don't know that command. /help lists the ones I do.")
 
@@ -69,6 +76,7 @@ def create_router() -> Router:
     router.message.register(cmd_start, CommandStart())
     router.message.register(cmd_help, Command("help"))
     router.message.register(cmd_clear, Command("clear"))
+    router.message.register(cmd_cancel, Command("cancel"))
     # Command() matches "/cmd" and "/cmd@<this bot>" only (it asks Telegram for the bot's name once).
     router.message.register(cmd_unknown, starts_with_command, Command(ANY_COMMAND))
     router.message.register(cmd_for_another_bot, starts_with_command, Command(ANY_COMMAND, ignore_mention=True))

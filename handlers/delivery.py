@@ -8,39 +8,77 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from aiogram import Bot
 from aiogram.enums import ChatAction
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError, TelegramNotFound
-from aiogram.types import ReplyParameters
+from aiogram.types import MessageEntity, ReplyParameters
 
-from services.turns import Address, DeliveryFailed, DeliveryRefused
+from services.delivery import Address, DeliveryFailed, DeliveryRefused, DraftsUnavailable
+from services.formatting import Part
 
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 TYPING_EVERY_S = 4.5  # Telegram shows an action for 5 s
 
 
 class TelegramDelivery:
-    """``services.turns.Delivery`` over an aiogram ``Bot``; answers go out as plain text (no
-    parse mode), so nothing an LLM writes can be rejected as bad markup."""
+    """``services.delivery.Delivery`` over an aiogram ``Bot``. Formatting travels as message
+    entities, never a parse mode; a part whose entities Telegram refuses is sent again as plain
+    text, so no answer is lost to formatting."""
 
     def __init__(self, bot: Bot) -> None:
         self._bot = bot
 
-    async def send(self, address: Address, text: str, *, quote: bool) -> int:
+    async def send(self, address: Address, part: Part, *, quote: bool) -> int:
         reply = None
         if quote and address.reply_to is not None:
             reply = ReplyParameters(message_id=address.reply_to, allow_sending_without_reply=True)
-        try:
+
+        async def send_message(entities: list[MessageEntity] | None) -> int:
             message = await self._bot.send_message(
-                address.chat_id, text, message_thread_id=address.thread_id, reply_parameters=reply
+                address.chat_id,
+                part.text,
+                message_thread_id=address.thread_id,
+                reply_parameters=reply,
+                entities=entities,
             )
-        except (TelegramForbiddenError, TelegramBadRequest, TelegramNotFound) as error:
-            raise DeliveryRefused(type(error).__name__) from error
-        except TelegramAPIError as error:
-            raise DeliveryFailed(type(error).__name__) from error
-        return message.message_id
+            return message.message_id
+
+        return await _with_plain_fallback(send_message, part)
+
+    async def edit(self, address: Address, message_id: int, part: Part) -> None:
+        async def edit_message(entities: list[MessageEntity] | None) -> None:
+            try:
+                await self._bot.edit_message_text(
+                    text=part.text, chat_id=address.chat_id, message_id=message_id, entities=entities
+                )
+            except TelegramBadRequest as error:
+                if "message is not modified" not in error.message:
+                    raise
+
+        await _with_plain_fallback(edit_message, part)
+
+    async def draft(self, address: Address, draft_id: int, part: Part) -> None:
+        async def send_draft(entities: list[MessageEntity] | None) -> None:
+            await self._bot.send_message_draft(
+                chat_id=address.chat_id,
+                draft_id=draft_id,
+                message_thread_id=address.thread_id,
+                text=part.text,
+                entities=entities,
+                can_stop=True,
+            )
+
+        try:
+            await _with_plain_fallback(send_draft, part)
+        except DeliveryRefused as refused:
+            raise DraftsUnavailable(str(refused)) from refused
 
     @asynccontextmanager
     async def typing(self, address: Address) -> AsyncIterator[None]:
@@ -61,3 +99,28 @@ class TelegramDelivery:
                     address.chat_id, ChatAction.TYPING, message_thread_id=address.thread_id
                 )
                 await asyncio.sleep(TYPING_EVERY_S)
+
+
+def _entities(part: Part) -> list[MessageEntity] | None:
+    return [
+        MessageEntity(type=e.type, offset=e.offset, length=e.length, url=e.url, language=e.language)
+        for e in part.entities
+    ] or None
+
+
+async def _with_plain_fallback(call: Callable[[list[MessageEntity] | None], Awaitable[T]], part: Part) -> T:
+    """``call`` with the part's entities; if Telegram refuses the request (400) and there were
+    entities, once more as plain text. Refusals and failures in Telegram's terms become ours."""
+    entities = _entities(part)
+    try:
+        try:
+            return await call(entities)
+        except TelegramBadRequest as error:
+            if entities is None:
+                raise
+            logger.warning("Telegram refused the formatting (%s): sending plain text", error.message[:80])
+            return await call(None)
+    except (TelegramForbiddenError, TelegramBadRequest, TelegramNotFound) as error:
+        raise DeliveryRefused(type(error).__name__) from error
+    except TelegramAPIError as error:
+        raise DeliveryFailed(type(error).__name__) from error

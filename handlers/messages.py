@@ -6,11 +6,12 @@ import logging
 
 from aiogram import F, Router
 from aiogram.enums import ChatType
-from aiogram.types import Message, User
+from aiogram.types import Message, MessageGenerationStopped, User
 
 from services.context import RateLimited
+from services.delivery import Address
 from services.text import storable
-from services.turns import Address, Turns
+from services.turns import Turns
 
 logger = logging.getLogger(__name__)
 SLOW_DOWN = "You're writing faster than I can think. Please slow down and try again in a minute."
@@ -45,7 +46,13 @@ async def on_text(message: Message, event_from_user: User, turns: Turns) -> None
         await message.answer(SLOW_DOWN)
 
 
+async def on_generation_stopped(event: MessageGenerationStopped, turns: Turns) -> None:
+    """The user pressed the draft's stop button: what was written so far becomes the answer."""
+    turns.stop(chat_id=event.chat.id, ident=event.draft_id)
+
+
 def create_router() -> Router:
     router = Router(name=__name__)
     router.message.register(on_text, F.text)
+    router.stopped_message_generation.register(on_generation_stopped)
     return router

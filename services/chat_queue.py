@@ -23,7 +23,12 @@ R = TypeVar("R")
 
 
 class Stopped(Exception):
-    """The work awaited through ``ChatQueues.stoppable`` was stopped by ``ChatQueues.cancel``."""
+    """The work awaited through ``ChatQueues.stoppable`` was stopped: ``reason`` is ``"stop"``
+    (``ChatQueues.stop``: keep what was done) or ``"cancel"`` (``ChatQueues.cancel``: drop it)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -45,6 +50,7 @@ class _Chat(Generic[T]):
     worker: asyncio.Task[None] | None = None
     running: _Job[T] | None = None
     stoppable: asyncio.Future[Any] | None = None
+    stop_reason: str = ""
 
     def idle(self) -> bool:
         return not (self.entering or self.queue or self.worker)
@@ -108,14 +114,15 @@ class ChatQueues(Generic[T]):
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and current is not None and not current.cancelling():
-                raise Stopped from None
+                raise Stopped(chat.stop_reason) from None
             raise
         finally:
             chat.stoppable = None
 
     async def cancel(self, chat_id: int, matches: Callable[[T], bool]) -> None:
         """Drop the chat's queued items that ``matches``; stop the running one if it matches
-        (only what it awaits through ``stoppable``) and wait until it has ended."""
+        (only what it awaits through ``stoppable``, which raises ``Stopped("cancel")``) and wait
+        until it has ended."""
         chat = self._chats.get(chat_id)
         if chat is None:
             return
@@ -124,9 +131,23 @@ class ChatQueues(Generic[T]):
             job.finish()
         running = chat.running
         if running is not None and matches(running.item):
-            if chat.stoppable is not None:
-                chat.stoppable.cancel()
+            self._stop(chat, "cancel")
             await asyncio.wait({running.done})
+
+    def stop(self, chat_id: int, matches: Callable[[T], bool]) -> bool:
+        """Stop what the chat's running item awaits through ``stoppable``, if it ``matches``;
+        whether there was something to stop. The item goes on with what it has."""
+        chat = self._chats.get(chat_id)
+        if chat is None or chat.running is None or not matches(chat.running.item) or chat.stoppable is None:
+            return False
+        self._stop(chat, "stop")
+        return True
+
+    @staticmethod
+    def _stop(chat: _Chat[T], reason: str) -> None:
+        if chat.stoppable is not None:
+            chat.stop_reason = reason
+            chat.stoppable.cancel()
 
     async def _work(self, chat_id: int, chat: _Chat[T]) -> None:
         try:

@@ -16,7 +16,16 @@ from typing import Concatenate, ParamSpec, TypedDict, TypeVar
 import psycopg
 
 from services import database
-from services.database import AddedQuestion, Connection, Pool, Role, StoredAnswer, UnfinishedTurn
+from services.database import (
+    AddedQuestion,
+    Connection,
+    FinishReason,
+    Pool,
+    Role,
+    StoredAnswer,
+    StoredMessage,
+    UnfinishedTurn,
+)
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -28,6 +37,18 @@ class ChatMessage(TypedDict):
 
     role: Role
     content: str
+
+
+# How the next context marks an answer that was cut short, so the model knows.
+CUT_SHORT: dict[FinishReason, str] = {
+    "stopped": "\n\n[The user stopped this answer here.]",
+    "failed": "\n\n[This answer broke off here because of an error.]",
+}
+
+
+def as_sent(content: str, finish_reason: FinishReason | None) -> str:
+    """An answer as the LLM will read it in later contexts: marked when it was cut short."""
+    return content + CUT_SHORT[finish_reason] if finish_reason else content
 
 
 class StorageUnavailable(Exception):
@@ -130,13 +151,20 @@ async def start_turn(pool: Pool, *, question_id: int, history_limit: int, max_in
     start = await _call(pool, database.fetch_turn_start, question_id=question_id, history_limit=history_limit)
     if start is None:
         return None
-    history: list[ChatMessage] = [{"role": m.role, "content": m.content} for m in start.history]
+    history = [_chat_message(m) for m in start.history]
     return TurnContext(context=fit_to_budget(history, max_input_chars), answer=start.answer)
 
 
-async def add_answer(pool: Pool, *, question_id: int, text: str) -> int | None:
-    """Store the assistant's answer; its id, or None when the question was cleared or answered."""
-    return await _call(pool, database.add_answer, question_id=question_id, content=text)
+def _chat_message(message: StoredMessage) -> ChatMessage:
+    return {"role": message.role, "content": as_sent(message.content, message.finish_reason)}
+
+
+async def add_answer(
+    pool: Pool, *, question_id: int, text: str, finish_reason: FinishReason | None = None
+) -> int | None:
+    """Store the assistant's answer (``finish_reason``: cut short, and why); its id, or None when
+    the question was cleared or answered."""
+    return await _call(pool, database.add_answer, question_id=question_id, content=text, finish_reason=finish_reason)
 
 
 async def record_sent_part(pool: Pool, *, answer_id: int, telegram_message_id: int, last: bool) -> None:

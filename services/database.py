@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 logger = logging.getLogger(__name__)
 
 Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stopped", "failed"]  # an answer cut short; None: complete
 Connection: TypeAlias = AsyncConnection[Any]
 Pool: TypeAlias = AsyncConnectionPool[Connection]
 T = TypeVar("T")
@@ -42,6 +43,7 @@ class StoredMessage(NamedTuple):
     content: str
     length: int
     created_at: datetime
+    finish_reason: FinishReason | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class _TurnRow:
     content: str
     length: int
     created_at: datetime
+    finish_reason: FinishReason | None
     is_answer: bool
     settled: bool
     sent_parts: int
@@ -261,12 +264,13 @@ SELECT_TURN_START: Final = """
         SELECT id, user_id, chat_id FROM messages
         WHERE id = %(question_id)s::bigint AND role = 'user' AND deleted_at IS NULL AND failed_at IS NULL
     )
-    SELECT m.id, m.role, m.content, m.length, m.created_at,
+    SELECT m.id, m.role, m.content, m.length, m.created_at, m.finish_reason,
            m.reply_to_id IS NOT NULL AND m.reply_to_id = q.id AS is_answer,
            m.delivered_at IS NOT NULL OR m.failed_at IS NOT NULL AS settled,
            coalesce(cardinality(m.sent_message_ids), 0) AS sent_parts
     FROM q CROSS JOIN LATERAL (
-        SELECT id, role, content, length, created_at, reply_to_id, delivered_at, failed_at, sent_message_ids
+        SELECT id, role, content, length, created_at, finish_reason, reply_to_id, delivered_at, failed_at,
+               sent_message_ids
         FROM messages
         WHERE user_id = q.user_id AND chat_id = q.chat_id AND deleted_at IS NULL
           AND coalesce(reply_to_id, id) <= q.id
@@ -277,8 +281,8 @@ SELECT_TURN_START: Final = """
 
 # Only a live question gets an answer: a /clear that came first wins, and nothing is stored.
 INSERT_ANSWER: Final = """
-    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id, telegram_thread_id)
-    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id
+    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, finish_reason)
+    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id, %(finish_reason)s::text
     FROM messages
     WHERE id = %(question_id)s::bigint AND deleted_at IS NULL
     ON CONFLICT ON CONSTRAINT messages_reply_to_key DO NOTHING
@@ -298,7 +302,7 @@ SET_FAILED: Final = """
 
 # Newest first so the partial index is read backwards with LIMIT and no sort; callers reverse.
 SELECT_HISTORY: Final = """
-    SELECT id, role, content, length, created_at
+    SELECT id, role, content, length, created_at, finish_reason
     FROM messages
     WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
       AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
@@ -357,8 +361,9 @@ WRITE_BACK_ANSWER: Final = (
     "WITH q AS ("
     + _QUESTION_BY_KEY
     + """)
-    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, created_at)
-    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id, %(created_at)s::timestamptz
+    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, created_at, finish_reason)
+    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id, %(created_at)s::timestamptz,
+           %(finish_reason)s::text
     FROM q
     ON CONFLICT ON CONSTRAINT messages_reply_to_key DO NOTHING
 """
@@ -474,14 +479,20 @@ async def fetch_turn_start(conn: Connection, *, question_id: int, history_limit:
         if head.settled:
             return None
         answer = StoredAnswer(id=head.id, content=head.content, sent_parts=head.sent_parts)
-    history = [StoredMessage(r.id, r.role, r.content, r.length, r.created_at) for r in rows[:history_limit]]
+    history = [
+        StoredMessage(r.id, r.role, r.content, r.length, r.created_at, r.finish_reason) for r in rows[:history_limit]
+    ]
     return TurnStart(history=history[::-1], answer=answer)
 
 
-async def add_answer(conn: Connection, *, question_id: int, content: str) -> int | None:
-    """Store the assistant's answer to a live question; None if it was answered before or cleared."""
+async def add_answer(
+    conn: Connection, *, question_id: int, content: str, finish_reason: FinishReason | None = None
+) -> int | None:
+    """Store the assistant's answer to a live question (``finish_reason``: cut short, and why);
+    None if it was answered before or cleared."""
     cur = conn.cursor(row_factory=scalar_row)
-    await cur.execute(INSERT_ANSWER, {"question_id": question_id, "content": content}, prepare=True)
+    params = {"question_id": question_id, "content": content, "finish_reason": finish_reason}
+    await cur.execute(INSERT_ANSWER, params, prepare=True)
     answer_id: int | None = await cur.fetchone()
     return answer_id
 
@@ -521,7 +532,13 @@ async def soft_delete_messages(
 
 
 async def write_back_answer(
-    conn: Connection, *, telegram_chat_id: int, telegram_message_id: int, content: str, created_at: datetime
+    conn: Connection,
+    *,
+    telegram_chat_id: int,
+    telegram_message_id: int,
+    content: str,
+    created_at: datetime,
+    finish_reason: FinishReason | None = None,
 ) -> None:
     """Store a spooled answer to the question Telegram knows as (chat, message id), unless stored."""
     params = {
@@ -529,6 +546,7 @@ async def write_back_answer(
         "telegram_message_id": telegram_message_id,
         "content": content,
         "created_at": created_at,
+        "finish_reason": finish_reason,
     }
     await conn.execute(WRITE_BACK_ANSWER, params)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services import database
-from services.database import Connection
+from services.database import Connection, FinishReason
 
 logger = logging.getLogger(__name__)
 SpooledKind = Literal["question", "answer", "sent", "failed", "clear"]
@@ -41,6 +41,7 @@ class Spooled:
     sent_message_id: int = 0
     last: bool = False
     answer: bool = False
+    finish_reason: FinishReason | None = None
 
     def to_json(self) -> str:
         fields: dict[str, Any] = asdict(self)
@@ -118,7 +119,9 @@ async def write_back(conn: Connection, item: Spooled) -> None:
             created_at=item.at,
         )
     elif item.kind == "answer":
-        await database.write_back_answer(conn, **key, content=item.text, created_at=item.at)
+        await database.write_back_answer(
+            conn, **key, content=item.text, created_at=item.at, finish_reason=item.finish_reason
+        )
     elif item.kind == "sent":
         await database.write_back_sent_part(
             conn, **key, sent_message_id=item.sent_message_id, last=item.last, at=item.at

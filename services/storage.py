@@ -24,8 +24,8 @@ from typing import Any, Literal, TypeVar
 import psycopg
 
 from services import context, database, spool
-from services.context import ChatMessage, StorageUnavailable, TurnContext, fit_to_budget
-from services.database import Connection, Pool, StoredAnswer, UnfinishedTurn
+from services.context import ChatMessage, StorageUnavailable, TurnContext, as_sent, fit_to_budget
+from services.database import Connection, FinishReason, Pool, StoredAnswer, UnfinishedTurn
 from services.memory import Dialog, RecentHistory, Remembered
 from services.spool import Spool, Spooled, SpooledKind, SpoolFull
 
@@ -128,7 +128,8 @@ class Storage:
                 )
                 self._history.append(dialog, Remembered("user", item.text, item.message_id))
             elif item.kind == "answer":
-                self._history.append(dialog, Remembered("assistant", item.text, item.message_id))
+                content = as_sent(item.text, item.finish_reason)
+                self._history.append(dialog, Remembered("assistant", content, item.message_id))
             elif item.kind == "clear":
                 self._history.forget(dialog)
         self._start_writer()
@@ -233,22 +234,26 @@ class Storage:
         history = self._history.context(question.dialog, question.message_id)
         return TurnStart(fit_to_budget(history[-history_limit:], max_input_chars), answer, missing)
 
-    async def add_answer(self, question: Question, text: str) -> Answer | None:
-        """Store an answer; None when its question was cleared (or answered) meanwhile."""
+    async def add_answer(
+        self, question: Question, text: str, finish_reason: FinishReason | None = None
+    ) -> Answer | None:
+        """Store an answer (``finish_reason``: cut short, and why); None when its question was
+        cleared (or answered) meanwhile."""
+        remembered = Remembered("assistant", as_sent(text, finish_reason), question.message_id)
         question_id = question.id
         if question_id is not None:
             answer_id = await self._in_database(
-                lambda pool: context.add_answer(pool, question_id=question_id, text=text)
+                lambda pool: context.add_answer(pool, question_id=question_id, text=text, finish_reason=finish_reason)
             )
             if answer_id is None:
                 return None
             if answer_id is not UNAVAILABLE:
-                self._history.append(question.dialog, Remembered("assistant", text, question.message_id))
+                self._history.append(question.dialog, remembered)
                 return Answer(answer_id, text)
         if question.message_id is None or self._spooled_turn(question).settled:
             return None
-        self._keep_for(question, "answer", text=text)
-        self._history.append(question.dialog, Remembered("assistant", text, question.message_id))
+        self._keep_for(question, "answer", text=text, finish_reason=finish_reason)
+        self._history.append(question.dialog, remembered)
         return Answer(None, text)
 
     async def record_sent_part(self, question: Question, answer: Answer, *, sent_message_id: int, last: bool) -> None:

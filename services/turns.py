@@ -14,47 +14,23 @@ import contextlib
 import logging
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
-from typing import Protocol
 
 from config import Config
 from services.chat_queue import ChatQueues, Stopped
-from services.context import StorageUnavailable
+from services.context import ChatMessage, StorageUnavailable
+from services.database import FinishReason
+from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
+from services.formatting import Part, render, split
 from services.llm import LLM, LLMError
 from services.storage import Answer, Question, Storage
-from services.text import split_message, storable
+from services.streaming import LiveReply, Shown
+from services.text import storable
 
 logger = logging.getLogger(__name__)
 
 DB_APOLOGY = "Sorry, my memory is unavailable right now. Please try again in a minute."
 LLM_APOLOGY = "Sorry, I couldn't come up with an answer just now. Please try again in a moment."
 HISTORY_MISSING = "(I can't reach my memory of our earlier messages right now, so I'm answering this one on its own.)"
-
-
-class DeliveryRefused(Exception):
-    """Telegram refused for good (bot blocked, chat gone, request rejected): retrying cannot help."""
-
-
-class DeliveryFailed(Exception):
-    """Telegram could not be reached, or kept asking to wait: the answer waits for recovery."""
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """Where a turn's replies go: the chat, its forum topic, and the message the reply quotes."""
-
-    chat_id: int
-    thread_id: int | None = None
-    reply_to: int | None = None
-
-
-class Delivery(Protocol):
-    """Telegram as the pipeline sees it (``handlers.delivery`` implements it)."""
-
-    async def send(self, address: Address, text: str, *, quote: bool) -> int:
-        """Send one message (at most one Telegram message long); Telegram's id for it."""
-
-    def typing(self, address: Address) -> AbstractAsyncContextManager[None]:
-        """Show "typing…" in the chat while the block runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,39 +167,97 @@ class Turns:
         if start is None:
             logger.info("question %s needs nothing more (cleared, failed or delivered)", turn.ident)
             return
-        answer = start.answer
-        if answer is None:
-            if start.history_missing:
-                await self._say(turn.address, HISTORY_MISSING)
-            try:
-                async with self._delivery.typing(turn.address):
-                    reply = await self._queues.stoppable(turn.address.chat_id, self._llm.complete(start.context))
-            except LLMError:
-                await self._storage.set_failed(question)
+        if start.answer is not None:  # stored before a crash or an outage: send it, no new LLM call
+            await self._deliver(turn, start.answer, Shown())
+            return
+        if start.history_missing:
+            await self._say(turn.address, HISTORY_MISSING)
+        live = LiveReply(
+            self._delivery,
+            turn.address,
+            draft_id=turn.ident if turn.address.chat_id > 0 else None,  # drafts: private chats only
+            interval_s=self._config.stream_draft_interval_s
+            if turn.address.chat_id > 0
+            else self._config.stream_edit_interval_s,
+        )
+        text, cut_short = await self._write(turn, start.context, live)
+        shown = await live.finish()
+        if cut_short == "cancel":  # cleared meanwhile: nothing from before may stay live
+            logger.info("turn of question %s cancelled before its answer", turn.ident)
+            return
+        if not text.strip():
+            await self._storage.set_failed(question)
+            if cut_short != "stop":
                 await self._say(turn.address, LLM_APOLOGY)
-                return
-            except Stopped:
-                logger.info("turn of question %s stopped before its answer", turn.ident)
-                return
-            answer = await self._storage.add_answer(question, storable(reply))
-            if answer is None:
-                logger.info("question %s was cleared or answered meanwhile; answer dropped", turn.ident)
-                return
-        await self._deliver(turn, answer)
+            return
+        finish_reason: FinishReason | None = "stopped" if cut_short == "stop" else "failed" if cut_short else None
+        answer = await self._storage.add_answer(question, storable(text), finish_reason)
+        if answer is None:
+            logger.info("question %s was cleared or answered meanwhile; answer dropped", turn.ident)
+            return
+        await self._deliver(turn, answer, shown)
+        if finish_reason == "failed":
+            await self._say(turn.address, LLM_APOLOGY)
 
-    async def _deliver(self, turn: TurnRequest, answer: Answer) -> None:
-        parts = split_message(answer.content)
+    async def _write(self, turn: TurnRequest, context: list[ChatMessage], live: LiveReply) -> tuple[str, str | None]:
+        """The LLM's answer as it streams to ``live``, and why it was cut short: ``"stop"`` (the
+        user stopped it), ``"cancel"`` (a /clear), ``"failed"`` (the LLM broke off), or None."""
+        written: list[str] = []
+
+        async def stream() -> None:
+            async for piece in self._llm.stream(context):
+                written.append(piece)
+                live.write("".join(written))
+
+        typing = asyncio.create_task(self._typing_until(turn.address, live.visible))
+        try:
+            await self._queues.stoppable(turn.address.chat_id, stream())
+            return "".join(written), None
+        except Stopped as stopped:
+            logger.info("turn of question %s stopped (%s)", turn.ident, stopped.reason)
+            return "".join(written), stopped.reason
+        except LLMError:
+            return "".join(written), "failed"
+        finally:
+            typing.cancel()
+
+    async def _typing_until(self, address: Address, visible: asyncio.Event) -> None:
+        """ "typing…" until the first text of the answer is on the screen."""
+        async with self._delivery.typing(address):
+            await visible.wait()
+
+    def stop(self, *, chat_id: int, user_id: int | None = None, ident: int | None = None) -> bool:
+        """Stop the answer being written in the chat (by ``user_id``, or for question ``ident``):
+        what was written so far becomes the answer. Whether there was one to stop."""
+        return self._queues.stop(
+            chat_id,
+            lambda turn: (
+                (user_id is None or turn.question.user_id == user_id) and (ident is None or turn.ident == ident)
+            ),
+        )
+
+    async def _deliver(self, turn: TurnRequest, answer: Answer, shown: Shown) -> None:
+        """Make every part of the stored answer final on Telegram, part by part, recording each:
+        parts the stream completed are only recorded, the message it was editing gets its final
+        text, the rest is sent."""
+        parts = split(render(answer.content))
         for index in range(answer.sent_parts, len(parts)):
+            part, last = parts[index], index == len(parts) - 1
             try:
-                message_id = await self._delivery.send(turn.address, parts[index], quote=index == 0)
+                if index < len(shown.complete):
+                    message_id = shown.complete[index]
+                elif shown.editing is not None:
+                    message_id, shown.editing = shown.editing, None
+                    if part != shown.editing_shows:
+                        await self._delivery.edit(turn.address, message_id, part)
+                else:
+                    message_id = await self._delivery.send(turn.address, part, quote=index == 0)
             except DeliveryRefused as error:
                 logger.warning("Telegram refused the answer in chat %s: %s", turn.address.chat_id, error)
                 await self._storage.set_failed(turn.question, answer)
                 return
             try:
-                await self._storage.record_sent_part(
-                    turn.question, answer, sent_message_id=message_id, last=index == len(parts) - 1
-                )
+                await self._storage.record_sent_part(turn.question, answer, sent_message_id=message_id, last=last)
             except StorageUnavailable:
                 # The user has this part; only the record is missing. Recovery may send it again.
                 logger.warning("part %d of the answer to %s sent but not recorded", index + 1, turn.ident)
@@ -234,4 +268,4 @@ class Turns:
     async def _say(self, address: Address, text: str) -> None:
         """A short notice (an apology) that is worth one try and no more."""
         with contextlib.suppress(DeliveryRefused, DeliveryFailed):
-            await self._delivery.send(address, text, quote=True)
+            await self._delivery.send(address, Part(text, ()), quote=True)

@@ -32,14 +32,14 @@ async def test_unmigrated_database_is_refused(admin_url: str) -> None:
 
     url = create_database(admin_url, "llmbot_behind")
     config = load_config({**REQUIRED, "DATABASE_URL": url})
-    with pytest.raises(StartupError, match="schema is at nothing, not 005: run `make db-migrate`"):
+    with pytest.raises(StartupError, match="schema is at nothing, not 006: run `make db-migrate`"):
         await open_database(config)
     command.upgrade(alembic_config(url), "001")
     with pytest.raises(StartupError, match="schema is at 001"):
         await open_database(config)
     command.upgrade(alembic_config(url), "head")
     pool = await open_database(config)
-    assert await database.run(pool, database.fetch_schema_version) == schema_head() == "005"
+    assert await database.run(pool, database.fetch_schema_version) == schema_head() == "006"
     await database.close_db(pool)
 
 

@@ -32,6 +32,7 @@ async def test_conversation_sends_earlier_turns_to_the_llm(
             "start",
             "help",
             "clear",
+            "cancel",
         ]
         telegram.send("/start")
         assert "/clear" in (await telegram.wait_for_messages(1, 1))[0]

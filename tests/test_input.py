@@ -39,15 +39,20 @@ async def test_odd_text_is_stored_and_answered(
     assert llm.conversations[0][-1]["content"] == kept
 
 
-async def test_answers_that_look_like_markup_are_sent_as_plain_text(
+async def test_answers_with_markup_are_rendered_as_entities_never_parse_mode(
     env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn
 ) -> None:
     answer = "**bold** <b>unclosed _italic [link](http://x) `code"
     llm.reply = lambda messages: answer
     async with running_bot(env, telegram):
         telegram.send("format something")
-        assert await telegram.wait_for_messages(1, 1) == [answer]
-    assert "parse_mode" not in telegram.calls("sendMessage")[0].params
+        assert await telegram.wait_for_messages(1, 1) == ["bold <b>unclosed _italic link `code"]
+    [sent] = [s for s in telegram.calls("sendMessage") if s.status == 200]
+    assert "parse_mode" not in sent.params
+    assert [(e["type"], e["offset"], e["length"]) for e in sent.params["entities"]] == [
+        ("bold", 0, 4),
+        ("text_link", 25, 4),
+    ]
 
 
 async def test_whitespace_only_text_is_not_sent_to_the_llm(

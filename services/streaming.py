@@ -1,0 +1,112 @@
+"""An answer shown while the LLM writes it.
+
+In a private chat the text streams as a Telegram *draft* (``sendMessageDraft``: animated, with a
+stop button); wherever drafts are refused (groups, an older Bot API) the first part is sent as a
+message and edited in place. Either way Telegram is called at most once per interval, always with
+the latest text (never a backlog), and a reply longer than one message continues in a new one.
+What is shown is rendered from the Markdown so far (``services.formatting``), so a half-written
+construct renders as text until it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused, DraftsUnavailable
+from services.formatting import Part, render, split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Shown:
+    """What the user can see of an answer so far: messages whose part is complete, and the
+    message still being edited (edit mode)."""
+
+    complete: list[int] = field(default_factory=list)
+    editing: int | None = None
+    editing_shows: Part | None = None  # what the message being edited shows now
+
+
+class LiveReply:
+    """Streams an answer to ``address``: ``write`` the Markdown so far as it grows, ``finish`` at
+    the end; the turn then delivers the final parts (see ``Turns._deliver``)."""
+
+    def __init__(self, delivery: Delivery, address: Address, *, draft_id: int | None, interval_s: float) -> None:
+        self._delivery = delivery
+        self._address = address
+        self._draft_id = draft_id  # None: edit a message
+        self._interval_s = interval_s
+        self._latest = ""
+        self._showing = ""
+        self._task: asyncio.Task[None] | None = None
+        self._calling = False  # a call to Telegram is in flight
+        self._closing = False
+        self.shown = Shown()
+        self.visible = asyncio.Event()  # set once the first text is on the screen
+
+    def write(self, markdown: str) -> None:
+        """The answer so far; shown within the interval, unless newer text replaces it first."""
+        self._latest = markdown
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._show_latest())
+
+    async def finish(self) -> Shown:
+        """Stop streaming (after the call in flight, so no stale preview lands after the final
+        text); what the user can see."""
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            if not self._calling:
+                task.cancel()  # it is only waiting out the interval
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return self.shown
+
+    async def _show_latest(self) -> None:
+        while self._latest != self._showing and not self._closing:
+            markdown = self._latest
+            self._calling = True
+            try:
+                await self._show(split(render(markdown)))
+            except DraftsUnavailable:
+                logger.info("drafts refused in chat %s: editing a message instead", self._address.chat_id)
+                self._draft_id = None
+                continue
+            except (DeliveryRefused, DeliveryFailed) as error:
+                # The preview is a courtesy: the final delivery reports what matters.
+                logger.warning("live preview in chat %s stopped: %s", self._address.chat_id, error)
+                return
+            finally:
+                self._calling = False
+            self._showing = markdown
+            self.visible.set()
+            if not self._closing:
+                await asyncio.sleep(self._interval_s)
+
+    async def _show(self, parts: list[Part]) -> None:
+        if not parts:
+            return
+        shown = self.shown
+        # Parts before the last are complete: each becomes a message of its own, once.
+        while len(shown.complete) < len(parts) - 1:
+            part = parts[len(shown.complete)]
+            if shown.editing is not None:
+                if part != shown.editing_shows:
+                    await self._delivery.edit(self._address, shown.editing, part)
+                shown.complete.append(shown.editing)
+                shown.editing, shown.editing_shows = None, None
+            else:
+                shown.complete.append(await self._delivery.send(self._address, part, quote=not shown.complete))
+        last = parts[-1]
+        if self._draft_id is not None:
+            await self._delivery.draft(self._address, self._draft_id, last)
+            return
+        if shown.editing is None:
+            shown.editing = await self._delivery.send(self._address, last, quote=not shown.complete)
+        elif last != shown.editing_shows:
+            await self._delivery.edit(self._address, shown.editing, last)
+        shown.editing_shows = last
