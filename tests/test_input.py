@@ -66,7 +66,7 @@ async def test_whitespace_only_text_is_not_sent_to_the_llm(
 
 async def test_unknown_command_is_explained(env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn) -> None:
     async with running_bot(env, telegram):
-        telegram.send("/frobnicate")
+        telegram.send("/frobnicate", entities=[{"type": "bot_command", "offset": 0, "length": 11}])
         assert "don't know that command" in (await telegram.wait_for_messages(1, 1))[0]
     assert llm.requests == []
 
