@@ -106,7 +106,7 @@ def test_the_schema_head_is_read_as_alembic_reads_it() -> None:
     from config import load_database_url
 
     alembic_head = ScriptDirectory.from_config(alembic_config(load_database_url({}))).get_current_head()
-    assert schema_head() == alembic_head == "005"
+    assert schema_head() == alembic_head == "006"
 
 
 def test_the_schema_head_follows_branches_and_merges(tmp_path: Path) -> None:
