@@ -76,6 +76,7 @@ async def session_pool(database_url: str) -> AsyncIterator[Pool]:
 @pytest.fixture
 async def pool(session_pool: Pool) -> Pool:
     """The shared pool over an emptied database."""
+    await session_pool.check()  # drops connections an earlier test's outage left dead
     async with session_pool.connection() as conn:
         await conn.execute("TRUNCATE messages, chats, users, rate_limits RESTART IDENTITY CASCADE")
     return session_pool
