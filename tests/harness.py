@@ -20,6 +20,7 @@ from bench.standins import LLMStandIn, TelegramStandIn
 from bot import create_bot, create_dispatcher, poll
 from config import load_config
 from services import database
+from services.database import Pool
 from services.llm import create_llm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,20 @@ async def running_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIt
         await polling
         if pool is not None:
             await database.close_db(pool)
+
+
+async def store_question(pool: Pool, user: int, chat: int, text: str, message_id: int | None = None) -> int:
+    """Store a question as the bot would (user "Ann"); its id."""
+    added = await database.run(
+        pool,
+        database.add_question,
+        telegram_user_id=user,
+        first_name="Ann",
+        telegram_chat_id=chat,
+        content=text,
+        telegram_message_id=message_id,
+    )
+    return added.id
 
 
 def new_log_file() -> Path:

@@ -10,6 +10,7 @@ import pytest
 
 from services import database
 from services.database import Connection, Pool
+from tests.harness import store_question
 
 USER_A, USER_B = 111, 222
 CHAT_X, CHAT_Y = 111, -1001234567890  # a private chat and a supergroup (beyond 32 bits)
@@ -19,20 +20,6 @@ async def register(pool: Pool, user: int, chat: int, first_name: str | None = "A
     await database.run(
         pool, database.upsert_user_and_chat, telegram_user_id=user, first_name=first_name, telegram_chat_id=chat
     )
-
-
-async def add(pool: Pool, user: int, chat: int, content: str, telegram_message_id: int | None = None) -> int:
-    """Store a question; its id."""
-    added = await database.run(
-        pool,
-        database.add_question,
-        telegram_user_id=user,
-        first_name="Ann",
-        telegram_chat_id=chat,
-        content=content,
-        telegram_message_id=telegram_message_id,
-    )
-    return added.id
 
 
 async def answer(pool: Pool, question: int, content: str) -> int | None:
@@ -72,7 +59,7 @@ async def test_add_question_and_history_oldest_first(pool: Pool) -> None:
     ids: list[int | None] = []
     for i in range(5):
         if i % 2 == 0:
-            ids.append(await add(pool, USER_A, CHAT_X, f"m{i}"))
+            ids.append(await store_question(pool, USER_A, CHAT_X, f"m{i}"))
         else:
             ids.append(await answer(pool, ids[-1] or 0, f"m{i}"))
     got = await history(pool, USER_A, CHAT_X, limit=3)
@@ -83,8 +70,8 @@ async def test_add_question_and_history_oldest_first(pool: Pool) -> None:
 
 async def test_history_is_in_turn_order_when_a_question_overtakes_an_answer(pool: Pool) -> None:
     # B is stored while A is still being answered: A's answer must still come before B.
-    a = await add(pool, USER_A, CHAT_X, "A")
-    b = await add(pool, USER_A, CHAT_X, "B")
+    a = await store_question(pool, USER_A, CHAT_X, "A")
+    b = await store_question(pool, USER_A, CHAT_X, "B")
     await answer(pool, a, "echo: A")
     await answer(pool, b, "echo: B")
     assert [m.content for m in await history(pool, USER_A, CHAT_X)] == ["A", "echo: A", "B", "echo: B"]
@@ -94,7 +81,7 @@ async def test_history_is_in_turn_order_when_a_question_overtakes_an_answer(pool
 
 
 async def test_add_question_registers_user_and_chat_on_first_contact(pool: Pool) -> None:
-    assert await add(pool, USER_B, CHAT_Y, "first words") == 1
+    assert await store_question(pool, USER_B, CHAT_Y, "first words") == 1
     assert await rows(pool, "SELECT telegram_user_id, first_name FROM users") == [(USER_B, "Ann")]
     assert await rows(pool, "SELECT telegram_chat_id FROM chats") == [(CHAT_Y,)]
 
@@ -103,7 +90,7 @@ async def test_created_at_and_length_in_characters(pool: Pool) -> None:
     await register(pool, USER_A, CHAT_X)
     texts = ["hello", "Привет, мир", "👍🏽 ok", "👨‍👩‍👧", "a\u0301", ""]
     for text in texts:
-        await add(pool, USER_A, CHAT_X, text)
+        await store_question(pool, USER_A, CHAT_X, text)
     got = await history(pool, USER_A, CHAT_X)
     assert [m.length for m in got] == [len(t) for t in texts] == [5, 11, 5, 5, 2, 0]
     assert all(m.created_at.tzinfo is not None for m in got)
@@ -140,7 +127,7 @@ async def test_sql_looking_and_unusual_text_is_stored_verbatim(pool: Pool) -> No
     await register(pool, USER_A, CHAT_X)
     texts = ["'; DROP TABLE messages; --", "%(content)s %s $1 {}", "\\x00 \\\\", "שלום עולם ‏", "<b>bold</b> *md*"]
     for text in texts:
-        await add(pool, USER_A, CHAT_X, text)
+        await store_question(pool, USER_A, CHAT_X, text)
     assert [m.content for m in await history(pool, USER_A, CHAT_X)] == texts
     assert await rows(pool, "SELECT count(*) FROM users") == [(1,)]
 
@@ -150,9 +137,9 @@ async def test_nul_byte_is_refused_by_postgresql_without_storing_anything(pool: 
     # test_context); at this layer the refusal is a clean DataError and no row is written.
     await register(pool, USER_A, CHAT_X)
     with pytest.raises(psycopg.DataError):
-        await add(pool, USER_A, CHAT_X, "a\x00b")
+        await store_question(pool, USER_A, CHAT_X, "a\x00b")
     assert await rows(pool, "SELECT count(*) FROM messages") == [(0,)]
-    assert await add(pool, USER_A, CHAT_X, "still works") > 0
+    assert await store_question(pool, USER_A, CHAT_X, "still works") > 0
 
 
 async def test_redelivered_telegram_message_is_stored_once_and_recognised(pool: Pool) -> None:
@@ -172,12 +159,12 @@ async def test_redelivered_telegram_message_is_stored_once_and_recognised(pool: 
 
 async def test_add_answer_links_to_the_question_once(pool: Pool) -> None:
     await register(pool, USER_A, CHAT_X)
-    question = await add(pool, USER_A, CHAT_X, "2+2?", telegram_message_id=1)
+    question = await store_question(pool, USER_A, CHAT_X, "2+2?", message_id=1)
     assert await answer(pool, question, "4") is not None
     assert await answer(pool, question, "four") is None
     got = await history(pool, USER_A, CHAT_X)
     assert [(m.role, m.content) for m in got] == [("user", "2+2?"), ("assistant", "4")]
-    cleared = await add(pool, USER_A, CHAT_X, "cleared before its answer")
+    cleared = await store_question(pool, USER_A, CHAT_X, "cleared before its answer")
     await database.run(pool, database.soft_delete_messages, telegram_user_id=USER_A, telegram_chat_id=CHAT_X)
     assert await answer(pool, cleared, "too late") is None  # a cleared question gets no answer
 
@@ -204,7 +191,7 @@ async def test_a_turn_start_tells_what_is_left_to_do(pool: Pool) -> None:
     async def start(question: int) -> database.TurnStart | None:
         return await database.run(pool, database.fetch_turn_start, question_id=question, history_limit=2)
 
-    first = await add(pool, USER_A, CHAT_X, "first")
+    first = await store_question(pool, USER_A, CHAT_X, "first")
     unanswered = await start(first)
     assert unanswered is not None and unanswered.answer is None
     assert [m.content for m in unanswered.history] == ["first"]
@@ -217,8 +204,8 @@ async def test_a_turn_start_tells_what_is_left_to_do(pool: Pool) -> None:
     assert await start(first) is None  # delivered: nothing left
     assert await rows(pool, "SELECT sent_message_ids FROM messages WHERE id = %s", (reply,)) == [([501, 502],)]
 
-    second = await add(pool, USER_A, CHAT_X, "second")
-    third = await add(pool, USER_A, CHAT_X, "third")
+    second = await store_question(pool, USER_A, CHAT_X, "second")
+    third = await store_question(pool, USER_A, CHAT_X, "third")
     later = await start(second)  # the history stops at its question and keeps the limit
     assert later is not None and [m.content for m in later.history] == ["part one and part two", "second"]
     await database.run(pool, database.set_failed, message_id=second)
@@ -230,13 +217,13 @@ async def test_a_turn_start_tells_what_is_left_to_do(pool: Pool) -> None:
 async def test_soft_delete_keeps_rows_and_hides_them(pool: Pool) -> None:
     await register(pool, USER_A, CHAT_X)
     for i in range(3):
-        await add(pool, USER_A, CHAT_X, f"old{i}")
+        await store_question(pool, USER_A, CHAT_X, f"old{i}")
     params: dict[str, Any] = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
     assert await database.run(pool, database.soft_delete_messages, **params) == 3
     assert await database.run(pool, database.soft_delete_messages, **params) == 0
     assert await history(pool, USER_A, CHAT_X) == []
     assert await rows(pool, "SELECT count(*) FROM messages WHERE deleted_at IS NOT NULL") == [(3,)]
-    await add(pool, USER_A, CHAT_X, "new")
+    await store_question(pool, USER_A, CHAT_X, "new")
     assert [m.content for m in await history(pool, USER_A, CHAT_X)] == ["new"]
     counts = await database.run(pool, database.count_messages, **params)
     assert counts == database.MessageCounts(live=1, deleted=3)
@@ -246,7 +233,7 @@ async def test_users_and_chats_are_isolated(pool: Pool) -> None:
     for user in (USER_A, USER_B):
         for chat in (CHAT_X, CHAT_Y):
             await register(pool, user, chat)
-            await add(pool, user, chat, f"{user}@{chat}")
+            await store_question(pool, user, chat, f"{user}@{chat}")
     for user in (USER_A, USER_B):
         for chat in (CHAT_X, CHAT_Y):
             assert [m.content for m in await history(pool, user, chat)] == [f"{user}@{chat}"]
@@ -257,20 +244,20 @@ async def test_users_and_chats_are_isolated(pool: Pool) -> None:
 
 
 async def test_unfinished_turns_are_recent_unanswered_or_undelivered(pool: Pool) -> None:
-    delivered = await add(pool, USER_A, CHAT_X, "delivered", telegram_message_id=1)
+    delivered = await store_question(pool, USER_A, CHAT_X, "delivered", message_id=1)
     reply = await answer(pool, delivered, "yes")
     assert reply is not None
     await database.run(pool, database.record_sent_part, answer_id=reply, telegram_message_id=9, last=True)
-    undelivered = await add(pool, USER_A, CHAT_X, "answered, never sent", telegram_message_id=2)
+    undelivered = await store_question(pool, USER_A, CHAT_X, "answered, never sent", message_id=2)
     await answer(pool, undelivered, "stored only")
-    unanswered = await add(pool, USER_A, CHAT_X, "unanswered", telegram_message_id=3)
-    failed = await add(pool, USER_A, CHAT_X, "the LLM failed", telegram_message_id=4)
+    unanswered = await store_question(pool, USER_A, CHAT_X, "unanswered", message_id=3)
+    failed = await store_question(pool, USER_A, CHAT_X, "the LLM failed", message_id=4)
     await database.run(pool, database.set_failed, message_id=failed)
-    refused = await add(pool, USER_B, CHAT_Y, "Telegram refused the answer", telegram_message_id=5)
+    refused = await store_question(pool, USER_B, CHAT_Y, "Telegram refused the answer", message_id=5)
     refused_answer = await answer(pool, refused, "blocked")
     assert refused_answer is not None
     await database.run(pool, database.set_failed, message_id=refused_answer)
-    old = await add(pool, USER_B, CHAT_X, "too old", telegram_message_id=6)
+    old = await store_question(pool, USER_B, CHAT_X, "too old", message_id=6)
     await rows(pool, "UPDATE messages SET created_at = now() - interval '1 hour' WHERE id = %s", (old,))
     got = await database.run(pool, database.fetch_unfinished_turns, max_age_s=600)
     assert got == [
@@ -284,7 +271,7 @@ async def test_unfinished_turns_are_recent_unanswered_or_undelivered(pool: Pool)
 async def test_purge_removes_only_long_deleted_messages(pool: Pool) -> None:
     await register(pool, USER_A, CHAT_X)
     for text in ("keep-live", "keep-recently-deleted", "purge"):
-        await add(pool, USER_A, CHAT_X, text)
+        await store_question(pool, USER_A, CHAT_X, text)
     await rows(pool, "UPDATE messages SET deleted_at = now() WHERE content = 'keep-recently-deleted'")
     await rows(
         pool,
@@ -297,7 +284,7 @@ async def test_purge_removes_only_long_deleted_messages(pool: Pool) -> None:
 
 async def test_a_purge_batch_deletes_at_most_its_limit_oldest_first(pool: Pool) -> None:
     for n in range(5):
-        await add(pool, USER_A, CHAT_X, f"m{n}")
+        await store_question(pool, USER_A, CHAT_X, f"m{n}")
     await rows(pool, "UPDATE messages SET deleted_at = now() - (50 - id) * interval '1 day'")  # m0 oldest
     assert await database.run(pool, database.purge_deleted_messages, days=30, limit=2) == 2
     assert await rows(pool, "SELECT content FROM messages ORDER BY id") == [("m2",), ("m3",), ("m4",)]
@@ -363,7 +350,7 @@ async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
     ids=["history", "turn-start"],
 )
 async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement: str, params: dict[str, int]) -> None:
-    await add(pool, USER_A, CHAT_X, "x")
+    await store_question(pool, USER_A, CHAT_X, "x")
     async with pool.connection() as conn:
         await conn.execute("SET enable_seqscan = off")  # an empty table would otherwise be seq-scanned
         try:

@@ -9,7 +9,7 @@ from typing import Any
 from bench.standins import LLMStandIn, TelegramStandIn
 from services import database
 from services.database import Pool
-from tests.harness import running_bot
+from tests.harness import running_bot, store_question
 
 BLOCKED = (403, "Forbidden: bot was blocked by the user")
 
@@ -18,19 +18,6 @@ async def fetch(pool: Pool, query: str, params: Any = None) -> list[Any]:
     async with pool.connection() as conn:
         cur = await conn.execute(query, params)
         return await cur.fetchall() if cur.description else []
-
-
-async def store_question(pool: Pool, chat: int, text: str, message_id: int) -> int:
-    added = await database.run(
-        pool,
-        database.add_question,
-        telegram_user_id=chat,
-        first_name="Ann",
-        telegram_chat_id=chat,
-        content=text,
-        telegram_message_id=message_id,
-    )
-    return added.id
 
 
 def contents(messages: list[dict[str, Any]]) -> list[str]:
@@ -86,7 +73,7 @@ async def test_recovery_answers_every_chat_despite_one_that_blocked_the_bot(
     env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:
     for chat in (1, 2, 3):
-        await store_question(pool, chat, f"left unanswered in {chat}", message_id=10)
+        await store_question(pool, chat, chat, f"left unanswered in {chat}", message_id=10)
     telegram.refused_chats[2] = BLOCKED
     async with running_bot(env, telegram):
         await telegram.wait_for(lambda: telegram.messages_to(1) != [] and telegram.messages_to(3) != [])
@@ -107,7 +94,7 @@ async def test_recovery_answers_every_chat_despite_one_that_blocked_the_bot(
 async def test_recovery_and_a_new_message_of_the_same_chat_answer_each_once_in_order(
     env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:
-    await store_question(pool, 1, "asked before the crash", message_id=10)
+    await store_question(pool, 1, 1, "asked before the crash", message_id=10)
     telegram.send("asked after the restart")  # waits in Telegram: the first update the bot sees
     async with running_bot(env, telegram):
         await telegram.wait_for_messages(1, 2)
@@ -124,7 +111,7 @@ async def test_an_answer_stored_but_never_sent_is_sent_without_asking_the_llm_ag
     env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:
     # the state a crash between storing the answer and sending it leaves behind
-    question = await store_question(pool, 1, "question", message_id=10)
+    question = await store_question(pool, 1, 1, "question", message_id=10)
     await database.run(pool, database.add_answer, question_id=question, content="the stored answer")
     async with running_bot(env, telegram):
         await telegram.wait_for_messages(1, 1)
