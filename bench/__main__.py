@@ -483,7 +483,8 @@ def report(results: dict[str, Any]) -> str:
     if whole:
         lines += [
             "",
-            f"the whole bot over HTTP (LLM stand-in answers in {whole[0]['llm_delay_s']:g} s; default config):",
+            f"the whole bot over HTTP (the LLM stand-in answers after {whole[0]['llm_delay_s']:g} s, streamed; "
+            "default config):",
             "",
             "| concurrent chats | turns | turns/s | overhead p50 ms | overhead p99 ms | CPU ms/turn "
             "| peak RSS MiB | RSS growth MiB | apologies | lost |",

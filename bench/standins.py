@@ -308,7 +308,9 @@ class LLMStandIn(_Server):
                 return web.json_response(
                     {"error": {"message": "streaming is not supported", "type": "invalid_request_error"}}, status=400
                 )
-            return await self._stream(request, body, content)
+            streamed = await self._stream(request, body, content)
+            self.spans[index] = (arrived, time.monotonic())  # the stream's last event is written
+            return streamed
         response = web.json_response(
             {
                 "id": f"chatcmpl-{len(self.requests)}",

@@ -1,6 +1,7 @@
 """The whole bot at N concurrent chats: the real dispatcher long-polling the Telegram stand-in,
-the real OpenAI client calling the LLM stand-in (which takes ``llm_delay_s`` per answer), the
-real database, the default configuration.
+the real OpenAI client calling the LLM stand-in (which starts answering after ``llm_delay_s``;
+with the default LLM_STREAM the answer streams, in one burst), the real database, the default
+configuration.
 
 Each of N private chats sends ``turns`` messages one after another, the next one as soon as
 the previous answer is accepted by the Telegram stand-in. A turn's *overhead* is what the bot
@@ -177,7 +178,7 @@ async def whole_bot(
             try:
                 await telegram.wait_for(lambda: bool(telegram.calls("setMyCommands")) or polling.done(), 30)
                 cpu_before = cpu_seconds()
-                started = time.monotonic()
+                started, calls_before = time.monotonic(), len(telegram.sent)
                 users.start()
                 # Generous: a lost turn shows up as a count, after this wait, not as a hang.
                 with contextlib.suppress(TimeoutError):
@@ -213,6 +214,9 @@ async def whole_bot(
                 overhead.append(ms)
                 by_turn[index].append(ms)
     elapsed = users.last_answer_at - started
+    calls: dict[str, int] = {}
+    for sent in telegram.sent[calls_before:]:
+        calls[sent.method] = calls.get(sent.method, 0) + 1
     return {
         "chats": len(chats),
         "turns_per_chat": turns,
@@ -222,6 +226,7 @@ async def whole_bot(
         "overhead": summary(overhead),
         "overhead_by_turn": [summary(samples) for samples in by_turn],
         "llm_requests": len(llm.requests),
+        "telegram_calls_per_turn": {method: count / expected for method, count in sorted(calls.items())},
         "apologies": apologies,
         "lost_turns": expected - answered_ok - apologies,
         "extra_answers": sum(max(0, len(users.answers[chat]) - turns) for chat in chats),
