@@ -191,10 +191,10 @@ class InstantSession(BaseSession):
 
 
 class InstantLLM:
-    """An LLM that answers at once."""
+    """An LLM that answers at once, in one piece."""
 
-    async def complete(self, history: list[context.ChatMessage]) -> str:
-        return f"answer after {len(history)} messages"
+    async def stream(self, history: list[context.ChatMessage]) -> AsyncIterator[str]:
+        yield f"answer after {len(history)} messages"
 
 
 def update(update_id: int, user: int, text: str) -> Update:
