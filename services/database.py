@@ -12,12 +12,14 @@ answered never comes between that question and its answer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Concatenate, Final, Literal, NamedTuple, ParamSpec, TypeAlias, TypeVar
+from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import AsyncConnection
@@ -159,6 +161,21 @@ async def server_answers(pool: Pool) -> bool:
     return True
 
 
+# One probe per pool at a time, its answer shared for a second: when a saturated pool times out
+# many waiters at once, they must not each open a connection to ask (that feeds the saturation).
+_probes: WeakKeyDictionary[Pool, tuple[float, asyncio.Task[bool]]] = WeakKeyDictionary()
+PROBE_SHARED_S = 1.0
+
+
+async def _server_answers_shared(pool: Pool) -> bool:
+    now = asyncio.get_running_loop().time()
+    started, probe = _probes.get(pool, (0.0, None))
+    if probe is None or (probe.done() and now - started > PROBE_SHARED_S):
+        probe = asyncio.ensure_future(server_answers(pool))
+        _probes[pool] = (now, probe)
+    return await asyncio.shield(probe)
+
+
 async def run(
     pool: Pool, work: Callable[Concatenate[Connection, P], Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
 ) -> T:
@@ -173,7 +190,7 @@ async def run(
             async with pool.connection() as conn:
                 return await work(conn, *args, **kwargs)
         except PoolTimeout:
-            if not await server_answers(pool):
+            if not await _server_answers_shared(pool):
                 raise
             logger.warning("every database connection is busy; still waiting (%s)", pool.get_stats())
 

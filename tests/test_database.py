@@ -367,3 +367,23 @@ async def test_init_db_fails_fast_when_nothing_listens() -> None:
 
     with pytest.raises(psycopg.OperationalError):
         await database.init_db(f"postgresql://bot:bot@127.0.0.1:{free_port()}/none", size=1, timeout_s=0.5)
+
+
+async def test_waiters_that_time_out_together_share_one_probe_of_the_server(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probes = 0
+
+    async def counting_probe(probed: Pool) -> bool:
+        nonlocal probes
+        probes += 1
+        await asyncio.sleep(0.05)
+        return True
+
+    monkeypatch.setattr(database, "server_answers", counting_probe)
+    monkeypatch.setattr(database, "_probes", type(database._probes)())
+    answers = await asyncio.gather(*(database._server_answers_shared(pool) for _ in range(50)))
+    assert answers == [True] * 50 and probes == 1
+    monkeypatch.setattr(database, "PROBE_SHARED_S", 0.0)
+    await asyncio.sleep(0.01)
+    assert await database._server_answers_shared(pool) and probes == 2  # a stale answer is asked again
