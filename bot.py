@@ -140,11 +140,16 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     from services.turns import Turns
 
     storage = create_storage(config, pool)
-    turns = Turns(storage, llm, TelegramDelivery(bot), config)
-    dp = Dispatcher(config=config, pool=pool, dialog_store=storage, turns=turns, in_flight=InFlight())
+    delivery = TelegramDelivery(bot)
+    turns = Turns(storage, llm, delivery, config)
+    dp = Dispatcher(
+        config=config, pool=pool, dialog_store=storage, turns=turns, delivery=delivery, in_flight=InFlight()
+    )
     dp.update.outer_middleware(dp["in_flight"])
     dp.update.outer_middleware(ChatIntake(dp["turns"]))
-    dp.message.outer_middleware(AccessMiddleware(config.allowed_user_ids))
+    access = AccessMiddleware(config.allowed_user_ids)
+    dp.message.outer_middleware(access)
+    dp.edited_message.outer_middleware(access)
     dp.include_routers(*create_routers())
     dp.startup.register(on_startup)
     dp.shutdown.register(on_shutdown)

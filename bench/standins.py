@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+UPLOAD_LIMIT_BYTES = 50 * 1024 * 1024  # what the Bot API accepts from a bot, per file
 BOT_USER = {"id": 4242, "is_bot": True, "first_name": "Test Bot", "username": "test_llm_bot"}
 
 
@@ -43,6 +44,14 @@ class Sent:
         return str(self.params.get("text", ""))
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A file the bot uploaded (sendDocument)."""
+
+    filename: str
+    content: bytes
+
+
 @dataclass
 class _Server:
     """An aiohttp app on a free loopback port; ``url`` is its base address once started."""
@@ -51,7 +60,7 @@ class _Server:
     url: str = field(default="", init=False)
 
     async def _serve(self, route: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
-        app = web.Application()
+        app = web.Application(client_max_size=UPLOAD_LIMIT_BYTES)
         app.router.add_post(route, handler)
         self.runner, base = await serve(app)
         return base
@@ -140,6 +149,10 @@ class TelegramStandIn(_Server):
         """The texts Telegram accepted for ``chat_id``, in order: what the user sees."""
         return [s.text for s in self.sent if s.method == "sendMessage" and s.chat_id == chat_id and s.status == 200]
 
+    def documents(self, chat_id: int) -> list[Upload]:
+        """The files Telegram accepted for ``chat_id``, in order."""
+        return [s.params["document"] for s in self.calls("sendDocument") if s.chat_id == chat_id and s.status == 200]
+
     def calls(self, method: str) -> list[Sent]:
         return [s for s in self.sent if s.method == method]
 
@@ -163,7 +176,7 @@ class TelegramStandIn(_Server):
     async def _handle(self, request: web.Request) -> web.Response:
         received_at = time.monotonic()
         method = request.match_info["method"]
-        params = {key: _maybe_json(value) for key, value in (await request.post()).items()}
+        params = {key: _param(value) for key, value in (await request.post()).items()}
         if method == "getUpdates":
             updates = await self._get_updates(params)
             response = _ok(updates)
@@ -213,6 +226,20 @@ class TelegramStandIn(_Server):
             if self.on_accepted is not None:
                 self.on_accepted(sent)
             return response
+        if method == "sendDocument":
+            sent.message_id = next(self._message_ids)
+            document = params["document"]
+            sent.answered_at = time.monotonic()
+            return _ok(
+                {
+                    "message_id": sent.message_id,
+                    "date": int(time.time()),
+                    "chat": {"id": int(params["chat_id"]), "type": "private"},
+                    "from": BOT_USER,
+                    "document": {"file_id": f"file-{sent.message_id}", "file_unique_id": f"u{sent.message_id}",
+                                 "file_name": document.filename, "file_size": len(document.content)},
+                }
+            )  # fmt: skip
         sent.answered_at = time.monotonic()
         return _ok(True)
 
@@ -254,7 +281,9 @@ class LLMStandIn(_Server):
     HTTP status; ``delay`` makes it slow, and ``delays`` the next requests one by one. A request
     with ``stream: true`` is answered with server-sent events of ``chunk`` characters every
     ``pace`` seconds; ``fail_after_chunks`` ends such a stream with an error event instead;
-    ``can_stream=False`` refuses streaming with a 400, as some endpoints do.
+    ``can_stream=False`` refuses streaming with a 400, as some endpoints do. Usage is reported
+    (a stream's last chunk, when asked with ``stream_options.include_usage``) as one token per
+    character, recorded in ``usages``; ``report_usage=False`` leaves it out.
     """
 
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -272,6 +301,8 @@ class LLMStandIn(_Server):
     chunks_sent: int = 0
     first_chunk_at: list[float] = field(default_factory=list)  # monotonic, per streamed request
     stream_ended_at: list[float] = field(default_factory=list)  # monotonic, per stream written to the end
+    report_usage: bool = True
+    usages: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion) tokens reported
 
     async def start(self) -> None:
         self.url = await self._serve("/v1/chat/completions", self._handle) + "/v1"
@@ -320,7 +351,7 @@ class LLMStandIn(_Server):
                 "choices": [
                     {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
                 ],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                "usage": self._usage(body, content),
             }
         )
         self.spans[index] = (arrived, time.monotonic())
@@ -344,21 +375,35 @@ class LLMStandIn(_Server):
             }
 
         with contextlib.suppress(ConnectionResetError):  # the bot stopped reading (a stopped answer)
-            await self._write_stream(event, chunk, content)
+            if not await self._write_stream(event, chunk, content):
+                return response
+            if (body.get("stream_options") or {}).get("include_usage") and self.report_usage:
+                usage = self._usage(body, content)
+                await event({**chunk({}), "choices": [], "usage": usage})
+            await event("[DONE]")
+            self.stream_ended_at.append(time.monotonic())
         return response
+
+    def _usage(self, body: dict[str, Any], content: str) -> dict[str, int] | None:
+        if not self.report_usage:
+            return None
+        prompt = sum(len(str(m["content"])) for m in body["messages"])
+        self.usages.append((prompt, len(content)))
+        return {"prompt_tokens": prompt, "completion_tokens": len(content), "total_tokens": prompt + len(content)}
 
     async def _write_stream(
         self,
         event: Callable[[dict[str, Any] | str], Awaitable[None]],
         chunk: Callable[..., dict[str, Any]],
         content: str,
-    ) -> None:
+    ) -> bool:
+        """Whether the stream was written to its end (not failed half-way)."""
         await event(chunk({"role": "assistant", "content": ""}))
         pieces = [content[i : i + self.chunk] for i in range(0, len(content), self.chunk)]
         for index, piece in enumerate(pieces):
             if self.fail_after_chunks is not None and index >= self.fail_after_chunks:
                 await event({"error": {"message": "stand-in failure mid-stream", "type": "server_error"}})
-                return
+                return False
             if index == 0:
                 self.first_chunk_at.append(time.monotonic())
             await event(chunk({"content": piece}))
@@ -367,8 +412,7 @@ class LLMStandIn(_Server):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.pace)
         await event(chunk({}, "stop"))
-        await event("[DONE]")
-        self.stream_ended_at.append(time.monotonic())
+        return True
 
 
 ENTITY_TYPES = {
@@ -412,6 +456,12 @@ def _ok(result: Any) -> web.Response:
 
 def _error(code: int, description: str, **extra: Any) -> web.Response:
     return web.json_response({"ok": False, "error_code": code, "description": description, **extra}, status=code)
+
+
+def _param(value: Any) -> Any:
+    if isinstance(value, web.FileField):
+        return Upload(value.filename, value.file.read())
+    return _maybe_json(value)
 
 
 def _maybe_json(value: Any) -> Any:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from aiogram import Router
 
-from handlers import commands, errors, messages, unsupported
+from handlers import commands, errors, history, messages, unsupported
 
 
 def create_routers() -> list[Router]:
-    """The routers in the order they must be tried: commands, text, then the catch-all; and
-    the handlers of errors, which see the errors of all."""
-    return [errors.create_router(), commands.create_router(), messages.create_router(), unsupported.create_router()]
+    """The routers in the order they must be tried: the history commands, the others (ending
+    with the reply to unknown ones), text, then the catch-all; and the handlers of errors,
+    which see the errors of all."""
+    return [
+        errors.create_router(),
+        history.create_router(),
+        commands.create_router(),
+        messages.create_router(),
+        unsupported.create_router(),
+    ]

@@ -1,4 +1,4 @@
-"""/start, /help, /clear, and a reply to commands the bot does not know.
+"""/start, /help, /clear, /cancel, the command menu, and a reply to commands the bot does not know.
 
 A message is a command when Telegram says so: a ``bot_command`` entity at its start. Text that
 merely begins with a slash ("/usr/bin is…") is ordinary text, answered like any other. In a
@@ -24,10 +24,18 @@ COMMANDS = [
     BotCommand(command="help", description="What I can do"),
     BotCommand(command="clear", description="Forget our conversation in this chat"),
     BotCommand(command="cancel", description="Stop the answer I am writing"),
+    BotCommand(command="retry", description="Answer your last message again"),
+    BotCommand(command="undo", description="Take back your last message and my answer"),
+    BotCommand(command="search", description="Find words in our conversation here"),
+    BotCommand(command="export", description="Send our conversation here as a file (/export json)"),
+    BotCommand(command="stats", description="How much we have talked"),
 ]
 HELP = (
     "I'm an AI assistant. Write to me and I'll answer, remembering our conversation "
-    "(even after I restart).\n\n" + "\n".join(f"/{c.command} — {c.description}" for c in COMMANDS)
+    "(even after I restart).\n\n"
+    + "\n".join(f"/{c.command} — {c.description}" for c in COMMANDS)
+    + "\n\nRight after /clear, /undo brings the cleared conversation back (only the last /clear). "
+    "Edit your last message and I'll answer it again. /search all … looks in cleared messages too."
 )
 
 

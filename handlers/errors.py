@@ -11,17 +11,24 @@ from aiogram.filters import ExceptionTypeFilter
 from aiogram.types import ErrorEvent
 
 from services.context import StorageUnavailable
+from services.storage import HistoryDisabled
 from services.turns import DB_APOLOGY
 
 logger = logging.getLogger(__name__)
 APOLOGY = "Sorry, something went wrong on my side. Please try again."
+NO_HISTORY = "This bot runs without a database, so there is no stored history to work with."
 
 
 async def _answer(event: ErrorEvent, text: str) -> None:
-    message = event.update.message
+    message = event.update.message or event.update.edited_message
     if message is not None:
         with contextlib.suppress(TelegramAPIError):
             await message.answer(text)
+
+
+async def on_history_disabled(event: ErrorEvent) -> None:
+    """A history command in a bot with DATABASE_ENABLED=false."""
+    await _answer(event, NO_HISTORY)
 
 
 async def on_storage_unavailable(event: ErrorEvent) -> None:
@@ -39,6 +46,7 @@ async def on_error(event: ErrorEvent) -> None:
 
 def create_router() -> Router:
     router = Router(name=__name__)
+    router.errors.register(on_history_disabled, ExceptionTypeFilter(HistoryDisabled))
     router.errors.register(on_storage_unavailable, ExceptionTypeFilter(StorageUnavailable))
     router.errors.register(on_error)
     return router

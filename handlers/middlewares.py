@@ -81,7 +81,8 @@ class ChatIntake(BaseMiddleware):
 
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
         assert isinstance(event, Update)
-        if event.message is None:
+        message = event.message or event.edited_message
+        if message is None:
             return await handler(event, data)
-        async with self.turns.intake(event.message.chat.id):
+        async with self.turns.intake(message.chat.id):
             return await handler(event, data)

@@ -103,6 +103,13 @@ class ChatQueues(Generic[T]):
             chat.worker = asyncio.create_task(self._work(chat_id, chat), name=f"chat-{chat_id}")
         return job.done
 
+    def pending(self, chat_id: int, matches: Callable[[T], bool]) -> list[T]:
+        """The chat's running and queued items that ``matches``, in the order they run."""
+        chat = self._chats.get(chat_id)
+        if chat is None:
+            return []
+        return [job.item for job in (chat.running, *chat.queue) if job is not None and matches(job.item)]
+
     async def stoppable(self, chat_id: int, work: Awaitable[R]) -> R:
         """Await ``work`` (from inside a job of ``chat_id``) so that ``cancel`` can stop it;
         raises ``Stopped`` when it did."""

@@ -19,11 +19,16 @@ from services import database
 from services.database import (
     AddedQuestion,
     Connection,
+    DialogStats,
+    EditedQuestion,
     FinishReason,
     Pool,
+    RetriedQuestion,
     Role,
+    SearchHit,
     StoredAnswer,
     StoredMessage,
+    Undone,
     UnfinishedTurn,
 )
 
@@ -159,12 +164,31 @@ def _chat_message(message: StoredMessage) -> ChatMessage:
     return {"role": message.role, "content": as_sent(message.content, message.finish_reason)}
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The tokens an endpoint reported for one answer (None: not reported)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+NO_USAGE = Usage()
+
+
 async def add_answer(
-    pool: Pool, *, question_id: int, text: str, finish_reason: FinishReason | None = None
+    pool: Pool, *, question_id: int, text: str, finish_reason: FinishReason | None = None, usage: Usage = NO_USAGE
 ) -> int | None:
-    """Store the assistant's answer (``finish_reason``: cut short, and why); its id, or None when
-    the question was cleared or answered."""
-    return await _call(pool, database.add_answer, question_id=question_id, content=text, finish_reason=finish_reason)
+    """Store the assistant's answer (``finish_reason``: cut short, and why; ``usage``: its
+    tokens); its id, or None when the question was cleared or answered."""
+    return await _call(
+        pool,
+        database.add_answer,
+        question_id=question_id,
+        content=text,
+        finish_reason=finish_reason,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+    )
 
 
 async def record_sent_part(pool: Pool, *, answer_id: int, telegram_message_id: int, last: bool) -> None:
@@ -184,6 +208,72 @@ async def clear_context(pool: Pool, *, telegram_user_id: int, telegram_chat_id: 
     return await _call(
         pool, database.soft_delete_messages, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id
     )
+
+
+async def retry(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> RetriedQuestion | None:
+    """Set aside the answer to the dialog's last question, to ask it again; None if there is none."""
+    return await _call(
+        pool, database.retry_last_turn, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id
+    )
+
+
+async def undo(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> Undone:
+    """Bring back the last /clear if nothing was said since, else take back the last turn."""
+    return await _call(
+        pool, database.undo_last_turn, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id
+    )
+
+
+async def edit_question(
+    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, telegram_message_id: int, text: str
+) -> EditedQuestion | None:
+    """Store the edited text of a question; None when the message is not a stored question."""
+    return await _call(
+        pool,
+        database.edit_question,
+        telegram_user_id=telegram_user_id,
+        telegram_chat_id=telegram_chat_id,
+        telegram_message_id=telegram_message_id,
+        content=text,
+    )
+
+
+async def search(
+    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, query: str, everything: bool, limit: int, options: str
+) -> list[SearchHit]:
+    """The dialog's best matches for ``query`` (``everything``: cleared messages too)."""
+    return await _call(
+        pool,
+        database.search_messages,
+        telegram_user_id=telegram_user_id,
+        telegram_chat_id=telegram_chat_id,
+        query=query,
+        everything=everything,
+        limit=limit,
+        options=options,
+    )
+
+
+async def stats(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> DialogStats:
+    """The user's message, character and token counts, in this chat and in all."""
+    return await _call(pool, database.fetch_stats, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id)
+
+
+async def export(
+    pool: Pool,
+    *,
+    telegram_user_id: int,
+    telegram_chat_id: int,
+    write: Callable[[database.ExportedMessage], Awaitable[None]],
+) -> None:
+    """Pass every message of the dialog, in turn order, to ``write`` as it is read."""
+
+    async def read(conn: Connection) -> None:
+        messages = database.dialog_messages(conn, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id)
+        async for message in messages:
+            await write(message)
+
+    await _call(pool, read)
 
 
 async def unfinished_turns(pool: Pool, *, max_age_s: int) -> list[UnfinishedTurn]:

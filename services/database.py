@@ -97,6 +97,74 @@ class UnfinishedTurn:
 
 
 @dataclass(frozen=True, slots=True)
+class RetriedQuestion:
+    """The question /retry asks again."""
+
+    id: int
+    telegram_message_id: int | None
+    telegram_thread_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Undone:
+    """What /undo did: ``restored`` messages of the last clear brought back, or ``undone``
+    messages of the last turn set aside (``question``: its text)."""
+
+    restored: int
+    undone: int
+    question: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EditedQuestion:
+    """A stored question whose text the user edited; ``last``: it is the dialog's newest live
+    turn, whose answer (shown in ``replaced_message_ids``) was set aside for a new one."""
+
+    id: int
+    telegram_thread_id: int | None
+    last: bool
+    replaced_message_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """A message found by /search: ``snippet`` has its matches between the marker characters."""
+
+    role: Role
+    created_at: datetime
+    cleared: bool
+    snippet: str
+
+
+@dataclass(frozen=True, slots=True)
+class DialogStats:
+    """A user's messages in one chat and in all chats; token sums are None when never reported."""
+
+    first_contact: datetime | None
+    chat_messages: int
+    chat_cleared: int
+    chat_chars: int
+    chat_prompt_tokens: int | None
+    chat_completion_tokens: int | None
+    all_messages: int
+    all_cleared: int
+    all_chars: int
+    all_prompt_tokens: int | None
+    all_completion_tokens: int | None
+    chats: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedMessage:
+    """One message of a dialog as /export writes it."""
+
+    role: Role
+    content: str
+    created_at: datetime
+    cleared: bool
+
+
+@dataclass(frozen=True, slots=True)
 class _TurnRow:
     id: int
     role: Role
@@ -262,11 +330,13 @@ ADD_QUESTION: Final = (
         RETURNING hits
     )
     INSERT INTO messages AS m
-        (user_id, chat_id, role, content, telegram_message_id, telegram_thread_id, created_at, deleted_at)
+        (user_id, chat_id, role, content, telegram_message_id, telegram_thread_id, created_at, deleted_at,
+         deleted_reason)
     SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row), 'user', %(content)s::text,
            %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
            coalesce(%(created_at)s::timestamptz, now()),
-           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer THEN now() END
+           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer THEN now() END,
+           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer THEN 'rate_limit' END
     ON CONFLICT ON CONSTRAINT messages_telegram_message_key
         DO UPDATE SET telegram_message_id = m.telegram_message_id
     RETURNING id, xmax = 0 AS new, deleted_at IS NOT NULL AS set_aside
@@ -296,13 +366,17 @@ SELECT_TURN_START: Final = """
     ) m
 """
 
-# Only a live question gets an answer: a /clear that came first wins, and nothing is stored.
+# Only a live question gets an answer, and only one live answer (messages_live_answer_key): a
+# /clear that came first wins, and nothing is stored.
 INSERT_ANSWER: Final = """
-    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, finish_reason)
-    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id, %(finish_reason)s::text
+    INSERT INTO messages
+        (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, finish_reason, prompt_tokens,
+         completion_tokens)
+    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id, %(finish_reason)s::text,
+           %(prompt_tokens)s::integer, %(completion_tokens)s::integer
     FROM messages
     WHERE id = %(question_id)s::bigint AND deleted_at IS NULL
-    ON CONFLICT ON CONSTRAINT messages_reply_to_key DO NOTHING
+    ON CONFLICT (reply_to_id) WHERE deleted_at IS NULL DO NOTHING
     RETURNING id
 """
 
@@ -331,7 +405,7 @@ SELECT_HISTORY: Final = """
 # ``before`` is given only for a /clear spooled during an outage: it clears what was said
 # before it, and nothing written back after it, however often the write-back is repeated.
 SOFT_DELETE_MESSAGES: Final = """
-    UPDATE messages SET deleted_at = coalesce(%(before)s::timestamptz, now())
+    UPDATE messages SET deleted_at = coalesce(%(before)s::timestamptz, now()), deleted_reason = 'clear'
     WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
       AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
       AND deleted_at IS NULL
@@ -360,14 +434,16 @@ SELECT_UNFINISHED_TURNS: Final = """
       AND q.created_at > now() - make_interval(secs => %(max_age_s)s::integer)
       AND NOT EXISTS (
           SELECT FROM messages a
-          WHERE a.reply_to_id = q.id AND (a.delivered_at IS NOT NULL OR a.failed_at IS NOT NULL)
+          WHERE a.reply_to_id = q.id AND a.deleted_at IS NULL
+            AND (a.delivered_at IS NOT NULL OR a.failed_at IS NOT NULL)
       )
     ORDER BY q.id
 """
 
 # Writing back what an outage spooled: each statement finds the question by its Telegram key
 # (the unique (chat_id, telegram_message_id) index) and is idempotent, so a write-back repeated
-# after a crash stores nothing twice.
+# after a crash stores nothing twice (an answer is known by its question and its time, even when
+# a clear written back after it has set it aside).
 _QUESTION_BY_KEY: Final = """
     SELECT m.id, m.user_id, m.chat_id, m.telegram_thread_id FROM messages m
     WHERE m.chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
@@ -378,11 +454,16 @@ WRITE_BACK_ANSWER: Final = (
     "WITH q AS ("
     + _QUESTION_BY_KEY
     + """)
-    INSERT INTO messages (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, created_at, finish_reason)
+    INSERT INTO messages
+        (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, created_at, finish_reason, prompt_tokens,
+         completion_tokens)
     SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id, %(created_at)s::timestamptz,
-           %(finish_reason)s::text
+           %(finish_reason)s::text, %(prompt_tokens)s::integer, %(completion_tokens)s::integer
     FROM q
-    ON CONFLICT ON CONSTRAINT messages_reply_to_key DO NOTHING
+    WHERE NOT EXISTS (
+        SELECT FROM messages a WHERE a.reply_to_id = q.id AND a.created_at = %(created_at)s::timestamptz
+    )
+    ON CONFLICT (reply_to_id) WHERE deleted_at IS NULL DO NOTHING
 """
 )
 
@@ -394,7 +475,7 @@ WRITE_BACK_SENT_PART: Final = (
     SET sent_message_ids = coalesce(a.sent_message_ids, '{}') || %(sent_message_id)s::bigint,
         delivered_at = CASE WHEN %(last)s::boolean THEN %(at)s::timestamptz ELSE a.delivered_at END
     FROM q
-    WHERE a.reply_to_id = q.id
+    WHERE a.reply_to_id = q.id AND a.deleted_at IS NULL
       AND NOT coalesce(a.sent_message_ids @> ARRAY[%(sent_message_id)s::bigint], false)
 """
 )
@@ -405,7 +486,191 @@ WRITE_BACK_FAILURE: Final = (
     + """)
     UPDATE messages m SET failed_at = %(at)s::timestamptz
     FROM q
-    WHERE (CASE WHEN %(answer)s::boolean THEN m.reply_to_id ELSE m.id END) = q.id AND m.failed_at IS NULL
+    WHERE m.failed_at IS NULL
+      AND ((%(answer)s::boolean AND m.reply_to_id = q.id AND m.deleted_at IS NULL)
+           OR (NOT %(answer)s::boolean AND m.id = q.id))
+"""
+)
+
+# -- history the user controls (/retry, /undo, edits, /search, /stats, /export) ---------------
+# A dialog is one user's messages in one chat, found by Telegram's ids.
+_DIALOG: Final = """
+    dialog AS (
+        SELECT (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint) AS user_id,
+               (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint) AS chat_id
+    )
+"""
+
+# The dialog's newest live turn: the top of messages_turn_idx, read backwards.
+_LAST_TURN: Final = """
+    last_turn AS (
+        SELECT coalesce(m.reply_to_id, m.id) AS question_id, m.created_at
+        FROM messages m
+        WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
+          AND m.deleted_at IS NULL
+        ORDER BY coalesce(m.reply_to_id, m.id) DESC, m.id DESC
+        LIMIT 1
+    )
+"""
+
+# /retry: the last question is asked again. Its live answer is set aside ('retry'), so the new
+# answer takes its place in every later context; a question that had failed may run again.
+RETRY_LAST_TURN: Final = (
+    "WITH"
+    + _DIALOG
+    + ","
+    + _LAST_TURN
+    + """,
+    question AS (
+        UPDATE messages q SET failed_at = NULL
+        FROM last_turn t
+        WHERE q.id = t.question_id AND q.role = 'user' AND q.deleted_at IS NULL
+        RETURNING q.id, q.telegram_message_id, q.telegram_thread_id
+    ),
+    replaced AS (
+        UPDATE messages a SET deleted_at = now(), deleted_reason = 'retry'
+        FROM question q
+        WHERE a.reply_to_id = q.id AND a.deleted_at IS NULL
+        RETURNING a.id
+    )
+    SELECT id, telegram_message_id, telegram_thread_id FROM question
+"""
+)
+
+# /undo: when the dialog's latest deletion is a /clear and nothing was said since, that clear's
+# rows come back; otherwise the newest live turn (question and answer) is set aside ('undo').
+# A clear is restored only while it is the latest deletion, so only the last one can be.
+UNDO_LAST_TURN: Final = (
+    "WITH"
+    + _DIALOG
+    + ","
+    + _LAST_TURN
+    + """,
+    last_deletion AS (
+        SELECT m.deleted_at, m.deleted_reason
+        FROM messages m
+        WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
+          AND m.deleted_at IS NOT NULL AND m.deleted_reason IS DISTINCT FROM 'rate_limit'
+        ORDER BY m.deleted_at DESC
+        LIMIT 1
+    ),
+    restored AS (
+        UPDATE messages m SET deleted_at = NULL, deleted_reason = NULL
+        FROM last_deletion l
+        WHERE l.deleted_reason = 'clear'
+          AND NOT EXISTS (SELECT FROM last_turn t WHERE t.created_at > l.deleted_at)
+          AND m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
+          AND m.deleted_at = l.deleted_at AND m.deleted_reason = 'clear'
+        RETURNING m.id
+    ),
+    undone AS (
+        UPDATE messages m SET deleted_at = now(), deleted_reason = 'undo'
+        FROM last_turn t
+        WHERE NOT EXISTS (SELECT FROM restored)
+          AND m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
+          AND m.deleted_at IS NULL AND coalesce(m.reply_to_id, m.id) = t.question_id
+        RETURNING m.role, m.content
+    )
+    SELECT (SELECT count(*) FROM restored) AS restored,
+           (SELECT count(*) FROM undone) AS undone,
+           (SELECT content FROM undone WHERE role = 'user') AS question
+"""
+)
+
+# An edited question takes the new text (found by its Telegram key). When it is the dialog's
+# newest live turn, its live answer is set aside ('edit') for a new one, and the ids of the
+# messages that showed the old answer come back, to be edited in place.
+EDIT_QUESTION: Final = (
+    "WITH"
+    + _DIALOG
+    + ","
+    + _LAST_TURN
+    + """,
+    question AS (
+        UPDATE messages q
+        SET content = %(content)s::text, edited_at = now(),
+            failed_at = CASE WHEN q.deleted_at IS NULL AND q.id = (SELECT question_id FROM last_turn)
+                             THEN NULL ELSE q.failed_at END
+        WHERE q.chat_id = (SELECT chat_id FROM dialog) AND q.telegram_message_id = %(telegram_message_id)s::bigint
+          AND q.user_id = (SELECT user_id FROM dialog) AND q.role = 'user'
+          AND q.content IS DISTINCT FROM %(content)s::text
+        RETURNING q.id, q.telegram_thread_id,
+                  q.deleted_at IS NULL AND q.id = (SELECT question_id FROM last_turn) AS last
+    ),
+    replaced AS (
+        UPDATE messages a SET deleted_at = now(), deleted_reason = 'edit'
+        FROM question q
+        WHERE q.last AND a.reply_to_id = q.id AND a.deleted_at IS NULL
+        RETURNING a.sent_message_ids
+    )
+    SELECT q.id, q.telegram_thread_id, q.last,
+           coalesce((SELECT sent_message_ids FROM replaced), '{}') AS replaced_message_ids
+    FROM question q
+"""
+)
+
+# /search: the dialog's messages matching a web-search-style query (words, "phrases", -not, or),
+# best first. messages_search_idx (btree_gin) intersects the dialog's posting lists with the
+# query's, so the cost follows the dialog's matches, not the table. ts_headline runs on the
+# hits only, marking matches with the characters in %(options)s.
+SEARCH_MESSAGES: Final = (
+    "WITH"
+    + _DIALOG
+    + """,
+    hits AS (
+        SELECT m.id, m.role, m.content, m.created_at, m.deleted_at IS NOT NULL AS cleared,
+               ts_rank(m.search_vector, websearch_to_tsquery('pg_catalog.russian', %(query)s::text)) AS rank
+        FROM messages m
+        WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
+          AND m.search_vector @@ websearch_to_tsquery('pg_catalog.russian', %(query)s::text)
+          AND (%(everything)s::boolean OR m.deleted_at IS NULL)
+        ORDER BY rank DESC, m.id DESC
+        LIMIT %(limit)s::integer
+    )
+    SELECT role, created_at, cleared,
+           ts_headline('pg_catalog.russian', content, websearch_to_tsquery('pg_catalog.russian', %(query)s::text),
+                       %(options)s::text) AS snippet
+    FROM hits
+    ORDER BY rank DESC, id DESC
+"""
+)
+
+# /stats: one pass over the user's messages (all chats), through messages_search_idx's user_id.
+SELECT_STATS: Final = (
+    "WITH"
+    + _DIALOG
+    + """
+    SELECT (SELECT created_at FROM users WHERE id = (SELECT user_id FROM dialog)) AS first_contact,
+           count(*) FILTER (WHERE in_chat) AS chat_messages,
+           count(*) FILTER (WHERE in_chat AND deleted_at IS NOT NULL) AS chat_cleared,
+           coalesce(sum(length) FILTER (WHERE in_chat), 0) AS chat_chars,
+           sum(prompt_tokens) FILTER (WHERE in_chat) AS chat_prompt_tokens,
+           sum(completion_tokens) FILTER (WHERE in_chat) AS chat_completion_tokens,
+           count(*) AS all_messages,
+           count(*) FILTER (WHERE deleted_at IS NOT NULL) AS all_cleared,
+           coalesce(sum(length), 0) AS all_chars,
+           sum(prompt_tokens) AS all_prompt_tokens,
+           sum(completion_tokens) AS all_completion_tokens,
+           count(DISTINCT chat_id) AS chats
+    FROM (
+        SELECT m.chat_id, m.length, m.deleted_at, m.prompt_tokens, m.completion_tokens,
+               m.chat_id = (SELECT chat_id FROM dialog) AS in_chat
+        FROM messages m
+        WHERE m.user_id = (SELECT user_id FROM dialog)
+    ) mine
+"""
+)
+
+# /export: every message of the dialog, cleared ones too, in turn order, read through a
+# server-side cursor.
+SELECT_DIALOG: Final = (
+    "WITH"
+    + _DIALOG
+    + """
+    SELECT m.role, m.content, m.created_at, m.deleted_at IS NOT NULL AS cleared
+    FROM messages m
+    WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
+    ORDER BY coalesce(m.reply_to_id, m.id), m.id
 """
 )
 
@@ -503,12 +768,24 @@ async def fetch_turn_start(conn: Connection, *, question_id: int, history_limit:
 
 
 async def add_answer(
-    conn: Connection, *, question_id: int, content: str, finish_reason: FinishReason | None = None
+    conn: Connection,
+    *,
+    question_id: int,
+    content: str,
+    finish_reason: FinishReason | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
 ) -> int | None:
-    """Store the assistant's answer to a live question (``finish_reason``: cut short, and why);
-    None if it was answered before or cleared."""
+    """Store the assistant's answer to a live question (``finish_reason``: cut short, and why;
+    the tokens the endpoint reported); None if it has a live answer already or was cleared."""
     cur = conn.cursor(row_factory=scalar_row)
-    params = {"question_id": question_id, "content": content, "finish_reason": finish_reason}
+    params = {
+        "question_id": question_id,
+        "content": content,
+        "finish_reason": finish_reason,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
     await cur.execute(INSERT_ANSWER, params, prepare=True)
     answer_id: int | None = await cur.fetchone()
     return answer_id
@@ -556,6 +833,8 @@ async def write_back_answer(
     content: str,
     created_at: datetime,
     finish_reason: FinishReason | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
 ) -> None:
     """Store a spooled answer to the question Telegram knows as (chat, message id), unless stored."""
     params = {
@@ -564,6 +843,8 @@ async def write_back_answer(
         "content": content,
         "created_at": created_at,
         "finish_reason": finish_reason,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
     }
     await conn.execute(WRITE_BACK_ANSWER, params)
 
@@ -602,6 +883,81 @@ async def count_messages(conn: Connection, *, telegram_user_id: int, telegram_ch
     counts = await cur.fetchone()
     assert counts is not None  # an aggregate always returns a row
     return counts
+
+
+def _dialog(telegram_user_id: int, telegram_chat_id: int, **params: object) -> dict[str, object]:
+    return {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, **params}
+
+
+async def retry_last_turn(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> RetriedQuestion | None:
+    """Set aside the answer to the dialog's last question so it is asked again; that question,
+    or None when the dialog has no live question."""
+    cur = conn.cursor(row_factory=class_row(RetriedQuestion))
+    await cur.execute(RETRY_LAST_TURN, _dialog(telegram_user_id, telegram_chat_id))
+    return await cur.fetchone()
+
+
+async def undo_last_turn(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> Undone:
+    """Bring back the last /clear if nothing was said since, else set aside the last turn."""
+    cur = conn.cursor(row_factory=class_row(Undone))
+    await cur.execute(UNDO_LAST_TURN, _dialog(telegram_user_id, telegram_chat_id))
+    undone = await cur.fetchone()
+    assert undone is not None  # a SELECT without FROM returns one row
+    return undone
+
+
+async def edit_question(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, telegram_message_id: int, content: str
+) -> EditedQuestion | None:
+    """Give a stored question its edited text; None when the message is not a stored question
+    of this user or its text did not change."""
+    cur = conn.cursor(row_factory=class_row(EditedQuestion))
+    params = _dialog(telegram_user_id, telegram_chat_id, telegram_message_id=telegram_message_id, content=content)
+    await cur.execute(EDIT_QUESTION, params)
+    return await cur.fetchone()
+
+
+async def search_messages(
+    conn: Connection,
+    *,
+    telegram_user_id: int,
+    telegram_chat_id: int,
+    query: str,
+    everything: bool,
+    limit: int,
+    options: str,
+) -> list[SearchHit]:
+    """The dialog's messages (``everything``: cleared ones too) that match ``query``, best first,
+    with a snippet built by ts_headline with ``options``."""
+    cur = conn.cursor(row_factory=class_row(SearchHit))
+    params = _dialog(
+        telegram_user_id, telegram_chat_id, query=query, everything=everything, limit=limit, options=options
+    )
+    await cur.execute(SEARCH_MESSAGES, params, prepare=True)
+    return await cur.fetchall()
+
+
+async def fetch_stats(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> DialogStats:
+    """How much the user has said and read, in this chat and in all."""
+    cur = conn.cursor(row_factory=class_row(DialogStats))
+    await cur.execute(SELECT_STATS, _dialog(telegram_user_id, telegram_chat_id))
+    stats = await cur.fetchone()
+    assert stats is not None  # an aggregate always returns a row
+    return stats
+
+
+async def dialog_messages(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, batch: int = 1000
+) -> AsyncIterator[ExportedMessage]:
+    """Every message of the dialog in turn order, ``batch`` rows at a time from a server-side
+    cursor, so a long history is never held whole (the caller consumes it on ``conn``)."""
+    async with conn.transaction():
+        cur = conn.cursor("dialog_export", row_factory=class_row(ExportedMessage))
+        cur.itersize = batch
+        async with cur:
+            await cur.execute(SELECT_DIALOG, _dialog(telegram_user_id, telegram_chat_id))
+            async for message in cur:
+                yield message
 
 
 async def fetch_unfinished_turns(conn: Connection, *, max_age_s: int) -> list[UnfinishedTurn]:

@@ -104,6 +104,21 @@ def split(part: Part, *, limit: int = TELEGRAM_MESSAGE_LIMIT, max_entities: int 
     return parts
 
 
+def compose(pieces: Iterable[tuple[str, str | None]]) -> Part:
+    """A message the bot writes itself, from ``(text, entity type or None)`` pieces in order; a
+    piece that shows nothing gets no entity."""
+    texts: list[str] = []
+    entities: list[Entity] = []
+    offset = 0
+    for text, kind in pieces:
+        length = len(text.encode("utf-16-le", "surrogatepass")) // 2
+        if kind is not None and visible(text):
+            entities.append(Entity(kind, offset, length))
+        texts.append(text)
+        offset += length
+    return Part("".join(texts), tuple(entities))
+
+
 def plain(part: Part) -> str:
     """The text of ``part`` without its formatting."""
     return part.text

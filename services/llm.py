@@ -13,7 +13,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from config import Config
-from services.context import ChatMessage
+from services.context import ChatMessage, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,13 @@ class LLM:
     def _messages(self, history: Sequence[ChatMessage]) -> list[ChatCompletionMessageParam]:
         return cast(list[ChatCompletionMessageParam], [{"role": "system", "content": self.system_prompt}, *history])
 
-    async def stream(self, history: Sequence[ChatMessage]) -> AsyncIterator[str]:
-        """The answer to ``history`` as it is written, piece by piece. Where the endpoint cannot
-        stream, one completion comes whole: the caller sees no difference but the wait."""
+    async def stream(self, history: Sequence[ChatMessage]) -> AsyncIterator[str | Usage]:
+        """The answer to ``history`` as it is written, piece by piece, then the tokens it took
+        when the endpoint reports them. Where the endpoint cannot stream, one completion comes
+        whole: the caller sees no difference but the wait."""
         if not self.streaming:
-            yield await self.complete(history)
+            async for piece in self._whole(history):
+                yield piece
             return
         started = time.perf_counter()
         try:
@@ -55,35 +57,42 @@ class LLM:
                 temperature=self.temperature,
                 max_tokens=self.max_tokens,
                 stream=True,
+                stream_options={"include_usage": True},
             )
         except openai.APIStatusError as error:
             if error.status_code not in REFUSES_STREAMING:
                 raise _failed(error, started) from error
             logger.warning("the endpoint refuses to stream (status %s): asking for whole answers", error.status_code)
             self.streaming = False
-            yield await self.complete(history)
+            async for piece in self._whole(history):
+                yield piece
             return
         except openai.APIError as error:
             raise _failed(error, started) from error
         written, first, visible = 0, 0.0, False
+        usage: Usage | None = None
         try:
             async with chunks:
                 async for chunk in chunks:
-                    piece = chunk.choices[0].delta.content if chunk.choices else None
-                    if piece:
+                    text = chunk.choices[0].delta.content if chunk.choices else None
+                    if text:
                         first = first or time.perf_counter() - started
-                        written += len(piece)
-                        visible = visible or not piece.isspace()
-                        yield piece
+                        written += len(text)
+                        visible = visible or not text.isspace()
+                        yield text
+                    if chunk.usage is not None:  # the last chunk, when the endpoint reports usage
+                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
         except openai.APIError as error:
             raise _failed(error, started) from error
         if not visible:
             logger.warning("LLM streamed an empty answer after %.2fs", time.perf_counter() - started)
             raise LLMError("empty answer")
         logger.info("LLM streamed %d chars in %.2fs (first after %.2fs)", written, time.perf_counter() - started, first)
+        if usage is not None:
+            yield usage
 
-    async def complete(self, history: Sequence[ChatMessage]) -> str:
-        """The assistant's answer to ``history`` (oldest first, ending with the question)."""
+    async def _whole(self, history: Sequence[ChatMessage]) -> AsyncIterator[str | Usage]:
+        """The answer as one completion, then its usage, when reported."""
         started = time.perf_counter()
         try:
             response = await self.client.chat.completions.create(
@@ -99,7 +108,9 @@ class LLM:
             logger.warning("LLM returned an empty answer after %.2fs", time.perf_counter() - started)
             raise LLMError("empty answer")
         logger.info("LLM answered: %d chars in %.2fs", len(content), time.perf_counter() - started)
-        return content
+        yield content
+        if response.usage is not None:
+            yield Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
 
 
 def _failed(error: openai.APIError, started: float) -> LLMError:

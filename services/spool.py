@@ -42,6 +42,8 @@ class Spooled:
     last: bool = False
     answer: bool = False
     finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
     def to_json(self) -> str:
         fields: dict[str, Any] = asdict(self)
@@ -120,7 +122,13 @@ async def write_back(conn: Connection, item: Spooled) -> None:
         )
     elif item.kind == "answer":
         await database.write_back_answer(
-            conn, **key, content=item.text, created_at=item.at, finish_reason=item.finish_reason
+            conn,
+            **key,
+            content=item.text,
+            created_at=item.at,
+            finish_reason=item.finish_reason,
+            prompt_tokens=item.prompt_tokens,
+            completion_tokens=item.completion_tokens,
         )
     elif item.kind == "sent":
         await database.write_back_sent_part(

@@ -24,8 +24,27 @@ from typing import Any, Literal, TypeVar
 import psycopg
 
 from services import context, database, spool
-from services.context import ChatMessage, StorageUnavailable, TurnContext, as_sent, fit_to_budget
-from services.database import Connection, FinishReason, Pool, StoredAnswer, UnfinishedTurn
+from services.context import (
+    NO_USAGE,
+    ChatMessage,
+    StorageUnavailable,
+    TurnContext,
+    Usage,
+    as_sent,
+    fit_to_budget,
+)
+from services.database import (
+    Connection,
+    DialogStats,
+    EditedQuestion,
+    ExportedMessage,
+    FinishReason,
+    Pool,
+    SearchHit,
+    StoredAnswer,
+    Undone,
+    UnfinishedTurn,
+)
 from services.memory import Dialog, RecentHistory, Remembered
 from services.spool import Spool, Spooled, SpooledKind, SpoolFull
 
@@ -34,6 +53,11 @@ T = TypeVar("T")
 RECOVERY_LOCK = "llmbot.recovery"
 WRITE_BACK_BATCH = 100  # spooled writes per transaction
 STATUS_EVERY_S = 30.0
+
+
+class HistoryDisabled(StorageUnavailable):
+    """The bot runs without a database (DATABASE_ENABLED=false): there is no stored history to
+    search, export, undo or retry."""
 
 
 class Unavailable(enum.Enum):
@@ -235,15 +259,17 @@ class Storage:
         return TurnStart(fit_to_budget(history[-history_limit:], max_input_chars), answer, missing)
 
     async def add_answer(
-        self, question: Question, text: str, finish_reason: FinishReason | None = None
+        self, question: Question, text: str, finish_reason: FinishReason | None = None, usage: Usage = NO_USAGE
     ) -> Answer | None:
-        """Store an answer (``finish_reason``: cut short, and why); None when its question was
-        cleared (or answered) meanwhile."""
+        """Store an answer (``finish_reason``: cut short, and why; ``usage``: its tokens); None
+        when its question was cleared (or answered) meanwhile."""
         remembered = Remembered("assistant", as_sent(text, finish_reason), question.message_id)
         question_id = question.id
         if question_id is not None:
             answer_id = await self._in_database(
-                lambda pool: context.add_answer(pool, question_id=question_id, text=text, finish_reason=finish_reason)
+                lambda pool: context.add_answer(
+                    pool, question_id=question_id, text=text, finish_reason=finish_reason, usage=usage
+                )
             )
             if answer_id is None:
                 return None
@@ -252,7 +278,14 @@ class Storage:
                 return Answer(answer_id, text)
         if question.message_id is None or self._spooled_turn(question).settled:
             return None
-        self._keep_for(question, "answer", text=text, finish_reason=finish_reason)
+        self._keep_for(
+            question,
+            "answer",
+            text=text,
+            finish_reason=finish_reason,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
         self._history.append(question.dialog, remembered)
         return Answer(None, text)
 
@@ -289,6 +322,79 @@ class Storage:
             return cleared
         self._keep(Spooled("clear", chat_id, user_id, spool.now()))
         return remembered
+
+    # -- the stored history: only while the database is in use ---------------------------------
+
+    def require_database(self) -> None:
+        """Raise ``HistoryDisabled`` without a database, ``StorageUnavailable`` while degraded."""
+        if self._pool is None:
+            raise HistoryDisabled
+        if not self._healthy:
+            raise StorageUnavailable("degraded")
+
+    async def _required(self, work: Callable[[Pool], Awaitable[T]]) -> T:
+        self.require_database()
+        done = await self._in_database(work)
+        if done is UNAVAILABLE:
+            raise StorageUnavailable("database unavailable")
+        return done
+
+    async def retry(self, *, user_id: int, chat_id: int) -> Question | None:
+        """Set aside the answer to the dialog's last question, to ask it again; that question."""
+        retried = await self._required(
+            lambda pool: context.retry(pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
+        )
+        if retried is None:
+            return None
+        self._history.forget((user_id, chat_id))  # the next turn reads the history afresh
+        return Question(chat_id, user_id, retried.telegram_message_id, retried.id, retried.telegram_thread_id)
+
+    async def undo(self, *, user_id: int, chat_id: int) -> Undone:
+        """Bring back the last /clear if nothing was said since, else take back the last turn."""
+        undone = await self._required(
+            lambda pool: context.undo(pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
+        )
+        self._history.forget((user_id, chat_id))
+        return undone
+
+    async def edit(self, *, user_id: int, chat_id: int, message_id: int, text: str) -> EditedQuestion | None:
+        """Store the edited text of a question; None when the message is not a stored question."""
+        edited = await self._required(
+            lambda pool: context.edit_question(
+                pool, telegram_user_id=user_id, telegram_chat_id=chat_id, telegram_message_id=message_id, text=text
+            )
+        )
+        if edited is not None:
+            self._history.forget((user_id, chat_id))
+        return edited
+
+    async def search(
+        self, *, user_id: int, chat_id: int, query: str, everything: bool, limit: int, options: str
+    ) -> list[SearchHit]:
+        """The dialog's best matches for ``query`` (``everything``: cleared messages too)."""
+        return await self._required(
+            lambda pool: context.search(
+                pool,
+                telegram_user_id=user_id,
+                telegram_chat_id=chat_id,
+                query=query,
+                everything=everything,
+                limit=limit,
+                options=options,
+            )
+        )
+
+    async def stats(self, *, user_id: int, chat_id: int) -> DialogStats:
+        """The user's message, character and token counts, in this chat and in all."""
+        return await self._required(
+            lambda pool: context.stats(pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
+        )
+
+    async def export(self, *, user_id: int, chat_id: int, write: Callable[[ExportedMessage], Awaitable[None]]) -> None:
+        """Pass every message of the dialog, in turn order, to ``write``, as it is read."""
+        await self._required(
+            lambda pool: context.export(pool, telegram_user_id=user_id, telegram_chat_id=chat_id, write=write)
+        )
 
     async def _in_database(self, work: Callable[[Pool], Awaitable[T]]) -> T | Literal[Unavailable.UNAVAILABLE]:
         """``work(pool)`` while the database is in use; ``UNAVAILABLE`` when degraded, or when

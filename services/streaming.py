@@ -35,17 +35,27 @@ class LiveReply:
     """Streams an answer to ``address``: ``write`` the Markdown so far as it grows, ``finish`` at
     the end; the turn then delivers the final parts (see ``Turns._deliver``)."""
 
-    def __init__(self, delivery: Delivery, address: Address, *, draft_id: int | None, interval_s: float) -> None:
+    def __init__(
+        self,
+        delivery: Delivery,
+        address: Address,
+        *,
+        draft_id: int | None,
+        interval_s: float,
+        replacing: int | None = None,
+    ) -> None:
+        """``draft_id``: stream as this draft (None: edit a message); ``replacing``: the message
+        to edit from the start (it shows an answer this one replaces)."""
         self._delivery = delivery
         self._address = address
-        self._draft_id = draft_id  # None: edit a message
+        self._draft_id = draft_id
         self._interval_s = interval_s
         self._latest = ""
         self._showing = ""
         self._task: asyncio.Task[None] | None = None
         self._calling = False  # a call to Telegram is in flight
         self._closing = False
-        self.shown = Shown()
+        self.shown = Shown(editing=replacing)
         self.visible = asyncio.Event()  # set once the first text is on the screen
 
     def write(self, markdown: str) -> None:

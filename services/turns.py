@@ -14,11 +14,12 @@ import contextlib
 import logging
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
+from typing import Literal
 
 from config import Config
 from services.chat_queue import ChatQueues, Stopped
-from services.context import ChatMessage, StorageUnavailable
-from services.database import FinishReason
+from services.context import ChatMessage, StorageUnavailable, Usage
+from services.database import FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
 from services.formatting import Part, render, split
 from services.llm import LLM, LLMError
@@ -35,10 +36,12 @@ HISTORY_MISSING = "(I can't reach my memory of our earlier messages right now, s
 
 @dataclass(frozen=True, slots=True)
 class TurnRequest:
-    """A stored question waiting for its turn."""
+    """A stored question waiting for its turn; ``replaces``: the message showing the answer that
+    the new one replaces (an edited question), edited in place where Telegram allows."""
 
     question: Question
     address: Address
+    replaces: int | None = None
 
     @classmethod
     def late(cls, question: Question) -> TurnRequest:
@@ -104,6 +107,49 @@ class Turns:
         """
         await self._queues.cancel(chat_id, lambda turn: turn.question.user_id == user_id)
         return await self._storage.clear(user_id=user_id, chat_id=chat_id)
+
+    async def retry(self, *, user_id: int, chat_id: int) -> Literal["retrying", "busy", "nothing"]:
+        """Ask the user's last question in the chat again (inside the intake): its answer is set
+        aside and a new one is written. ``busy`` while one of the user's answers is still being
+        written; ``nothing`` when there is no question to ask again."""
+        if self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id):
+            return "busy"
+        question = await self._storage.retry(user_id=user_id, chat_id=chat_id)
+        if question is None:
+            return "nothing"
+        self._submit(TurnRequest.late(question))
+        logger.info("user %s in chat %s: question %s asked again", user_id, chat_id, question.id)
+        return "retrying"
+
+    async def undo(self, *, user_id: int, chat_id: int) -> Undone:
+        """Take back the user's last turn in the chat, or the /clear right before (inside the
+        intake). A turn still queued or being written is dropped first."""
+        self._storage.require_database()
+        mine = self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id)
+        if mine:
+            newest = mine[-1]
+            await self._queues.cancel(chat_id, lambda turn: turn is newest)
+        return await self._storage.undo(user_id=user_id, chat_id=chat_id)
+
+    async def edit(self, *, user_id: int, address: Address, telegram_message_id: int, text: str) -> bool:
+        """The user edited a message (inside the intake): a stored question takes the new text,
+        and when it is the user's last one, it is answered again. Whether it was a stored question."""
+        self._storage.require_database()
+        chat_id = address.chat_id
+        mine = self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id)
+        newest = mine[-1] if mine and mine[-1].ident == telegram_message_id else None
+        if newest is not None:  # its answer, being written to the old text, is dropped
+            await self._queues.cancel(chat_id, lambda turn: turn is newest)
+        edited = await self._storage.edit(user_id=user_id, chat_id=chat_id, message_id=telegram_message_id, text=text)
+        if edited is None or not edited.last:
+            if newest is not None:
+                self._submit(newest)
+            return edited is not None
+        question = Question(chat_id, user_id, telegram_message_id, edited.id, edited.telegram_thread_id)
+        replaces = edited.replaced_message_ids[0] if edited.replaced_message_ids else None
+        self._submit(TurnRequest(question, address, replaces))
+        logger.info("user %s in chat %s: question %s edited, answered again", user_id, chat_id, edited.id)
+        return True
 
     async def recover(self) -> int:
         """Queue the turns a crash or an outage left unfinished, ahead of new messages; how many.
@@ -172,15 +218,15 @@ class Turns:
             return
         if start.history_missing:
             await self._say(turn.address, HISTORY_MISSING)
+        drafts = turn.address.chat_id > 0 and turn.replaces is None  # drafts: private chats only
         live = LiveReply(
             self._delivery,
             turn.address,
-            draft_id=turn.ident if turn.address.chat_id > 0 else None,  # drafts: private chats only
-            interval_s=self._config.stream_draft_interval_s
-            if turn.address.chat_id > 0
-            else self._config.stream_edit_interval_s,
+            draft_id=turn.ident if drafts else None,
+            interval_s=self._config.stream_draft_interval_s if drafts else self._config.stream_edit_interval_s,
+            replacing=turn.replaces,
         )
-        text, cut_short = await self._write(turn, start.context, live)
+        text, cut_short, usage = await self._write(turn, start.context, live)
         shown = await live.finish()
         if cut_short == "cancel":  # cleared meanwhile: nothing from before may stay live
             logger.info("turn of question %s cancelled before its answer", turn.ident)
@@ -191,7 +237,7 @@ class Turns:
                 await self._say(turn.address, LLM_APOLOGY)
             return
         finish_reason: FinishReason | None = "stopped" if cut_short == "stop" else "failed" if cut_short else None
-        answer = await self._storage.add_answer(question, storable(text), finish_reason)
+        answer = await self._storage.add_answer(question, storable(text), finish_reason, usage)
         if answer is None:
             logger.info("question %s was cleared or answered meanwhile; answer dropped", turn.ident)
             return
@@ -199,25 +245,33 @@ class Turns:
         if finish_reason == "failed":
             await self._say(turn.address, LLM_APOLOGY)
 
-    async def _write(self, turn: TurnRequest, context: list[ChatMessage], live: LiveReply) -> tuple[str, str | None]:
-        """The LLM's answer as it streams to ``live``, and why it was cut short: ``"stop"`` (the
-        user stopped it), ``"cancel"`` (a /clear), ``"failed"`` (the LLM broke off), or None."""
+    async def _write(
+        self, turn: TurnRequest, context: list[ChatMessage], live: LiveReply
+    ) -> tuple[str, str | None, Usage]:
+        """The LLM's answer as it streams to ``live``; why it was cut short: ``"stop"`` (the user
+        stopped it), ``"cancel"`` (a /clear, /undo or edit), ``"failed"`` (the LLM broke off), or
+        None; and the tokens the endpoint reported."""
         written: list[str] = []
+        usage = Usage()
 
         async def stream() -> None:
+            nonlocal usage
             async for piece in self._llm.stream(context):
+                if isinstance(piece, Usage):
+                    usage = piece
+                    continue
                 written.append(piece)
                 live.write("".join(written))
 
         typing = asyncio.create_task(self._typing_until(turn.address, live.visible))
         try:
             await self._queues.stoppable(turn.address.chat_id, stream())
-            return "".join(written), None
+            return "".join(written), None, usage
         except Stopped as stopped:
             logger.info("turn of question %s stopped (%s)", turn.ident, stopped.reason)
-            return "".join(written), stopped.reason
+            return "".join(written), stopped.reason, usage
         except LLMError:
-            return "".join(written), "failed"
+            return "".join(written), "failed", usage
         finally:
             typing.cancel()
 
@@ -249,7 +303,7 @@ class Turns:
                 elif shown.editing is not None:
                     message_id, shown.editing = shown.editing, None
                     if part != shown.editing_shows:
-                        await self._delivery.edit(turn.address, message_id, part)
+                        message_id = await self._edit_or_send(turn.address, message_id, part, quote=index == 0)
                 else:
                     message_id = await self._delivery.send(turn.address, part, quote=index == 0)
             except DeliveryRefused as error:
@@ -264,6 +318,16 @@ class Turns:
         logger.info(
             "delivered the answer to %s in chat %s: %d chars", turn.ident, turn.address.chat_id, len(answer.content)
         )
+
+    async def _edit_or_send(self, address: Address, message_id: int, part: Part, *, quote: bool) -> int:
+        """Show ``part`` in the message ``message_id``; when Telegram refuses the edit (the message
+        was deleted, or is too old to edit), in a new message. The id of the message showing it."""
+        try:
+            await self._delivery.edit(address, message_id, part)
+        except DeliveryRefused as error:
+            logger.info("could not edit message %s in chat %s (%s): sending anew", message_id, address.chat_id, error)
+            return await self._delivery.send(address, part, quote=quote)
+        return message_id
 
     async def _say(self, address: Address, text: str) -> None:
         """A short notice (an apology) that is worth one try and no more."""

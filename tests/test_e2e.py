@@ -33,6 +33,11 @@ async def test_conversation_sends_earlier_turns_to_the_llm(
             "help",
             "clear",
             "cancel",
+            "retry",
+            "undo",
+            "search",
+            "export",
+            "stats",
         ]
         telegram.send("/start")
         assert "/clear" in (await telegram.wait_for_messages(1, 1))[0]

@@ -27,6 +27,10 @@ def test_upgrade_downgrade_upgrade_round_trip(admin_url: str) -> None:
     command.upgrade(cfg, "head")
     assert tables(url) == ["alembic_version", "chats", "messages", "rate_limits", "users"]
     assert "messages_deleted_idx" in indexes(url)
+    command.downgrade(cfg, "006")
+    assert "messages_search_idx" not in indexes(url) and "messages_reply_to_key" in indexes(url)
+    command.upgrade(cfg, "head")
+    assert {"messages_search_idx", "messages_live_answer_key", "messages_dialog_deleted_idx"} <= set(indexes(url))
     command.downgrade(cfg, "004")
     assert "messages_deleted_idx" not in indexes(url) and "messages_turn_idx" in indexes(url)
     command.upgrade(cfg, "head")
@@ -92,9 +96,17 @@ REFUSED = {
         "INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)"
         " VALUES (%(user)s, %(chat)s, 'user', 'x', %(question)s)"
     ),
-    "messages_reply_to_key": (
+    "messages_live_answer_key": (
         "INSERT INTO messages (user_id, chat_id, role, content, reply_to_id)"
-        " VALUES (%(user)s, %(chat)s, 'assistant', 'a second answer', %(question)s)"
+        " VALUES (%(user)s, %(chat)s, 'assistant', 'a second live answer', %(question)s)"
+    ),
+    "messages_deleted_reason_check": (
+        "INSERT INTO messages (user_id, chat_id, role, content, deleted_reason)"
+        " VALUES (%(user)s, %(chat)s, 'user', 'a reason but not deleted', 'undo')"
+    ),
+    "messages_tokens_check": (
+        "INSERT INTO messages (user_id, chat_id, role, content, prompt_tokens)"
+        " VALUES (%(user)s, %(chat)s, 'user', 'tokens on a question', 3)"
     ),
     "messages_telegram_message_key": (
         "INSERT INTO messages (user_id, chat_id, role, content, telegram_message_id)"
