@@ -87,6 +87,7 @@ class TelegramStandIn(_Server):
     on_accepted: Callable[[Sent], None] | None = None  # called with each accepted sendMessage, before it is answered
     fail_next_edits: int = 0  # editMessageText answered 429 (retry after 1 s)
     refuse_entities: int = 0  # messages with entities refused as unparsable, as a picky Telegram would
+    refuse_edits: bool = False  # editMessageText refused: the message is gone
     texts: dict[int, str] = field(default_factory=dict)  # message id -> its text now (after edits)
     chat_of: dict[int, int] = field(default_factory=dict)  # message id -> chat id
 
@@ -177,6 +178,9 @@ class TelegramStandIn(_Server):
         received_at = time.monotonic()
         method = request.match_info["method"]
         params = {key: _param(value) for key, value in (await request.post()).items()}
+        for key, value in params.items():  # a file travels as its own part, named by "attach://<name>"
+            if isinstance(value, str) and value.startswith("attach://"):
+                params[key] = params[value.removeprefix("attach://")]
         if method == "getUpdates":
             updates = await self._get_updates(params)
             response = _ok(updates)
@@ -249,6 +253,8 @@ class TelegramStandIn(_Server):
         if method == "sendMessageDraft" and chat_id < 0:
             return 400, "Bad Request: message drafts are available only in private chats"
         if method == "editMessageText":
+            if self.refuse_edits:
+                return 400, "Bad Request: message to edit not found"
             if self.fail_next_edits:
                 self.fail_next_edits -= 1
                 return 429, "Too Many Requests: retry after 1"

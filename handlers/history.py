@@ -38,7 +38,6 @@ SEARCH_USAGE = (
     'Tell me what to look for: /search cat food. Quote a phrase ("cat food"), exclude a word with -dog. '
     "/search all … also looks in cleared messages."
 )
-RETRY_BUSY = "I'm still answering you here. Wait for the answer, or /cancel it, then /retry."
 NOTHING_TO_RETRY = "There is no question of yours here to answer again."
 NOTHING_TO_UNDO = "There is nothing to undo."
 NOTHING_TO_EXPORT = "There is nothing to export yet."
@@ -46,12 +45,9 @@ SNIPPET_CHARS = 60
 
 
 async def cmd_retry(message: Message, event_from_user: User, turns: Turns) -> None:
-    outcome = await turns.retry(user_id=event_from_user.id, chat_id=message.chat.id)
-    if outcome == "busy":
-        await message.answer(RETRY_BUSY)
-    elif outcome == "nothing":
+    if not await turns.retry(user_id=event_from_user.id, chat_id=message.chat.id):
         await message.answer(NOTHING_TO_RETRY)
-    # "retrying": the new answer is the reply
+    # else the new answer is the reply
 
 
 async def cmd_undo(message: Message, event_from_user: User, turns: Turns) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import logging
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
-from typing import Literal
 
 from config import Config
 from services.chat_queue import ChatQueues, Stopped
@@ -108,28 +107,32 @@ class Turns:
         await self._queues.cancel(chat_id, lambda turn: turn.question.user_id == user_id)
         return await self._storage.clear(user_id=user_id, chat_id=chat_id)
 
-    async def retry(self, *, user_id: int, chat_id: int) -> Literal["retrying", "busy", "nothing"]:
+    async def retry(self, *, user_id: int, chat_id: int) -> bool:
         """Ask the user's last question in the chat again (inside the intake): its answer is set
-        aside and a new one is written. ``busy`` while one of the user's answers is still being
-        written; ``nothing`` when there is no question to ask again."""
-        if self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id):
-            return "busy"
+        aside (one still being written is dropped) and a new one is written. Whether there was
+        a question to ask again."""
+        await self._drop_newest_turn(user_id, chat_id)
         question = await self._storage.retry(user_id=user_id, chat_id=chat_id)
         if question is None:
-            return "nothing"
+            return False
         self._submit(TurnRequest.late(question))
         logger.info("user %s in chat %s: question %s asked again", user_id, chat_id, question.id)
-        return "retrying"
+        return True
 
     async def undo(self, *, user_id: int, chat_id: int) -> Undone:
         """Take back the user's last turn in the chat, or the /clear right before (inside the
         intake). A turn still queued or being written is dropped first."""
+        await self._drop_newest_turn(user_id, chat_id)
+        return await self._storage.undo(user_id=user_id, chat_id=chat_id)
+
+    async def _drop_newest_turn(self, user_id: int, chat_id: int) -> None:
+        """Drop the user's newest turn in the chat if it is queued or running (a running one
+        stops writing, or finishes delivering first): it is the last question, about to change."""
         self._storage.require_database()
         mine = self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id)
         if mine:
             newest = mine[-1]
             await self._queues.cancel(chat_id, lambda turn: turn is newest)
-        return await self._storage.undo(user_id=user_id, chat_id=chat_id)
 
     async def edit(self, *, user_id: int, address: Address, telegram_message_id: int, text: str) -> bool:
         """The user edited a message (inside the intake): a stored question takes the new text,

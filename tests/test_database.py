@@ -362,6 +362,67 @@ async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement:
     assert "Sort" not in plan
 
 
+DIALOG = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
+
+
+@pytest.mark.parametrize(
+    ("statement", "params", "indexes"),
+    [
+        (
+            database.SEARCH_MESSAGES,
+            {**DIALOG, "query": "кошки", "everything": True, "limit": 10, "options": ""},
+            ["messages_search_idx|messages_telegram_message_key"],  # empty table: see the test below
+        ),
+        (database.RETRY_LAST_TURN, DIALOG, ["messages_turn_idx", "_answer_key|messages_reply_to_idx"]),
+        (database.UNDO_LAST_TURN, DIALOG, ["messages_turn_idx", "messages_dialog_deleted_idx"]),
+        (
+            database.EDIT_QUESTION,
+            {**DIALOG, "telegram_message_id": 1, "content": "new"},
+            ["messages_telegram_message_key", "_answer_key|messages_reply_to_idx"],
+        ),
+        (database.SELECT_STATS, DIALOG, ["messages_search_idx"]),
+        (database.SELECT_DIALOG, DIALOG, ["messages_search_idx|messages_telegram_message_key"]),
+    ],
+    ids=["search", "retry", "undo", "edit", "stats", "export"],
+)
+async def test_history_commands_read_through_indexes(
+    pool: Pool, statement: str, params: dict[str, object], indexes: list[str]
+) -> None:
+    await store_question(pool, USER_A, CHAT_X, "Мои кошки", message_id=1)
+    async with pool.connection() as conn:
+        await conn.execute("SET enable_seqscan = off")  # an empty table would otherwise be seq-scanned
+        try:
+            cur = await conn.execute("EXPLAIN " + statement, params)
+            plan = "\n".join(row[0] for row in await cur.fetchall())
+        finally:
+            await conn.execute("RESET enable_seqscan")
+    assert "Seq Scan on messages" not in plan, plan
+    for choices in indexes:  # "a|b": either index serves
+        assert any(index in plan for index in choices.split("|")), plan
+
+
+async def test_search_in_a_busy_group_reads_only_the_users_rows(pool: Pool) -> None:
+    for user in range(50):
+        await store_question(pool, 1000 + user, CHAT_Y, "hello")
+    # 50 users in one group, 200 messages each, every fifth one about cats
+    await rows(
+        pool,
+        "INSERT INTO messages (user_id, chat_id, role, content)"
+        " SELECT 1 + n % 50, 1, 'user', CASE WHEN n % 5 = 0 THEN 'кошки и молоко ' ELSE 'погода и дождь ' END || n"
+        " FROM generate_series(1, 10000) n",
+    )
+    await rows(pool, "ANALYZE messages")
+    params = {"telegram_user_id": 1007, "telegram_chat_id": CHAT_Y, "query": "кошка", "everything": False}
+    async with pool.connection() as conn:
+        cur = await conn.execute("EXPLAIN " + database.SEARCH_MESSAGES, {**params, "limit": 10, "options": ""})
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    # by (user, chat) through an index of one dialog's rows (here the live history's; at scale the
+    # GIN index of all rows: doc/guides/06-DATABASE.md), never by chat alone (every user's
+    # messages in the group) nor the whole table
+    assert "Index Scan on messages_turn_idx" in plan or "Index Scan on messages_search_idx" in plan, plan
+    assert "messages_telegram_message_key" not in plan and "Seq Scan on messages" not in plan, plan
+
+
 async def test_init_db_fails_fast_when_nothing_listens() -> None:
     from services.local_postgres import free_port
 
