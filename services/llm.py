@@ -13,6 +13,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from config import Config
+from services import metrics
 from services.context import ChatMessage
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class LLM:
         try:
             async with chunks:
                 async for chunk in chunks:
+                    if chunk.usage is not None:  # only endpoints that send usage unasked (none is asked for)
+                        metrics.count_tokens(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                     piece = chunk.choices[0].delta.content if chunk.choices else None
                     if piece:
                         first = first or time.perf_counter() - started
@@ -81,6 +84,7 @@ class LLM:
             logger.warning("LLM streamed an empty answer after %.2fs", time.perf_counter() - started)
             raise LLMError("empty answer")
         logger.info("LLM streamed %d chars in %.2fs (first after %.2fs)", written, time.perf_counter() - started, first)
+        metrics.observe_stage("llm", time.perf_counter() - started)
 
     async def complete(self, history: Sequence[ChatMessage]) -> str:
         """The assistant's answer to ``history`` (oldest first, ending with the question)."""
@@ -99,11 +103,15 @@ class LLM:
             logger.warning("LLM returned an empty answer after %.2fs", time.perf_counter() - started)
             raise LLMError("empty answer")
         logger.info("LLM answered: %d chars in %.2fs", len(content), time.perf_counter() - started)
+        metrics.observe_stage("llm", time.perf_counter() - started)
+        if response.usage is not None:
+            metrics.count_tokens(response.usage.prompt_tokens, response.usage.completion_tokens)
         return content
 
 
 def _failed(error: openai.APIError, started: float) -> LLMError:
     status = getattr(error, "status_code", None)
+    metrics.observe_stage("llm", time.perf_counter() - started, error)
     logger.warning(
         "LLM call failed: %s status=%s after %.2fs", type(error).__name__, status, time.perf_counter() - started
     )
