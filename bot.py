@@ -184,7 +184,8 @@ async def serve_webhook(dp: Dispatcher, bot: Bot, config: Config, stop: asyncio.
     add_health(app, dp["health"])
     runner = await listen(app, config.webhook_port, "WEBHOOK_PORT")
     try:
-        async with webhook_set(dp["pool"], bot, config, dp.resolve_used_update_types()):
+        async with webhook_set(dp["pool"], bot, config, dp.resolve_used_update_types()) as owner:
+            dp["webhook_owner"] = owner
             logger.info("webhook mode: listening on port %d", config.webhook_port)
             await stop.wait()
     except WebhookRefused as error:
