@@ -1,4 +1,5 @@
-"""Entry point: read the configuration, open the database, poll Telegram until told to stop.
+"""Entry point: read the configuration, open the database, take Telegram's updates (long polling,
+or a webhook with BOT_MODE=webhook) until told to stop.
 
 ``python bot.py`` checks the configuration before anything else: importing aiogram, openai and
 psycopg takes seconds on a small machine, and a bad ``.env`` is reported without that wait. So
@@ -17,6 +18,7 @@ from config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
     from aiogram import Bot, Dispatcher
+    from aiohttp import web
 
     from handlers.middlewares import InFlight
     from services.database import Pool
@@ -109,12 +111,14 @@ def create_bot(config: Config) -> Bot:
     from aiogram.client.telegram import TelegramAPIServer
 
     from handlers.flood import FloodControl
+    from handlers.monitoring import BotApiMonitor
 
     session = (
         AiohttpSession(api=TelegramAPIServer.from_base(config.telegram_api_url)) if config.telegram_api_url else None
     )
     bot = Bot(config.telegram_bot_token, session=session, default=DefaultBotProperties(link_preview_is_disabled=True))
     bot.session.middleware(FloodControl())
+    bot.session.middleware(BotApiMonitor())  # inside FloodControl: sees each attempt, 429s included
     return bot
 
 
@@ -136,7 +140,9 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
 
     from handlers import create_routers
     from handlers.delivery import TelegramDelivery
+    from handlers.health import Health
     from handlers.middlewares import AccessMiddleware, ChatIntake, InFlight
+    from services.metrics import BotCollector
     from services.turns import Turns
 
     storage = create_storage(config, pool)
@@ -145,6 +151,8 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     dp = Dispatcher(
         config=config, pool=pool, dialog_store=storage, turns=turns, delivery=delivery, in_flight=InFlight()
     )
+    dp["health"] = Health(pool, storage, bot, schema_head())
+    dp["metrics"] = BotCollector(pool, storage)
     dp.update.outer_middleware(dp["in_flight"])
     dp.update.outer_middleware(ChatIntake(dp["turns"]))
     access = AccessMiddleware(config.allowed_user_ids)
@@ -167,10 +175,64 @@ async def poll(dp: Dispatcher, bot: Bot, config: Config, **options: Any) -> None
     )
 
 
+async def serve_webhook(dp: Dispatcher, bot: Bot, config: Config, stop: asyncio.Event) -> None:
+    """Serve Telegram's webhook on WEBHOOK_PORT (with /healthz) until ``stop`` is set.
+
+    The dispatcher's start-up (recovery) runs before the port opens; ``setWebhook`` follows once
+    it listens (by one instance: see ``webhook_set``); at ``stop`` the port closes first, then
+    the turns in progress finish, as in polling mode.
+    """
+    from handlers.health import add_health
+    from handlers.webhook import WebhookRefused, create_webhook_app, webhook_set
+
+    app = create_webhook_app(dp, bot, config)
+    add_health(app, dp["health"])
+    runner = await listen(app, config.webhook_port, "WEBHOOK_PORT")
+    try:
+        async with webhook_set(dp["pool"], bot, config, dp.resolve_used_update_types()) as owner:
+            dp["webhook_owner"] = owner
+            logger.info("webhook mode: listening on port %d", config.webhook_port)
+            await stop.wait()
+    except WebhookRefused as error:
+        raise StartupError(str(error)) from None
+    finally:
+        await runner.cleanup()
+
+
+async def listen(app: web.Application, port: int, setting: str) -> web.AppRunner:
+    """Serve ``app`` on ``port`` (every interface); a port in use is a start-up error naming ``setting``."""
+    from handlers.health import serve
+
+    try:
+        return await serve(app, port)
+    except OSError as error:
+        raise StartupError(f"cannot listen on {setting}={port}: {error.strerror}") from None
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Pool | None, turns: Turns) -> None:
     from handlers.commands import COMMANDS
     from services import retention
 
+    if config.metrics_port:  # first: /healthz answers while the turns are recovered
+        from aiohttp import web
+
+        from handlers.health import add_health, add_metrics
+
+        app = web.Application()
+        add_health(app, dispatcher["health"])
+        add_metrics(app, dispatcher["metrics"])
+        dispatcher["metrics_runner"] = await listen(app, config.metrics_port, "METRICS_PORT")
     await bot.set_my_commands(COMMANDS)
     await turns.recover()  # before the first update, so unfinished turns keep their place in line
     if config.retention_days and pool is not None:
@@ -189,6 +251,9 @@ async def on_shutdown(
     task = dispatcher.workflow_data.get("retention_task")
     if task is not None:
         task.cancel()
+    metrics_runner = dispatcher.workflow_data.get("metrics_runner")
+    if metrics_runner is not None:  # last: /healthz and /metrics answer until the turns are done
+        await metrics_runner.cleanup()
 
 
 async def main() -> None:
@@ -209,7 +274,11 @@ async def main() -> None:
     bot = create_bot(config)
     try:
         await check_telegram(bot)
-        await poll(create_dispatcher(config, pool, create_llm(config), bot), bot, config, handle_signals=True)
+        dp = create_dispatcher(config, pool, create_llm(config), bot)
+        if config.bot_mode == "webhook":
+            await serve_webhook(dp, bot, config, stop_on_signals())
+        else:
+            await poll(dp, bot, config, handle_signals=True)
     except StartupError as error:
         await bot.session.close()
         raise SystemExit(f"start-up error: {error}") from None

@@ -55,6 +55,16 @@ class Config:
     retention_days: int
     telegram_api_url: str | None
     log_level: str
+    bot_mode: str
+    webhook_url: str | None
+    webhook_secret: str | None = field(repr=False)
+    webhook_port: int
+    metrics_port: int
+
+    @property
+    def webhook_path(self) -> str:
+        """The path of WEBHOOK_URL: where the webhook listens (the load balancer forwards it as is)."""
+        return urlsplit(self.webhook_url or "").path or "/"
 
 
 def _load_env() -> Mapping[str, str]:
@@ -106,6 +116,30 @@ def _optional_http_url(raw: str) -> str | None:
     return _http_url(raw) if raw else None
 
 
+def _webhook_url(raw: str) -> str | None:
+    # Telegram posts to HTTPS only; TLS usually ends at the load balancer in front of the bot.
+    parts = urlsplit(raw)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(raw)
+    return raw
+
+
+def _webhook_secret(raw: str) -> str:
+    # Telegram's rule for secret_token (1-256 of A-Z a-z 0-9 _ -), with a floor that makes guessing hopeless.
+    if not 16 <= len(raw) <= 256 or not all(c.isascii() and (c.isalnum() or c in "_-") for c in raw):
+        raise ValueError("malformed secret")
+    return raw
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in allowed:
+            raise ValueError(raw)
+        return raw.lower()
+
+    return parse
+
+
 def _postgres_url(raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
@@ -152,6 +186,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Build the configuration or raise ``ConfigError`` naming every bad or missing variable."""
     r = _Reader(_load_env() if env is None else env)
     positive = "a whole number ≥ 1"
+    bot_mode = r.get("BOT_MODE", "polling", _choice("polling", "webhook"), "polling or webhook")
+    webhook = bot_mode == "webhook"  # the webhook's settings are required in webhook mode only
     config = Config(
         telegram_bot_token=r.get(
             "TELEGRAM_BOT_TOKEN", None, _bot_token, "a bot token like 123456:ABC... (from @BotFather)"
@@ -187,7 +223,22 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         retention_days=r.get("RETENTION_DAYS", "0", _bounded(int, 0, 36_500), "a whole number of days ≥ 0"),
         telegram_api_url=r.get("TELEGRAM_API_URL", "", _optional_http_url, "an http(s) URL"),
         log_level=r.get("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+        bot_mode=bot_mode,
+        webhook_url=r.get(
+            "WEBHOOK_URL", None if webhook else "", _webhook_url, "an https:// URL without query (Telegram posts to it)"
+        )
+        if webhook
+        else None,
+        webhook_secret=r.get(
+            "WEBHOOK_SECRET", None if webhook else "", _webhook_secret, "16 to 256 characters: A-Z, a-z, 0-9, _ or -"
+        )
+        if webhook
+        else None,
+        webhook_port=r.get("WEBHOOK_PORT", "8080", _bounded(int, 1, 65535), "a port from 1 to 65535"),
+        metrics_port=r.get("METRICS_PORT", "0", _bounded(int, 0, 65535), "a port from 1 to 65535, or 0 (off)"),
     )
+    if webhook and config.metrics_port and config.metrics_port == config.webhook_port:
+        r.errors.append("METRICS_PORT must differ from WEBHOOK_PORT (/metrics stays off the public port)")
     if r.errors:
         raise ConfigError("; ".join(r.errors))
     return config

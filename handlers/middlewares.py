@@ -11,6 +11,7 @@ from typing import Any
 from aiogram import BaseMiddleware
 from aiogram.types import Message, TelegramObject, Update
 
+from services import metrics
 from services.turns import Turns
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class InFlight(BaseMiddleware):
         self.tasks: set[asyncio.Task[Any]] = set()
 
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        metrics.update_received()
         task = asyncio.current_task()
         if task is not None:
             self.tasks.add(task)

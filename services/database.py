@@ -26,6 +26,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import args_row, class_row, scalar_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from services import metrics
+
 logger = logging.getLogger(__name__)
 
 Role = Literal["system", "user", "assistant"]
@@ -255,7 +257,7 @@ async def run(
     """
     while True:
         try:
-            async with pool.connection() as conn:
+            async with metrics.stage("database"), pool.connection() as conn:  # the wait for a connection counts
                 return await work(conn, *args, **kwargs)
         except PoolTimeout:
             if not await _server_answers_shared(pool):

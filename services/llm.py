@@ -13,6 +13,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from config import Config
+from services import metrics
 from services.context import ChatMessage, Usage
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,9 @@ class LLM:
             logger.warning("LLM streamed an empty answer after %.2fs", time.perf_counter() - started)
             raise LLMError("empty answer")
         logger.info("LLM streamed %d chars in %.2fs (first after %.2fs)", written, time.perf_counter() - started, first)
+        metrics.observe_stage("llm", time.perf_counter() - started)
         if usage is not None:
+            metrics.count_tokens(usage.prompt_tokens, usage.completion_tokens)
             yield usage
 
     async def _whole(self, history: Sequence[ChatMessage]) -> AsyncIterator[str | Usage]:
@@ -108,13 +111,16 @@ class LLM:
             logger.warning("LLM returned an empty answer after %.2fs", time.perf_counter() - started)
             raise LLMError("empty answer")
         logger.info("LLM answered: %d chars in %.2fs", len(content), time.perf_counter() - started)
+        metrics.observe_stage("llm", time.perf_counter() - started)
         yield content
         if response.usage is not None:
+            metrics.count_tokens(response.usage.prompt_tokens, response.usage.completion_tokens)
             yield Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
 
 
 def _failed(error: openai.APIError, started: float) -> LLMError:
     status = getattr(error, "status_code", None)
+    metrics.observe_stage("llm", time.perf_counter() - started, error)
     logger.warning(
         "LLM call failed: %s status=%s after %.2fs", type(error).__name__, status, time.perf_counter() - started
     )

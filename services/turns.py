@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 
 from config import Config
+from services import metrics
 from services.chat_queue import ChatQueues, Stopped
 from services.context import ChatMessage, StorageUnavailable, Usage
 from services.database import FinishReason, Undone
@@ -199,13 +200,16 @@ class Turns:
 
     # -- one turn ---------------------------------------------------------------------------
 
+    @metrics.turn
     async def _run(self, turn: TurnRequest) -> None:
         try:
             await self._answer(turn)
         except StorageUnavailable:
+            metrics.turn_outcome("db_unavailable")
             logger.warning("turn of question %s stopped: nowhere to keep it", turn.ident)
             await self._say(turn.address, DB_APOLOGY)
         except DeliveryFailed as error:
+            metrics.turn_outcome("delivery_failed")
             logger.warning("answer to question %s waits for recovery: %s", turn.ident, error)
 
     async def _answer(self, turn: TurnRequest) -> None:
@@ -237,6 +241,7 @@ class Turns:
         if not text.strip():
             await self._storage.set_failed(question)
             if cut_short != "stop":
+                metrics.turn_outcome("llm_failed")
                 await self._say(turn.address, LLM_APOLOGY)
             return
         finish_reason: FinishReason | None = "stopped" if cut_short == "stop" else "failed" if cut_short else None
@@ -246,6 +251,7 @@ class Turns:
             return
         await self._deliver(turn, answer, shown)
         if finish_reason == "failed":
+            metrics.turn_outcome("llm_failed")
             await self._say(turn.address, LLM_APOLOGY)
 
     async def _write(
@@ -310,6 +316,7 @@ class Turns:
                 else:
                     message_id = await self._delivery.send(turn.address, part, quote=index == 0)
             except DeliveryRefused as error:
+                metrics.turn_outcome("refused")
                 logger.warning("Telegram refused the answer in chat %s: %s", turn.address.chat_id, error)
                 await self._storage.set_failed(turn.question, answer)
                 return
@@ -318,6 +325,7 @@ class Turns:
             except StorageUnavailable:
                 # The user has this part; only the record is missing. Recovery may send it again.
                 logger.warning("part %d of the answer to %s sent but not recorded", index + 1, turn.ident)
+        metrics.turn_outcome("answered")
         logger.info(
             "delivered the answer to %s in chat %s: %d chars", turn.ident, turn.address.chat_id, len(answer.content)
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 from aiogram import Dispatcher
 
 from bench.standins import LLMStandIn, TelegramStandIn
-from bot import create_bot, create_dispatcher, poll
+from bot import create_bot, create_dispatcher, poll, serve_webhook
 from config import load_config
 from services import database
 from services.database import Pool
@@ -75,6 +76,53 @@ async def running_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIt
         if not polling.done():
             await dp.stop_polling()
         await polling
+        if pool is not None:
+            await database.close_db(pool)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for a bot to listen on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+WEBHOOK_SECRET = "test-webhook-secret_0123456789"
+
+
+def webhook_env(env: dict[str, str], **overrides: str) -> dict[str, str]:
+    """``env`` in webhook mode, listening on a free port of its own."""
+    return {
+        **env,
+        "BOT_MODE": "webhook",
+        "WEBHOOK_URL": "https://bot.example.test/telegram/webhook",
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "WEBHOOK_PORT": str(free_port()),
+        **overrides,
+    }
+
+
+@asynccontextmanager
+async def running_webhook_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIterator[Dispatcher]:
+    """The bot in webhook mode in this event loop, until the block ends; entered once it listens
+    and has set the webhook or left it to the instance that did (``dp["webhook_owner"]``)."""
+    config = load_config(env)
+    pool = None
+    if config.database_enabled:
+        pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
+    bot = create_bot(config)
+    dp = create_dispatcher(config, pool, create_llm(config), bot)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve_webhook(dp, bot, config, stop))
+    try:
+        await telegram.wait_for(lambda: "webhook_owner" in dp.workflow_data or serving.done())
+        if serving.done():
+            serving.result()  # its start-up error
+        yield dp
+    finally:
+        stop.set()
+        await serving
         if pool is not None:
             await database.close_db(pool)
 

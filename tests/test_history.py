@@ -243,7 +243,9 @@ async def test_history_commands_never_touch_another_users_turns_in_a_group(
         command(telegram, "/stats", user_id=2, chat_id=GROUP)
         command(telegram, "/retry", user_id=2, chat_id=GROUP)  # Bob's only turn is undone: nothing
         command(telegram, "/search кошки", user_id=1, chat_id=GROUP)
+        command(telegram, "/export json", user_id=2, chat_id=GROUP)
         replies = await telegram.wait_for_messages(GROUP, 7)
+        await telegram.wait_for(lambda: len(telegram.documents(GROUP)) == 1)
     assert replies[2] == "Undone: your message “Bob asks about собаки” and my answer. /undo again goes further back."
     assert replies[3] == "Nothing found for “кошки”."
     assert replies[4].startswith("In this chat: 2 message(s) (2 cleared)")
@@ -252,6 +254,11 @@ async def test_history_commands_never_touch_another_users_turns_in_a_group(
     assert await fetch(pool, "SELECT content FROM messages WHERE deleted_at IS NULL ORDER BY id") == [
         ("Ann asks about кошки",),
         ("echo: Ann asks about кошки",),
+    ]
+    [bobs] = exported(telegram, GROUP)  # Bob's own messages only
+    assert [(m["text"], m["cleared"]) for m in bobs] == [
+        ("Bob asks about собаки", True),
+        ("echo: Bob asks about собаки", True),
     ]
 
 

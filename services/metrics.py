@@ -1,0 +1,270 @@
+"""The bot's Prometheus metrics: every definition, and the few helpers that feed them.
+
+Counters and histograms are process-wide (one bot per process); what belongs to one running bot
+(its pool, its storage, its database) is read by a ``BotCollector`` when ``/metrics`` is asked
+for. Feeding a metric is one line where the thing happens; nothing here knows aiogram.
+
+Stage latencies are per call, not summed per turn: one database statement (including the wait
+for a pooled connection), one LLM request (until its stream ends), one Bot API request (each
+attempt; ``getUpdates``, a long poll, is left out). A turn's whole time is ``llmbot_turn_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Final, ParamSpec, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from services.database import Pool
+    from services.storage import Storage
+
+logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+REGISTRY: Final = CollectorRegistry()
+STAGES: Final = ("database", "llm", "telegram")
+OUTCOMES: Final = ("answered", "llm_failed", "refused", "db_unavailable", "delivery_failed", "skipped", "error")
+# Statements take ~0.2-5 ms, an LLM seconds, a Bot API request tens of ms: one set of buckets spans them.
+STAGE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TURN_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+TURNS: Final = Counter("llmbot_turns", "Turns run, by how they ended", ["outcome"], registry=REGISTRY)
+TURN_SECONDS: Final = Histogram(
+    "llmbot_turn_seconds", "Time of one turn, from its start in the chat's queue to its end", buckets=TURN_BUCKETS,
+    registry=REGISTRY,
+)  # fmt: skip
+TURNS_IN_FLIGHT: Final = Gauge("llmbot_turns_in_flight", "Turns running now", registry=REGISTRY)
+STAGE_SECONDS: Final = Histogram(
+    "llmbot_stage_seconds", "Time of one call to the database, the LLM or the Bot API", ["stage"],
+    buckets=STAGE_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+STAGE_ERRORS: Final = Counter(
+    "llmbot_stage_errors", "Calls that failed, by stage and exception type", ["stage", "error"], registry=REGISTRY
+)
+LLM_TOKENS: Final = Counter(
+    "llmbot_llm_tokens", "Tokens the LLM endpoint reported using (only where it reports usage)", ["kind"],
+    registry=REGISTRY,
+)  # fmt: skip
+TELEGRAM_429: Final = Counter("llmbot_telegram_429", "Bot API requests Telegram refused with 429", registry=REGISTRY)
+UPDATES: Final = Counter("llmbot_updates", "Updates received from Telegram", registry=REGISTRY)
+LAST_UPDATE: Final = Gauge(
+    "llmbot_last_update_timestamp_seconds", "Unix time of the last update received (0: none yet)", registry=REGISTRY
+)
+WEBHOOK_REFUSED: Final = Counter(
+    "llmbot_webhook_refused", "Webhook requests refused for a missing or wrong secret", registry=REGISTRY
+)
+
+for _stage in STAGES:  # present at 0 from the start, so rate() and alerts see them
+    STAGE_SECONDS.labels(_stage)
+for _name in OUTCOMES:
+    TURNS.labels(_name)
+for _kind in ("prompt", "completion"):
+    LLM_TOKENS.labels(_kind)
+
+
+@dataclass
+class _Clock:
+    """Monotonic times of the last update and the last Bot API request Telegram answered."""
+
+    last_update: float | None = None
+    telegram_answered: float | None = None
+
+
+clock: Final = _Clock()
+
+
+def update_received() -> None:
+    """An update arrived (polling or webhook)."""
+    clock.last_update = time.monotonic()
+    UPDATES.inc()
+    LAST_UPDATE.set(time.time())
+
+
+def telegram_answered() -> None:
+    """Telegram answered a Bot API request (an error answer counts: Telegram is reachable)."""
+    clock.telegram_answered = time.monotonic()
+
+
+def observe_stage(stage: str, seconds: float, error: BaseException | None = None) -> None:
+    """One call of ``stage`` took ``seconds``; ``error`` when it failed."""
+    STAGE_SECONDS.labels(stage).observe(seconds)
+    if error is not None:
+        STAGE_ERRORS.labels(stage, type(error).__name__).inc()
+
+
+def count_tokens(prompt: int | None, completion: int | None) -> None:
+    """Tokens an LLM response reported in its ``usage``."""
+    if prompt:
+        LLM_TOKENS.labels("prompt").inc(prompt)
+    if completion:
+        LLM_TOKENS.labels("completion").inc(completion)
+
+
+class stage:  # lower case: used like a function, ``async with metrics.stage("database"):``
+    """Times the block as one call of ``name``, counting the exception it ends with, if any."""
+
+    __slots__ = ("name", "started")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if not isinstance(error, asyncio.CancelledError):  # a cancelled call tells nothing about the stage
+            observe_stage(self.name, time.perf_counter() - self.started, error)
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(kind, error, tb)
+
+
+# -- turns ------------------------------------------------------------------------------------
+
+_outcome: ContextVar[list[str] | None] = ContextVar("llmbot_turn_outcome", default=None)
+
+
+def turn_outcome(outcome: str) -> None:
+    """How the turn running in this task ended (the last call wins); ``skipped`` if never said."""
+    current = _outcome.get()
+    if current is not None:
+        current[0] = outcome
+
+
+def turn(run: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Decorates the coroutine function that runs one turn: counts it in flight while it runs,
+    times it, and counts its outcome (``error`` when it raises)."""
+
+    @functools.wraps(run)
+    async def timed(*args: P.args, **kwargs: P.kwargs) -> R:
+        outcome = ["skipped"]
+        token = _outcome.set(outcome)
+        started = time.perf_counter()
+        TURNS_IN_FLIGHT.inc()
+        try:
+            return await run(*args, **kwargs)
+        except BaseException:
+            outcome[0] = "error"
+            raise
+        finally:
+            TURNS_IN_FLIGHT.dec()
+            TURN_SECONDS.observe(time.perf_counter() - started)
+            TURNS.labels(outcome[0]).inc()
+            _outcome.reset(token)
+
+    return timed
+
+
+# -- what one running bot adds ----------------------------------------------------------------
+
+DB_STATS_EVERY_S: Final = 60.0
+# Estimates, not counts: pg_class.reltuples, kept current by autovacuum's VACUUM/ANALYZE, read in
+# microseconds at any size. Live messages are the entries of the partial index over live rows
+# (messages_turn_idx ... WHERE deleted_at IS NULL). A relation never vacuumed or analyzed has
+# reltuples = -1 (and a missing index, NULL): then, and only then, it is counted.
+# (SQL here rather than in services/database.py: monitoring reads catalogues, not the bot's data.)
+SELECT_DB_STATS: Final = """
+    SELECT pg_database_size(current_database()) AS database_bytes,
+           (SELECT reltuples FROM pg_class WHERE oid = to_regclass('users')) AS users,
+           (SELECT reltuples FROM pg_class WHERE oid = to_regclass('chats')) AS chats,
+           (SELECT reltuples FROM pg_class WHERE oid = to_regclass('messages_turn_idx')) AS live_messages
+"""
+EXACT_COUNTS: Final = {
+    "users": "SELECT count(*) FROM users",
+    "chats": "SELECT count(*) FROM chats",
+    "live_messages": "SELECT count(*) FROM messages WHERE deleted_at IS NULL",
+}
+DB_STATS_HELP: Final = {
+    "database_bytes": "Size of the database on disk (pg_database_size), at most a minute old",
+    "users": "Users, estimated (pg_class.reltuples), at most a minute old",
+    "chats": "Chats, estimated (pg_class.reltuples), at most a minute old",
+    "live_messages": "Messages not soft-deleted, estimated (reltuples of messages_turn_idx), at most a minute old",
+}
+
+
+class BotCollector(Collector):
+    """One running bot's gauges: its pool, its storage's degraded state, and the database's size
+    and row counts (read by ``refresh`` at most once a minute, not at every scrape)."""
+
+    def __init__(self, pool: Pool | None, storage: Storage) -> None:
+        self._pool = pool
+        self._storage = storage
+        self._db_stats: dict[str, float] = {}
+        self._refreshed_at: float | None = None
+        self._refreshing = asyncio.Lock()
+
+    async def refresh(self, every_s: float = DB_STATS_EVERY_S, timeout_s: float = 2.0) -> None:
+        """Read the database's size and counts unless they are younger than ``every_s``; on
+        failure the previous figures stay and the next try waits ``every_s`` too."""
+        if self._pool is None:
+            return
+        async with self._refreshing:
+            now = time.monotonic()
+            if self._refreshed_at is not None and now - self._refreshed_at < every_s:
+                return
+            self._refreshed_at = now
+            try:
+                self._db_stats = await _read_db_stats(self._pool, timeout_s)
+            except Exception as error:  # a scrape must answer even when the database does not
+                logger.warning("database size and counts not read: %s", type(error).__name__)
+
+    def collect(self) -> Iterator[Metric]:
+        if self._pool is not None:
+            stats = self._pool.get_stats()
+            size, available = stats.get("pool_size", 0), stats.get("pool_available", 0)
+            yield GaugeMetricFamily("llmbot_db_pool_size", "Connections the pool holds now", value=size)
+            yield GaugeMetricFamily("llmbot_db_pool_in_use", "Connections lent out now", value=size - available)
+            yield GaugeMetricFamily(
+                "llmbot_db_pool_waiting", "Callers waiting for a connection now", value=stats.get("requests_waiting", 0)
+            )
+        yield GaugeMetricFamily(
+            "llmbot_storage_degraded",
+            "1 while the bot answers from memory and spools its writes (database unavailable, or written back)",
+            value=1 if self._storage.degraded and self._pool is not None else 0,
+        )
+        yield GaugeMetricFamily("llmbot_spooled_writes", "Writes waiting for the database", value=self._storage.spooled)
+        for name, value in self._db_stats.items():
+            yield GaugeMetricFamily(f"llmbot_db_{name}", DB_STATS_HELP[name], value=value)
+
+
+async def _read_db_stats(pool: Pool, timeout_s: float) -> dict[str, float]:
+    async with pool.connection(timeout=timeout_s) as conn:
+        cur = await conn.execute(SELECT_DB_STATS)
+        row = await cur.fetchone()
+        assert row is not None and cur.description is not None  # one row, always
+        stats = {column.name: value for column, value in zip(cur.description, row, strict=True)}
+        for name, exact in EXACT_COUNTS.items():
+            if stats[name] is None or stats[name] < 0:
+                cur = await conn.execute(exact)
+                counted = await cur.fetchone()
+                stats[name] = counted[0] if counted is not None else 0
+    return {name: float(value) for name, value in stats.items()}
+
+
+class Scrape:
+    """What ``/metrics`` renders: the process-wide registry and one bot's collector."""
+
+    def __init__(self, *collectors: Collector) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self._collectors:
+            yield from collector.collect()

@@ -1,0 +1,153 @@
+"""Webhook mode: the real bot receives updates POSTed over HTTP, refuses requests without the
+secret, sets the webhook once however many instances start, and keeps recovery and drain."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bench.standins import LLMStandIn, TelegramStandIn
+from config import ConfigError, load_config
+from services import metrics
+from services.database import Pool
+from tests.harness import (
+    TOKEN,
+    WEBHOOK_SECRET,
+    BotProcess,
+    running_webhook_bot,
+    store_question,
+    webhook_env,
+)
+
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+_update_ids = itertools.count(1)
+
+
+def webhook_of(env: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{env['WEBHOOK_PORT']}/telegram/webhook"
+
+
+def update(telegram: TelegramStandIn, text: str, **kwargs: Any) -> dict[str, Any]:
+    """A message update as Telegram would post it."""
+    return {"update_id": next(_update_ids), "message": telegram.message(text, **kwargs)}
+
+
+async def post(url: str, body: dict[str, Any], secret: str | None = WEBHOOK_SECRET) -> int:
+    """POST ``body`` as Telegram does (with ``secret`` in its header, unless None); the status."""
+    headers = {SECRET_HEADER: secret} if secret is not None else {}
+    async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=headers) as response:
+        return response.status
+
+
+def refused() -> float:
+    return metrics.REGISTRY.get_sample_value("llmbot_webhook_refused_total") or 0.0
+
+
+async def questions(pool: Pool) -> list[str]:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id")
+        return [row[0] for row in await cur.fetchall()]
+
+
+async def test_posted_updates_are_answered_and_requests_without_the_secret_change_nothing(
+    env: dict[str, str], telegram: TelegramStandIn, pool: Pool
+) -> None:
+    env = webhook_env(env)
+    refused_before = refused()
+    async with running_webhook_bot(env, telegram):
+        url = webhook_of(env)
+        assert await post(url, update(telegram, "hello", user_id=1)) == 200
+        assert await telegram.wait_for_messages(1, 1) == ["echo: hello"]
+
+        assert await post(url, update(telegram, "no secret", user_id=2), secret=None) == 401
+        assert await post(url, update(telegram, "wrong secret", user_id=2), secret="x" + WEBHOOK_SECRET) == 401
+        assert await post(url, update(telegram, "valid", user_id=2)) == 200
+        # The valid update came after the refused ones and is answered: they were not merely slow.
+        assert await telegram.wait_for_messages(2, 1) == ["echo: valid"]
+
+        async with aiohttp.ClientSession() as http, http.get(url.replace("/telegram/webhook", "/healthz")) as health:
+            assert health.status == 200, await health.text()
+    assert await questions(pool) == ["hello", "valid"]
+    assert [s.text for s in telegram.calls("sendMessage")] == ["echo: hello", "echo: valid"]
+    assert refused() == refused_before + 2
+
+
+async def test_two_instances_on_one_database_set_the_webhook_once(
+    env: dict[str, str], telegram: TelegramStandIn, pool: Pool
+) -> None:
+    first_env, second_env = webhook_env(env), webhook_env(env)
+    async with running_webhook_bot(first_env, telegram) as first, running_webhook_bot(second_env, telegram) as second:
+        assert (first["webhook_owner"], second["webhook_owner"]) == (True, False)
+        [call] = telegram.calls("setWebhook")
+        assert call.params["url"] == "https://bot.example.test/telegram/webhook"
+        assert call.params["secret_token"] == WEBHOOK_SECRET
+        assert sorted(call.params["allowed_updates"]) == sorted(first.resolve_used_update_types())
+        assert "message" in call.params["allowed_updates"]
+        assert call.params.get("drop_pending_updates") in (None, False, "false")
+        # Both serve: each answers what is posted to it.
+        assert await post(webhook_of(first_env), update(telegram, "to the first", user_id=1)) == 200
+        assert await post(webhook_of(second_env), update(telegram, "to the second", user_id=2)) == 200
+        assert await telegram.wait_for_messages(1, 1) == ["echo: to the first"]
+        assert await telegram.wait_for_messages(2, 1) == ["echo: to the second"]
+    assert len(telegram.calls("setWebhook")) == 1
+
+
+async def test_a_webhook_process_recovers_before_serving_and_finishes_turns_on_sigterm(
+    env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
+) -> None:
+    await store_question(pool, 1, 1, "left unanswered by a crash", message_id=7)
+    env = webhook_env(env)
+    bot = BotProcess(env, telegram)
+    await bot.start()  # returns once its start-up (recovery included) has begun
+    assert await telegram.wait_for_messages(1, 1) == ["echo: left unanswered by a crash"]
+    await telegram.wait_for(lambda: len(telegram.calls("setWebhook")) == 1)  # listening
+    llm.delay = 1.0
+    assert await post(webhook_of(env), update(telegram, "slow one", user_id=2)) == 200
+    await telegram.wait_for(lambda: len(llm.requests) == 2)
+    assert await bot.stop(signal.SIGTERM) == 0, bot.output()
+    assert telegram.messages_to(2) == ["echo: slow one"]
+    assert "webhook mode: listening" in bot.output()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({}, "WEBHOOK_URL is required; WEBHOOK_SECRET is required"),
+        ({"WEBHOOK_URL": "http://bot.example.test/hook", "WEBHOOK_SECRET": WEBHOOK_SECRET}, "WEBHOOK_URL must be"),
+        ({"WEBHOOK_URL": "https://bot.example.test/hook", "WEBHOOK_SECRET": "short"}, "WEBHOOK_SECRET must be"),
+        (
+            {"WEBHOOK_URL": "https://b.example.test/", "WEBHOOK_SECRET": "bad secret with spaces!"},
+            "WEBHOOK_SECRET must",
+        ),
+        (
+            {"WEBHOOK_URL": "https://b.example.test/", "WEBHOOK_SECRET": WEBHOOK_SECRET, "WEBHOOK_PORT": "0"},
+            "WEBHOOK_PORT",
+        ),
+        (
+            {"WEBHOOK_URL": "https://b.example.test/", "WEBHOOK_SECRET": WEBHOOK_SECRET, "METRICS_PORT": "8080"},
+            "METRICS_PORT must differ from WEBHOOK_PORT",
+        ),
+    ],
+)
+def test_bad_webhook_settings_are_named_at_start_up(overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config({"TELEGRAM_BOT_TOKEN": TOKEN, "OPENAI_API_KEY": "k", "BOT_MODE": "webhook", **overrides})
+    assert str(error.value).startswith(message)
+    assert "bad secret" not in str(error.value)
+
+
+def test_webhook_settings_are_read_in_webhook_mode_only() -> None:
+    base = {"TELEGRAM_BOT_TOKEN": TOKEN, "OPENAI_API_KEY": "k", "WEBHOOK_SECRET": "short"}
+    polling = load_config(base)
+    assert (polling.bot_mode, polling.webhook_url, polling.metrics_port) == ("polling", None, 0)
+    with pytest.raises(ConfigError, match="BOT_MODE must be polling or webhook"):
+        load_config({**base, "BOT_MODE": "push"})
+    webhook = load_config(
+        {**base, "BOT_MODE": "Webhook", "WEBHOOK_URL": "https://b.example.test/tg/hook", "WEBHOOK_SECRET": "s" * 16}
+    )
+    assert (webhook.bot_mode, webhook.webhook_path, webhook.webhook_port) == ("webhook", "/tg/hook", 8080)
+    assert "s" * 16 not in repr(webhook)
