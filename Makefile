@@ -54,9 +54,10 @@ docs-check: $(STAMP) ## Fail when the docs name a target, variable or file that 
 
 check: lint typecheck test ## What CI runs: lint, typecheck, tests
 
-bench: $(STAMP) ## Benchmark the per-turn database cost and streamed replies (BENCH_ARGS="--rows 10000000" for more)
+bench: $(STAMP) ## Benchmark the per-turn database cost, streamed replies, /search and /export (BENCH_ARGS="--rows 10000000" for more)
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.streaming
+	$(PY) -m bench.history
 
 DOCKER_OK = docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1
 
