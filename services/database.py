@@ -542,13 +542,14 @@ RETRY_LAST_TURN: Final = (
 # /undo: when the dialog's latest deletion is a /clear and nothing was said since, that clear's
 # rows come back; otherwise the newest live turn (question and answer) is set aside ('undo').
 # A clear is restored only while it is the latest deletion, so only the last one can be.
+# last_deletion is MATERIALIZED: inlined, it would be looked up again for every cleared row.
 UNDO_LAST_TURN: Final = (
     "WITH"
     + _DIALOG
     + ","
     + _LAST_TURN
     + """,
-    last_deletion AS (
+    last_deletion AS MATERIALIZED (
         SELECT m.deleted_at, m.deleted_reason
         FROM messages m
         WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)

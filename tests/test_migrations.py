@@ -143,3 +143,25 @@ def test_the_schema_refuses_what_breaks_a_constraint(database_url: str, constrai
             conn.execute(REFUSED[constraint], ids)
         assert refused.value.diag.constraint_name == constraint
         conn.rollback()
+
+
+def test_007_rebuilds_an_index_a_cancelled_concurrent_build_left_invalid(admin_url: str) -> None:
+    url = create_database(admin_url, "llmbot_invalid_index")
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "006")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO users (telegram_user_id) VALUES (1)")
+        conn.execute("INSERT INTO chats (telegram_chat_id) VALUES (1)")
+        conn.execute(
+            "INSERT INTO messages (user_id, chat_id, role, content) VALUES (1, 1, 'user', 'a'), (1, 1, 'user', 'b')"
+        )
+        # a failed concurrent build leaves its index behind, INVALID, under the name 007 uses
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("CREATE UNIQUE INDEX CONCURRENTLY messages_search_idx ON messages (user_id)")
+    command.upgrade(cfg, "head")
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'messages_search_idx'"
+        ).fetchone()
+    assert row is not None and row[0] and "USING gin (user_id, chat_id, search_vector)" in row[1]

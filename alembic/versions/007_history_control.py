@@ -39,6 +39,7 @@ branch_labels = None
 depends_on = None
 
 BACKFILL_BATCH = 10_000
+INDEXES = ("messages_search_idx", "messages_dialog_deleted_idx", "messages_live_answer_key", "messages_reply_to_idx")
 
 
 def upgrade() -> None:
@@ -75,6 +76,18 @@ def upgrade() -> None:
                     " WHERE id > :start AND id <= :end AND search_vector IS NULL"
                 ).bindparams(start=start, end=start + BACKFILL_BATCH)
             )
+        # A concurrent build cancelled half-way leaves an INVALID index, which IF NOT EXISTS would
+        # accept: drop it to build it again. The GIN build takes minutes on 10M rows: no timeout.
+        invalid = op.get_bind().execute(
+            sa.text(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                " WHERE c.relname = ANY(:names) AND NOT i.indisvalid"
+            ).bindparams(names=list(INDEXES))
+        )
+        for (name,) in invalid.fetchall():
+            assert name in INDEXES  # an identifier from the list above, never a value from outside
+            op.execute(f"DROP INDEX CONCURRENTLY {name}")
+        op.execute("SET statement_timeout = 0")
         op.execute("""
         CREATE INDEX CONCURRENTLY IF NOT EXISTS messages_search_idx
             ON messages USING gin (user_id, chat_id, search_vector)
@@ -91,6 +104,7 @@ def upgrade() -> None:
         CREATE INDEX CONCURRENTLY IF NOT EXISTS messages_reply_to_idx
             ON messages (reply_to_id) WHERE reply_to_id IS NOT NULL
         """)
+        op.execute("SET statement_timeout = '5min'")  # alembic/env.py's bound, for what follows
     op.execute("ALTER TABLE messages DROP CONSTRAINT messages_reply_to_key")
 
 
