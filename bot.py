@@ -141,7 +141,7 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     from handlers import create_routers
     from handlers.delivery import TelegramDelivery
     from handlers.health import Health
-    from handlers.middlewares import AccessMiddleware, ChatIntake, InFlight
+    from handlers.middlewares import AccessMiddleware, ChatIntake, GroupTrigger, InFlight
     from services.metrics import BotCollector
     from services.turns import Turns
 
@@ -157,6 +157,7 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     dp.update.outer_middleware(ChatIntake(dp["turns"]))
     access = AccessMiddleware(config.allowed_user_ids)
     dp.message.outer_middleware(access)
+    dp.message.outer_middleware(GroupTrigger(config.group_trigger))
     dp.edited_message.outer_middleware(access)
     dp.include_routers(*create_routers())
     dp.startup.register(on_startup)

@@ -53,6 +53,7 @@ class Config:
     rate_limit_per_minute: int
     allowed_user_ids: frozenset[int]
     retention_days: int
+    group_trigger: str
     telegram_api_url: str | None
     log_level: str
     bot_mode: str
@@ -162,6 +163,15 @@ def _boolean(raw: str) -> bool:
     return value in ("true", "1", "yes")
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(raw)
+        return raw.lower()
+
+    return parse
+
+
 def _user_ids(raw: str) -> frozenset[int]:
     return frozenset(int(part) for part in raw.replace(",", " ").split())
 
@@ -223,6 +233,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         retention_days=r.get("RETENTION_DAYS", "0", _bounded(int, 0, 36_500), "a whole number of days ≥ 0"),
         telegram_api_url=r.get("TELEGRAM_API_URL", "", _optional_http_url, "an http(s) URL"),
         log_level=r.get("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+        group_trigger=r.get("GROUP_TRIGGER", "mention", _one_of("mention", "all"), "mention or all"),
         bot_mode=bot_mode,
         webhook_url=r.get(
             "WEBHOOK_URL", None if webhook else "", _webhook_url, "an https:// URL without query (Telegram posts to it)"

@@ -60,6 +60,7 @@ async def measure(
         "TELEGRAM_API_URL": telegram.url,
         "DATABASE_URL": url,
         "LOG_LEVEL": "WARNING",
+        "GROUP_TRIGGER": "all",  # the group's turns need no mention here
         "SPOOL_PATH": str(Path(tempfile.mkdtemp(prefix="llmbot-bench-")) / "spool.jsonl"),
     }
     config = load_config(env)

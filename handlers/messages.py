@@ -8,6 +8,7 @@ from aiogram import F, Router
 from aiogram.enums import ChatType
 from aiogram.types import Message, MessageGenerationStopped, User
 
+from handlers.middlewares import replied_to
 from services.context import RateLimited
 from services.delivery import Address
 from services.text import storable
@@ -16,6 +17,7 @@ from services.turns import Turns
 logger = logging.getLogger(__name__)
 SLOW_DOWN = "You're writing faster than I can think. Please slow down and try again in a minute."
 EMPTY = "Send me some text and I'll answer."
+QUOTE_CHARS = 4000
 
 
 def address_of(message: Message) -> Address:
@@ -26,6 +28,16 @@ def address_of(message: Message) -> Address:
         thread_id=message.message_thread_id if message.is_topic_message else None,
         reply_to=message.message_id if message.chat.type != ChatType.PRIVATE else None,
     )
+
+
+def quoted_in(message: Message) -> str | None:
+    """The text the user replies to (the part they quoted, else the whole message), for the
+    context of this turn only."""
+    if message.quote is not None:
+        return storable(message.quote.text)[:QUOTE_CHARS]
+    replied = replied_to(message)
+    text = replied.text or replied.caption if replied is not None else None
+    return storable(text)[:QUOTE_CHARS] if text else None
 
 
 async def on_text(message: Message, event_from_user: User, turns: Turns) -> None:
@@ -40,6 +52,7 @@ async def on_text(message: Message, event_from_user: User, turns: Turns) -> None
             address=address_of(message),
             telegram_message_id=message.message_id,
             text=text,
+            quoted=quoted_in(message),
         )
     except RateLimited:
         logger.info("user %s is over the rate limit", event_from_user.id)

@@ -42,6 +42,7 @@ class TurnRequest:
     question: Question
     address: Address
     replaces: int | None = None
+    quoted: str | None = None  # the text the question replies to, for this turn's context only
 
     @classmethod
     def late(cls, question: Question) -> TurnRequest:
@@ -53,6 +54,14 @@ class TurnRequest:
         """Unique among the chat's turns: Telegram's message id (or, lacking it, the row's)."""
         question = self.question
         return question.message_id if question.message_id is not None else -(question.id or 0)
+
+
+def with_quote(context: list[ChatMessage], quoted: str | None) -> list[ChatMessage]:
+    """The context with the text the question replies to shown before the question."""
+    if not quoted or not context:
+        return context
+    question = context[-1]
+    return [*context[:-1], {"role": question["role"], "content": f"[Replying to: {quoted}]\n\n{question['content']}"}]
 
 
 class Turns:
@@ -72,9 +81,17 @@ class Turns:
         return self._queues.intake(chat_id)
 
     async def ask(
-        self, *, user_id: int, first_name: str | None, address: Address, telegram_message_id: int, text: str
+        self,
+        *,
+        user_id: int,
+        first_name: str | None,
+        address: Address,
+        telegram_message_id: int,
+        text: str,
+        quoted: str | None = None,
     ) -> None:
-        """Store a question and queue its turn behind the chat's earlier ones (inside the intake).
+        """Store a question and queue its turn behind the chat's earlier ones (inside the intake);
+        ``quoted``: the text it replies to, which its turn's context shows before it.
 
         Raises ``RateLimited`` (the question is set aside) or ``StorageUnavailable``. A message
         stored before (a redelivered update, a retried statement) is queued again: its turn
@@ -89,7 +106,7 @@ class Turns:
             text=text,
             rate_limit=self._config.rate_limit_per_minute,
         )
-        self._submit(TurnRequest(question, address))
+        self._submit(TurnRequest(question, address, quoted=quoted))
         logger.info("user %s in chat %s: question %s, %d chars", user_id, address.chat_id, question.id, len(text))
 
     async def register(self, *, user_id: int, first_name: str | None, chat_id: int) -> None:
@@ -233,7 +250,7 @@ class Turns:
             interval_s=self._config.stream_draft_interval_s if drafts else self._config.stream_edit_interval_s,
             replacing=turn.replaces,
         )
-        text, cut_short, usage = await self._write(turn, start.context, live)
+        text, cut_short, usage = await self._write(turn, with_quote(start.context, turn.quoted), live)
         shown = await live.finish()
         if cut_short == "cancel":  # cleared meanwhile: nothing from before may stay live
             logger.info("turn of question %s cancelled before its answer", turn.ident)

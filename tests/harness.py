@@ -52,6 +52,9 @@ def bot_env(database_url: str, telegram: TelegramStandIn, llm: LLMStandIn, **ove
         "ALLOWED_USER_IDS": "",
         "RETENTION_DAYS": "0",
         "LOG_LEVEL": "INFO",
+        # The suite's group tests talk to the bot without mentioning it; tests/test_groups.py
+        # checks the default, "mention".
+        "GROUP_TRIGGER": "all",
         "SPOOL_PATH": str(Path(tempfile.mkdtemp(prefix="llmbot-spool-")) / "writes.jsonl"),
     }
     env.update(overrides)

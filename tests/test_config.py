@@ -66,6 +66,7 @@ def test_missing_required_values_are_all_named() -> None:
         ("ALLOWED_USER_IDS", "1,two"),
         ("LOG_LEVEL", "LOUD"),
         ("TELEGRAM_API_URL", "ftp://x"),
+        ("GROUP_TRIGGER", "sometimes"),
     ],
 )
 def test_a_bad_value_names_its_variable_and_not_its_value(name: str, value: str) -> None:
