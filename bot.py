@@ -142,6 +142,7 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     from handlers.delivery import TelegramDelivery
     from handlers.health import Health
     from handlers.middlewares import AccessMiddleware, ChatIntake, GroupTrigger, InFlight
+    from handlers.settings import ChatAdmins
     from services.metrics import BotCollector
     from services.turns import Turns
 
@@ -153,12 +154,14 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     )
     dp["health"] = Health(pool, storage, bot, schema_head())
     dp["metrics"] = BotCollector(pool, storage)
+    dp["chat_admins"] = ChatAdmins(bot)
     dp.update.outer_middleware(dp["in_flight"])
     dp.update.outer_middleware(ChatIntake(dp["turns"]))
     access = AccessMiddleware(config.allowed_user_ids)
     dp.message.outer_middleware(access)
     dp.message.outer_middleware(GroupTrigger(config.group_trigger))
     dp.edited_message.outer_middleware(access)
+    dp.callback_query.outer_middleware(access)
     dp.include_routers(*create_routers())
     dp.startup.register(on_startup)
     dp.shutdown.register(on_shutdown)

@@ -31,6 +31,7 @@ class Config:
     openai_api_key: str = field(repr=False)
     openai_base_url: str
     llm_model: str
+    allowed_models: tuple[str, ...]
     llm_temperature: float
     llm_max_tokens: int
     llm_timeout_s: float
@@ -172,6 +173,14 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _model_names(raw: str) -> tuple[str, ...]:
+    # Order kept (it is the order of /model's keyboard), duplicates dropped.
+    names = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    if not names or any(len(name) > 200 or any(c.isspace() for c in name) for name in names):
+        raise ValueError(raw)
+    return names
+
+
 def _user_ids(raw: str) -> frozenset[int]:
     return frozenset(int(part) for part in raw.replace(",", " ").split())
 
@@ -204,7 +213,10 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         ),
         openai_api_key=r.get("OPENAI_API_KEY", None, str, "a key"),
         openai_base_url=r.get("OPENAI_BASE_URL", DEFAULT_OPENAI_BASE_URL, _http_url, "an http(s) URL"),
-        llm_model=r.get("LLM_MODEL", "openai/gpt-4o-mini", str, "a model name"),
+        llm_model=(llm_model := r.get("LLM_MODEL", "openai/gpt-4o-mini", str, "a model name")),
+        allowed_models=r.get(
+            "ALLOWED_MODELS", llm_model, _model_names, "model names separated by commas (no spaces within a name)"
+        ),
         llm_temperature=r.get("LLM_TEMPERATURE", "0.7", _bounded(float, 0, 2), "a number from 0 to 2"),
         llm_max_tokens=r.get("LLM_MAX_TOKENS", "1024", _bounded(int, 1, 1_000_000), positive),
         llm_timeout_s=r.get("LLM_TIMEOUT_S", "60", _bounded(float, 0.1, 3600), "seconds from 0.1 to 3600"),
@@ -248,6 +260,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         webhook_port=r.get("WEBHOOK_PORT", "8080", _bounded(int, 1, 65535), "a port from 1 to 65535"),
         metrics_port=r.get("METRICS_PORT", "0", _bounded(int, 0, 65535), "a port from 1 to 65535, or 0 (off)"),
     )
+    if config.allowed_models and config.llm_model not in config.allowed_models:
+        r.errors.append("ALLOWED_MODELS must include LLM_MODEL (the default model of every chat)")
     if webhook and config.metrics_port and config.metrics_port == config.webhook_port:
         r.errors.append("METRICS_PORT must differ from WEBHOOK_PORT (/metrics stays off the public port)")
     if r.errors:

@@ -193,7 +193,7 @@ class InstantSession(BaseSession):
 class InstantLLM:
     """An LLM that answers at once, in one piece."""
 
-    async def stream(self, history: list[context.ChatMessage]) -> AsyncIterator[str]:
+    async def stream(self, history: list[context.ChatMessage], **settings: object) -> AsyncIterator[str]:
         yield f"answer after {len(history)} messages"
 
 

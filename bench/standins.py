@@ -90,6 +90,7 @@ class TelegramStandIn(_Server):
     refuse_edits: bool = False  # editMessageText refused: the message is gone
     texts: dict[int, str] = field(default_factory=dict)  # message id -> its text now (after edits)
     chat_of: dict[int, int] = field(default_factory=dict)  # message id -> chat id
+    member_status: dict[tuple[int, int], str] = field(default_factory=dict)  # (chat, user) -> getChatMember status
 
     async def start(self) -> None:
         self.url = await self._serve("/bot{token}/{method}", self._handle)
@@ -193,6 +194,8 @@ class TelegramStandIn(_Server):
         sent = Sent(method, params, received_at=received_at)
         self.sent.append(sent)
         self._sent_event.set()
+        if method == "getChatMember":
+            return _ok(self._chat_member(int(params["chat_id"]), int(params["user_id"])))
         if method in ("sendMessage", "sendChatAction") and int(params["chat_id"]) in self.refused_chats:
             sent.status, description = self.refused_chats[int(params["chat_id"])]
             return _error(sent.status, description)
@@ -246,6 +249,20 @@ class TelegramStandIn(_Server):
             )  # fmt: skip
         sent.answered_at = time.monotonic()
         return _ok(True)
+
+    def _chat_member(self, chat_id: int, user_id: int) -> dict[str, Any]:
+        """A ChatMember as Telegram returns it: ``member_status`` says which, "member" by default."""
+        status = self.member_status.get((chat_id, user_id), "member")
+        member: dict[str, Any] = {"status": status, "user": {"id": user_id, "is_bot": False, "first_name": "Ann"}}
+        if status == "creator":
+            member["is_anonymous"] = False
+        elif status == "administrator":
+            rights = ("can_be_edited", "is_anonymous", "can_manage_chat", "can_delete_messages",
+                      "can_manage_video_chats", "can_restrict_members", "can_promote_members", "can_change_info",
+                      "can_invite_users", "can_post_stories", "can_edit_stories", "can_delete_stories",
+                      "can_send_welcome_messages")  # fmt: skip
+            member.update(dict.fromkeys(rights, False))
+        return member
 
     def _refusal(self, method: str, params: dict[str, Any]) -> tuple[int, str] | None:
         """What Telegram would answer instead of accepting, or None."""

@@ -29,13 +29,17 @@ COMMANDS = [
     BotCommand(command="search", description="Find words in our conversation here"),
     BotCommand(command="export", description="Send our conversation here as a file (/export json)"),
     BotCommand(command="stats", description="How much we have talked"),
+    BotCommand(command="model", description="Show or switch the model of this chat"),
+    BotCommand(command="prompt", description="Show or set the system prompt here (/prompt reset)"),
+    BotCommand(command="temperature", description="Show or set the temperature here, 0 to 2"),
 ]
 HELP = (
     "I'm an AI assistant. Write to me and I'll answer, remembering our conversation "
     "(even after I restart).\n\n"
     + "\n".join(f"/{c.command} — {c.description}" for c in COMMANDS)
     + "\n\nRight after /clear, /undo brings the cleared conversation back (only the last /clear). "
-    "Edit your last message and I'll answer it again. /search all … looks in cleared messages too."
+    "Edit your last message and I'll answer it again. /search all … looks in cleared messages too. "
+    "In a group, only its administrators can change /model, /prompt and /temperature."
 )
 
 

@@ -21,9 +21,12 @@ NO_HISTORY = "This bot runs without a database, so there is no stored history to
 
 async def _answer(event: ErrorEvent, text: str) -> None:
     message = event.update.message or event.update.edited_message
-    if message is not None:
-        with contextlib.suppress(TelegramAPIError):
+    callback = event.update.callback_query
+    with contextlib.suppress(TelegramAPIError):
+        if message is not None:
             await message.answer(text)
+        elif callback is not None:  # a button: the answer shows over the chat
+            await callback.answer(text, show_alert=True)
 
 
 async def on_history_disabled(event: ErrorEvent) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiogram import BaseMiddleware, Bot
 from aiogram.enums import ChatType, MessageEntityType
-from aiogram.types import Message, TelegramObject, Update
+from aiogram.types import CallbackQuery, Message, TelegramObject, Update
 
 from services import metrics
 from services.turns import Turns
@@ -22,7 +22,7 @@ NOT_ALLOWED = "Sorry, this bot is private."
 
 
 class AccessMiddleware(BaseMiddleware):
-    """Lets through messages from people; drops other bots' messages and
+    """Lets through messages and button presses from people; drops other bots' messages and
     anonymous senders (channels), and refuses users outside ``allowed_user_ids`` when it is set.
     Nothing is stored for a message dropped here."""
 
@@ -30,6 +30,12 @@ class AccessMiddleware(BaseMiddleware):
         self.allowed_user_ids = allowed_user_ids
 
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        if isinstance(event, CallbackQuery):  # a button: pressed by a person, maybe not an allowed one
+            if self.allowed_user_ids and event.from_user.id not in self.allowed_user_ids:
+                logger.info("refused user %s: not in ALLOWED_USER_IDS", event.from_user.id)
+                await event.answer(NOT_ALLOWED, show_alert=True)
+                return None
+            return await handler(event, data)
         assert isinstance(event, Message)
         user = event.from_user
         if user is None or user.is_bot or event.sender_chat is not None:

@@ -17,7 +17,9 @@ import psycopg
 
 from services import database
 from services.database import (
+    DEFAULT_SETTINGS,
     AddedQuestion,
+    ChatSettings,
     Connection,
     DialogStats,
     EditedQuestion,
@@ -26,6 +28,7 @@ from services.database import (
     RetriedQuestion,
     Role,
     SearchHit,
+    SettingName,
     StoredAnswer,
     StoredMessage,
     Undone,
@@ -67,10 +70,11 @@ class RateLimited(Exception):
 @dataclass(frozen=True, slots=True)
 class TurnContext:
     """What a turn works with: the context to ask the LLM (oldest first, ending with the
-    question), and the answer already stored for it, if any."""
+    question), the answer already stored for it, if any, and the chat's settings."""
 
     context: list[ChatMessage]
     answer: StoredAnswer | None
+    settings: ChatSettings = DEFAULT_SETTINGS
 
 
 async def _call(
@@ -157,7 +161,7 @@ async def start_turn(pool: Pool, *, question_id: int, history_limit: int, max_in
     if start is None:
         return None
     history = [_chat_message(m) for m in start.history]
-    return TurnContext(context=fit_to_budget(history, max_input_chars), answer=start.answer)
+    return TurnContext(context=fit_to_budget(history, max_input_chars), answer=start.answer, settings=start.settings)
 
 
 def _chat_message(message: StoredMessage) -> ChatMessage:
@@ -274,6 +278,25 @@ async def export(
             await write(message)
 
     await _call(pool, read)
+
+
+async def chat_settings(pool: Pool, *, telegram_chat_id: int) -> ChatSettings:
+    """The chat's settings (None in a field: the configuration's default)."""
+    return await _call(pool, database.get_chat_settings, telegram_chat_id=telegram_chat_id)
+
+
+async def set_chat_setting(
+    pool: Pool, *, telegram_chat_id: int, name: SettingName, value: str | float | None, telegram_user_id: int
+) -> ChatSettings:
+    """Set one of the chat's settings (None: back to the default); the settings now."""
+    return await _call(
+        pool,
+        database.set_chat_setting,
+        telegram_chat_id=telegram_chat_id,
+        name=name,
+        value=value,
+        telegram_user_id=telegram_user_id,
+    )
 
 
 async def unfinished_turns(pool: Pool, *, max_age_s: int) -> list[UnfinishedTurn]:

@@ -79,12 +79,26 @@ class StoredAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class ChatSettings:
+    """What a chat chose (/model, /prompt, /temperature); None: the configuration's default."""
+
+    model: str | None = None
+    system_prompt: str | None = None
+    temperature: float | None = None
+
+
+DEFAULT_SETTINGS: Final = ChatSettings()
+SettingName = Literal["model", "system_prompt", "temperature"]
+
+
+@dataclass(frozen=True, slots=True)
 class TurnStart:
     """What a turn finds when it starts: the live history ending with its question (oldest
-    first), and the answer when one was stored but not yet fully delivered."""
+    first), the answer when one was stored but not yet fully delivered, and the chat's settings."""
 
     history: list[StoredMessage]
     answer: StoredAnswer | None
+    settings: ChatSettings = DEFAULT_SETTINGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +191,9 @@ class _TurnRow:
     is_answer: bool
     settled: bool
     sent_parts: int
+    model: str | None
+    system_prompt: str | None
+    temperature: float | None
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -347,7 +364,11 @@ ADD_QUESTION: Final = (
 
 # What a turn needs when it starts, in one index scan: the live history of the question's
 # (user, chat) up to the question, in turn order, newest first; its answer comes first when
-# there is one. Nothing comes back for a question that is cleared or failed.
+# there is one. Nothing comes back for a question that is cleared or failed. The chat's settings
+# ride on the question's own row: the lateral join's condition on m.id is a one-time filter, so
+# chat_settings is read once per turn, by its primary key, and no other row carries the prompt
+# (LIMIT 1 keeps the planner from flattening the subquery into a join that sorts the history).
+# real → numeric → float8: 0.3 stored as real reads back as 0.3, not 0.30000001192092896.
 SELECT_TURN_START: Final = """
     WITH q AS (
         SELECT id, user_id, chat_id FROM messages
@@ -356,7 +377,8 @@ SELECT_TURN_START: Final = """
     SELECT m.id, m.role, m.content, m.length, m.created_at, m.finish_reason,
            m.reply_to_id IS NOT NULL AND m.reply_to_id = q.id AS is_answer,
            m.delivered_at IS NOT NULL OR m.failed_at IS NOT NULL AS settled,
-           coalesce(cardinality(m.sent_message_ids), 0) AS sent_parts
+           coalesce(cardinality(m.sent_message_ids), 0) AS sent_parts,
+           s.model, s.system_prompt, s.temperature::numeric::float8 AS temperature
     FROM q CROSS JOIN LATERAL (
         SELECT id, role, content, length, created_at, finish_reason, reply_to_id, delivered_at, failed_at,
                sent_message_ids
@@ -366,6 +388,11 @@ SELECT_TURN_START: Final = """
         ORDER BY coalesce(reply_to_id, id) DESC, id DESC
         LIMIT %(limit)s::integer + 1
     ) m
+    LEFT JOIN LATERAL (
+        SELECT model, system_prompt, temperature FROM chat_settings
+        WHERE chat_id = q.chat_id AND m.id = q.id
+        LIMIT 1
+    ) s ON true
 """
 
 # Only a live question gets an answer, and only one live answer (messages_live_answer_key): a
@@ -697,6 +724,40 @@ PURGE_DELETED: Final = """
 
 # Rate-limit counters of windows that are over: the user's next message starts a new window
 # anyway (ADD_QUESTION), so they hold nothing but space.
+# A chat's settings by its Telegram id: /model, /prompt and /temperature show them (a turn reads
+# them within SELECT_TURN_START). No row: every setting is the default.
+SELECT_CHAT_SETTINGS: Final = """
+    SELECT s.model, s.system_prompt, s.temperature::numeric::float8 AS temperature
+    FROM chats c JOIN chat_settings s ON s.chat_id = c.id
+    WHERE c.telegram_chat_id = %(telegram_chat_id)s::bigint
+"""
+
+# One setting of a chat, the others kept (NULL: back to the default), registering the chat if
+# no one has written in it yet. ``name`` picks the setting; the three values are bound typed,
+# so no name or value is ever spliced into the SQL. Returns the settings as they now stand.
+SET_CHAT_SETTING: Final = """
+    WITH known_chat AS (
+        SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint
+    ),
+    new_chat AS (
+        INSERT INTO chats (telegram_chat_id)
+        SELECT %(telegram_chat_id)s::bigint
+        WHERE NOT EXISTS (SELECT FROM known_chat)
+        ON CONFLICT (telegram_chat_id) DO UPDATE SET telegram_chat_id = EXCLUDED.telegram_chat_id
+        RETURNING id
+    )
+    INSERT INTO chat_settings AS s (chat_id, model, system_prompt, temperature, updated_by)
+    SELECT (SELECT id FROM new_chat UNION ALL SELECT id FROM known_chat LIMIT 1),
+           %(model)s::text, %(system_prompt)s::text, %(temperature)s::real, %(updated_by)s::bigint
+    ON CONFLICT (chat_id) DO UPDATE SET
+        model = CASE WHEN %(name)s::text = 'model' THEN EXCLUDED.model ELSE s.model END,
+        system_prompt = CASE WHEN %(name)s::text = 'system_prompt' THEN EXCLUDED.system_prompt ELSE s.system_prompt END,
+        temperature = CASE WHEN %(name)s::text = 'temperature' THEN EXCLUDED.temperature ELSE s.temperature END,
+        updated_at = now(),
+        updated_by = EXCLUDED.updated_by
+    RETURNING s.model, s.system_prompt, s.temperature::numeric::float8 AS temperature
+"""
+
 PURGE_RATE_LIMITS: Final = """
     DELETE FROM rate_limits WHERE window_start < now() - interval '1 minute'
 """
@@ -764,10 +825,12 @@ async def fetch_turn_start(conn: Connection, *, question_id: int, history_limit:
         if head.settled:
             return None
         answer = StoredAnswer(id=head.id, content=head.content, sent_parts=head.sent_parts)
+    question = next(r for r in rows if r.id == question_id)  # the newest live message in turn order
+    settings = ChatSettings(question.model, question.system_prompt, question.temperature)
     history = [
         StoredMessage(r.id, r.role, r.content, r.length, r.created_at, r.finish_reason) for r in rows[:history_limit]
     ]
-    return TurnStart(history=history[::-1], answer=answer)
+    return TurnStart(history=history[::-1], answer=answer, settings=settings)
 
 
 async def add_answer(
@@ -981,6 +1044,39 @@ async def purge_rate_limits(conn: Connection) -> int:
     """Delete the rate-limit counters of past windows; how many."""
     cur = await conn.execute(PURGE_RATE_LIMITS)
     return cur.rowcount
+
+
+async def get_chat_settings(conn: Connection, *, telegram_chat_id: int) -> ChatSettings:
+    """The chat's settings; every one None (the default) when it has chosen none."""
+    cur = conn.cursor(row_factory=class_row(ChatSettings))
+    await cur.execute(SELECT_CHAT_SETTINGS, {"telegram_chat_id": telegram_chat_id})
+    return await cur.fetchone() or DEFAULT_SETTINGS
+
+
+async def set_chat_setting(
+    conn: Connection,
+    *,
+    telegram_chat_id: int,
+    name: SettingName,
+    value: str | float | None,
+    telegram_user_id: int,
+) -> ChatSettings:
+    """Set one setting of the chat (None: back to the default), keeping the others; the
+    settings as they now stand."""
+    params: dict[str, object] = {
+        "telegram_chat_id": telegram_chat_id,
+        "name": name,
+        "model": None,
+        "system_prompt": None,
+        "temperature": None,
+        "updated_by": telegram_user_id,
+    }
+    params[name] = value
+    cur = conn.cursor(row_factory=class_row(ChatSettings))
+    await cur.execute(SET_CHAT_SETTING, params)
+    settings = await cur.fetchone()
+    assert settings is not None  # INSERT ... ON CONFLICT DO UPDATE returns the row either way
+    return settings
 
 
 async def fetch_schema_version(conn: Connection) -> str | None:

@@ -27,6 +27,15 @@ class LLMError(Exception):
 REFUSES_STREAMING = (400, 404, 415, 422, 501)
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What one call asks: the model, the messages (system prompt first), the temperature."""
+
+    model: str
+    messages: list[ChatCompletionMessageParam]
+    temperature: float
+
+
 @dataclass
 class LLM:
     """A configured chat-completion client. ``streaming`` turns off by itself for an endpoint
@@ -39,23 +48,37 @@ class LLM:
     system_prompt: str
     streaming: bool = True
 
-    def _messages(self, history: Sequence[ChatMessage]) -> list[ChatCompletionMessageParam]:
-        return cast(list[ChatCompletionMessageParam], [{"role": "system", "content": self.system_prompt}, *history])
-
-    async def stream(self, history: Sequence[ChatMessage]) -> AsyncIterator[str | Usage]:
+    async def stream(
+        self,
+        history: Sequence[ChatMessage],
+        *,
+        model: str | None = None,
+        system_prompt: str | None = None,
+        temperature: float | None = None,
+    ) -> AsyncIterator[str | Usage]:
         """The answer to ``history`` as it is written, piece by piece, then the tokens it took
         when the endpoint reports them. Where the endpoint cannot stream, one completion comes
-        whole: the caller sees no difference but the wait."""
+        whole: the caller sees no difference but the wait. ``model``, ``system_prompt`` and
+        ``temperature`` (a chat's settings) override the configured ones; None keeps them."""
+        request = _Request(
+            model if model is not None else self.model,
+            cast(
+                list[ChatCompletionMessageParam],
+                [{"role": "system", "content": system_prompt if system_prompt is not None else self.system_prompt},
+                 *history],
+            ),
+            temperature if temperature is not None else self.temperature,
+        )  # fmt: skip
         if not self.streaming:
-            async for piece in self._whole(history):
+            async for piece in self._whole(request):
                 yield piece
             return
         started = time.perf_counter()
         try:
             chunks = await self.client.chat.completions.create(
-                model=self.model,
-                messages=self._messages(history),
-                temperature=self.temperature,
+                model=request.model,
+                messages=request.messages,
+                temperature=request.temperature,
                 max_tokens=self.max_tokens,
                 stream=True,
                 stream_options={"include_usage": True},
@@ -65,7 +88,7 @@ class LLM:
                 raise _failed(error, started) from error
             logger.warning("the endpoint refuses to stream (status %s): asking for whole answers", error.status_code)
             self.streaming = False
-            async for piece in self._whole(history):
+            async for piece in self._whole(request):
                 yield piece
             return
         except openai.APIError as error:
@@ -94,14 +117,14 @@ class LLM:
             metrics.count_tokens(usage.prompt_tokens, usage.completion_tokens)
             yield usage
 
-    async def _whole(self, history: Sequence[ChatMessage]) -> AsyncIterator[str | Usage]:
+    async def _whole(self, request: _Request) -> AsyncIterator[str | Usage]:
         """The answer as one completion, then its usage, when reported."""
         started = time.perf_counter()
         try:
             response = await self.client.chat.completions.create(
-                model=self.model,
-                messages=self._messages(history),
-                temperature=self.temperature,
+                model=request.model,
+                messages=request.messages,
+                temperature=request.temperature,
                 max_tokens=self.max_tokens,
             )
         except openai.APIError as error:

@@ -34,6 +34,8 @@ from services.context import (
     fit_to_budget,
 )
 from services.database import (
+    DEFAULT_SETTINGS,
+    ChatSettings,
     Connection,
     DialogStats,
     EditedQuestion,
@@ -41,6 +43,7 @@ from services.database import (
     FinishReason,
     Pool,
     SearchHit,
+    SettingName,
     StoredAnswer,
     Undone,
     UnfinishedTurn,
@@ -95,12 +98,14 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class TurnStart:
-    """A turn's context, the answer already stored for it, and whether its dialog's history is
-    missing right now (a degraded bot that never saw this dialog)."""
+    """A turn's context, the answer already stored for it, whether its dialog's history is
+    missing right now (a degraded bot that never saw this dialog), and the chat's settings
+    (while degraded: the defaults)."""
 
     context: list[ChatMessage]
     answer: Answer | None
     history_missing: bool = False
+    settings: ChatSettings = DEFAULT_SETTINGS
 
 
 @dataclass
@@ -248,7 +253,7 @@ class Storage:
                 return None
             if start is not UNAVAILABLE:
                 self._remember(question, start.context)
-                return TurnStart(start.context, _answer(start))
+                return TurnStart(start.context, _answer(start), settings=start.settings)
         state = self._spooled_turn(question)
         if state.settled or question.message_id is None:
             return None
@@ -394,6 +399,20 @@ class Storage:
         """Pass every message of the dialog, in turn order, to ``write``, as it is read."""
         await self._required(
             lambda pool: context.export(pool, telegram_user_id=user_id, telegram_chat_id=chat_id, write=write)
+        )
+
+    async def chat_settings(self, *, chat_id: int) -> ChatSettings:
+        """The chat's settings (None in a field: the default)."""
+        return await self._required(lambda pool: context.chat_settings(pool, telegram_chat_id=chat_id))
+
+    async def set_chat_setting(
+        self, *, chat_id: int, name: SettingName, value: str | float | None, user_id: int
+    ) -> ChatSettings:
+        """Set one of the chat's settings (None: the default), from its next turn on; the settings now."""
+        return await self._required(
+            lambda pool: context.set_chat_setting(
+                pool, telegram_chat_id=chat_id, name=name, value=value, telegram_user_id=user_id
+            )
         )
 
     async def _in_database(self, work: Callable[[Pool], Awaitable[T]]) -> T | Literal[Unavailable.UNAVAILABLE]:

@@ -13,13 +13,13 @@ import asyncio
 import contextlib
 import logging
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from config import Config
 from services import metrics
 from services.chat_queue import ChatQueues, Stopped
 from services.context import ChatMessage, StorageUnavailable, Usage
-from services.database import FinishReason, Undone
+from services.database import ChatSettings, FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
 from services.formatting import Part, render, split
 from services.llm import LLM, LLMError
@@ -250,7 +250,8 @@ class Turns:
             interval_s=self._config.stream_draft_interval_s if drafts else self._config.stream_edit_interval_s,
             replacing=turn.replaces,
         )
-        text, cut_short, usage = await self._write(turn, with_quote(start.context, turn.quoted), live)
+        context = with_quote(start.context, turn.quoted)
+        text, cut_short, usage = await self._write(turn, context, live, self._chosen(start.settings))
         shown = await live.finish()
         if cut_short == "cancel":  # cleared meanwhile: nothing from before may stay live
             logger.info("turn of question %s cancelled before its answer", turn.ident)
@@ -271,8 +272,16 @@ class Turns:
             metrics.turn_outcome("llm_failed")
             await self._say(turn.address, LLM_APOLOGY)
 
+    def _chosen(self, settings: ChatSettings) -> ChatSettings:
+        """The chat's settings as the LLM call takes them: a model no longer in ALLOWED_MODELS
+        (the configuration changed since it was chosen) falls back to the default."""
+        if settings.model is not None and settings.model not in self._config.allowed_models:
+            logger.info("chat's model is no longer allowed: using the default")
+            return replace(settings, model=None)
+        return settings
+
     async def _write(
-        self, turn: TurnRequest, context: list[ChatMessage], live: LiveReply
+        self, turn: TurnRequest, context: list[ChatMessage], live: LiveReply, settings: ChatSettings
     ) -> tuple[str, str | None, Usage]:
         """The LLM's answer as it streams to ``live``; why it was cut short: ``"stop"`` (the user
         stopped it), ``"cancel"`` (a /clear, /undo or edit), ``"failed"`` (the LLM broke off), or
@@ -282,7 +291,10 @@ class Turns:
 
         async def stream() -> None:
             nonlocal usage
-            async for piece in self._llm.stream(context):
+            pieces = self._llm.stream(
+                context, model=settings.model, system_prompt=settings.system_prompt, temperature=settings.temperature
+            )
+            async for piece in pieces:
                 if isinstance(piece, Usage):
                     usage = piece
                     continue

@@ -38,6 +38,9 @@ async def test_conversation_sends_earlier_turns_to_the_llm(
             "search",
             "export",
             "stats",
+            "model",
+            "prompt",
+            "temperature",
         ]
         telegram.send("/start")
         assert "/clear" in (await telegram.wait_for_messages(1, 1))[0]

@@ -25,8 +25,11 @@ def test_upgrade_downgrade_upgrade_round_trip(admin_url: str) -> None:
     url = create_database(admin_url, "llmbot_migrations")
     cfg = alembic_config(url)
     command.upgrade(cfg, "head")
-    assert tables(url) == ["alembic_version", "chats", "messages", "rate_limits", "users"]
+    assert tables(url) == ["alembic_version", "chat_settings", "chats", "messages", "rate_limits", "users"]
     assert "messages_deleted_idx" in indexes(url)
+    command.downgrade(cfg, "007")
+    assert tables(url) == ["alembic_version", "chats", "messages", "rate_limits", "users"]
+    command.upgrade(cfg, "head")
     command.downgrade(cfg, "006")
     assert "messages_search_idx" not in indexes(url) and "messages_reply_to_key" in indexes(url)
     command.upgrade(cfg, "head")
@@ -37,7 +40,7 @@ def test_upgrade_downgrade_upgrade_round_trip(admin_url: str) -> None:
     command.downgrade(cfg, "base")
     assert tables(url) == ["alembic_version"]
     command.upgrade(cfg, "head")
-    assert tables(url) == ["alembic_version", "chats", "messages", "rate_limits", "users"]
+    assert tables(url) == ["alembic_version", "chat_settings", "chats", "messages", "rate_limits", "users"]
     command.downgrade(cfg, "001")
     with psycopg.connect(url) as conn:
         columns = [
