@@ -53,6 +53,14 @@ def pg_cluster() -> Iterator[LocalPostgres | None]:
         cluster.destroy()
 
 
+@pytest.fixture
+def cluster(pg_cluster: LocalPostgres | None) -> LocalPostgres:
+    """The suite's own cluster, for tests that stop and start it (skipped on TEST_DATABASE_URL)."""
+    if pg_cluster is None:
+        pytest.skip("needs the suite's own PostgreSQL to stop and start it")
+    return pg_cluster
+
+
 @pytest.fixture(scope="session")
 def admin_url(pg_cluster: LocalPostgres | None) -> str:
     return os.environ.get("TEST_DATABASE_URL") or (pg_cluster.url if pg_cluster else "")

@@ -10,8 +10,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from config import load_config
 from services import database
 from services.database import Pool
 from services.llm import create_llm
+from services.local_postgres import LocalPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "123456:TEST-token-abcdefghijklmnopqrstuvwxyz"
@@ -142,6 +143,16 @@ async def store_question(pool: Pool, user: int, chat: int, text: str, message_id
         telegram_message_id=message_id,
     )
     return added.id
+
+
+@contextmanager
+def outage(cluster: LocalPostgres) -> Iterator[None]:
+    """PostgreSQL stopped for the block, started again after it."""
+    cluster.stop()
+    try:
+        yield
+    finally:
+        cluster.start()
 
 
 def new_log_file() -> Path:

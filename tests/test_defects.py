@@ -13,8 +13,8 @@ from handlers.commands import HELP
 from services.database import Pool
 from services.local_postgres import LocalPostgres
 from services.turns import LLM_APOLOGY
-from tests.harness import running_bot
-from tests.test_outage import back_to_the_database, fetch, outage, spooled_lines
+from tests.harness import outage, running_bot
+from tests.test_outage import back_to_the_database, fetch, spooled_lines
 
 GROUP = -100500
 UNKNOWN = "I don't know that command. /help lists the ones I do."
@@ -99,13 +99,6 @@ async def test_a_question_the_user_got_an_apology_for_is_not_answered_after_a_re
 
 
 # -- 4. an answer the database could not store is still sent once across a restart -----------
-
-
-@pytest.fixture
-def cluster(pg_cluster: LocalPostgres | None) -> LocalPostgres:
-    if pg_cluster is None:
-        pytest.skip("needs the suite's own PostgreSQL to stop and start it")
-    return pg_cluster
 
 
 @pytest.mark.parametrize("restart", ["after-the-write-back", "stopped-during-the-outage"])

@@ -14,17 +14,10 @@ from bench.standins import LLMStandIn, TelegramStandIn
 from services import metrics
 from services.database import Pool
 from services.local_postgres import LocalPostgres
-from tests.harness import free_port, running_bot
-from tests.test_outage import outage, until
+from tests.harness import free_port, outage, running_bot
+from tests.test_outage import until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def cluster(pg_cluster: LocalPostgres | None) -> LocalPostgres:
-    if pg_cluster is None:
-        pytest.skip("needs the suite's own PostgreSQL to stop and start it")
-    return pg_cluster
 
 
 @pytest.fixture

@@ -5,35 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiogram import Dispatcher
 
 from bench.standins import LLMStandIn, TelegramStandIn
 from services.database import Pool
 from services.local_postgres import LocalPostgres
 from services.turns import DB_APOLOGY, HISTORY_MISSING
-from tests.harness import BotProcess, running_bot
-
-
-@pytest.fixture
-def cluster(pg_cluster: LocalPostgres | None) -> LocalPostgres:
-    if pg_cluster is None:
-        pytest.skip("needs the suite's own PostgreSQL to stop and start it")
-    return pg_cluster
-
-
-@contextmanager
-def outage(cluster: LocalPostgres) -> Iterator[None]:
-    cluster.stop()
-    try:
-        yield
-    finally:
-        cluster.start()
+from tests.harness import BotProcess, outage, running_bot
 
 
 @asynccontextmanager

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ from handlers.settings import ADMINS_ONLY, PROMPT_MAX_CHARS, STALE_CHOICE, TEMPE
 from services.database import Pool
 from services.local_postgres import LocalPostgres
 from services.turns import DB_APOLOGY
-from tests.harness import ROOT, TOKEN, running_bot
+from tests.harness import ROOT, TOKEN, outage, running_bot
 
 GROUP = -100777
 ADMIN, MEMBER = 7, 8
@@ -239,22 +237,6 @@ def test_allowed_models_default_to_llm_model_and_keep_their_order() -> None:
     base = {"TELEGRAM_BOT_TOKEN": TOKEN, "OPENAI_API_KEY": "k", "LLM_MODEL": "m1"}
     assert load_config(base).allowed_models == ("m1",)
     assert load_config({**base, "ALLOWED_MODELS": "m2, m1,m2"}).allowed_models == ("m2", "m1")
-
-
-@pytest.fixture
-def cluster(pg_cluster: LocalPostgres | None) -> LocalPostgres:
-    if pg_cluster is None:
-        pytest.skip("needs the suite's own PostgreSQL to stop and start it")
-    return pg_cluster
-
-
-@contextmanager
-def outage(cluster: LocalPostgres) -> Iterator[None]:
-    cluster.stop()
-    try:
-        yield
-    finally:
-        cluster.start()
 
 
 async def test_during_an_outage_turns_use_the_defaults(
