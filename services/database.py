@@ -300,7 +300,7 @@ async def advisory_lock(pool: Pool, name: str) -> AsyncIterator[bool]:
 # case (known user, same first name, known chat) only reads: no row lock, no WAL, no identity
 # value burnt. A first contact racing another resolves through ON CONFLICT, whose DO UPDATE
 # (not DO NOTHING) returns the id the other transaction committed.
-_REGISTER_CTES: Final = """
+_REGISTER_USER_CTES: Final = """
     known_user AS (
         SELECT id, first_name FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint
     ),
@@ -311,7 +311,8 @@ _REGISTER_CTES: Final = """
         ON CONFLICT (telegram_user_id) DO UPDATE SET first_name = EXCLUDED.first_name
         RETURNING id
     ),
-    user_row AS (SELECT id FROM new_user UNION ALL SELECT id FROM known_user LIMIT 1),
+    user_row AS (SELECT id FROM new_user UNION ALL SELECT id FROM known_user LIMIT 1),"""
+_REGISTER_CHAT_CTES: Final = """
     known_chat AS (
         SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint
     ),
@@ -324,6 +325,8 @@ _REGISTER_CTES: Final = """
     ),
     chat_row AS (SELECT id FROM new_chat UNION ALL SELECT id FROM known_chat LIMIT 1)
 """
+
+_REGISTER_CTES: Final = _REGISTER_USER_CTES + _REGISTER_CHAT_CTES
 
 REGISTER: Final = (
     "WITH" + _REGISTER_CTES + "SELECT (SELECT id FROM user_row) AS user_id, (SELECT id FROM chat_row) AS chat_id"
@@ -722,8 +725,6 @@ PURGE_DELETED: Final = """
     ))
 """
 
-# Rate-limit counters of windows that are over: the user's next message starts a new window
-# anyway (ADD_QUESTION), so they hold nothing but space.
 # A chat's settings by its Telegram id: /model, /prompt and /temperature show them (a turn reads
 # them within SELECT_TURN_START). No row: every setting is the default.
 SELECT_CHAT_SETTINGS: Final = """
@@ -735,19 +736,12 @@ SELECT_CHAT_SETTINGS: Final = """
 # One setting of a chat, the others kept (NULL: back to the default), registering the chat if
 # no one has written in it yet. ``name`` picks the setting; the three values are bound typed,
 # so no name or value is ever spliced into the SQL. Returns the settings as they now stand.
-SET_CHAT_SETTING: Final = """
-    WITH known_chat AS (
-        SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint
-    ),
-    new_chat AS (
-        INSERT INTO chats (telegram_chat_id)
-        SELECT %(telegram_chat_id)s::bigint
-        WHERE NOT EXISTS (SELECT FROM known_chat)
-        ON CONFLICT (telegram_chat_id) DO UPDATE SET telegram_chat_id = EXCLUDED.telegram_chat_id
-        RETURNING id
-    )
+SET_CHAT_SETTING: Final = (
+    "WITH"
+    + _REGISTER_CHAT_CTES
+    + """
     INSERT INTO chat_settings AS s (chat_id, model, system_prompt, temperature, updated_by)
-    SELECT (SELECT id FROM new_chat UNION ALL SELECT id FROM known_chat LIMIT 1),
+    SELECT (SELECT id FROM chat_row),
            %(model)s::text, %(system_prompt)s::text, %(temperature)s::real, %(updated_by)s::bigint
     ON CONFLICT (chat_id) DO UPDATE SET
         model = CASE WHEN %(name)s::text = 'model' THEN EXCLUDED.model ELSE s.model END,
@@ -757,7 +751,10 @@ SET_CHAT_SETTING: Final = """
         updated_by = EXCLUDED.updated_by
     RETURNING s.model, s.system_prompt, s.temperature::numeric::float8 AS temperature
 """
+)
 
+# Rate-limit counters of windows that are over: the user's next message starts a new window
+# anyway (ADD_QUESTION), so they hold nothing but space.
 PURGE_RATE_LIMITS: Final = """
     DELETE FROM rate_limits WHERE window_start < now() - interval '1 minute'
 """
