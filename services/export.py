@@ -82,15 +82,14 @@ class Exporter:
         self._max_bytes = max_bytes
         self._file: BinaryIO | None = None
         self._size = 0
-        self._entries = 0
         self.paths: list[Path] = []
-        self.messages = 0
 
     async def write(self, message: ExportedMessage) -> None:
         """Add one message (async to be passed where the reader awaits it; it does not wait)."""
         entry = self._document.entry(message, first=False)
         closing = len(self._document.closing())
-        if self._file is not None and self._entries and self._size + len(entry) + closing > self._max_bytes:
+        # An open part holds at least one message (it is opened for one), so it can be closed.
+        if self._file is not None and self._size + len(entry) + closing > self._max_bytes:
             self._close()
         if self._file is None:
             self._open()
@@ -98,8 +97,6 @@ class Exporter:
         assert self._file is not None
         self._file.write(entry)
         self._size += len(entry)
-        self._entries += 1
-        self.messages += 1
 
     def finish(self) -> list[Path]:
         """Close the last part; the files written, in order (none for an empty history)."""
@@ -115,7 +112,7 @@ class Exporter:
         self.paths.append(path)
         opening = self._document.opening(part)
         self._file.write(opening)
-        self._size, self._entries = len(opening), 0
+        self._size = len(opening)
 
     def _close(self) -> None:
         assert self._file is not None
