@@ -328,7 +328,7 @@ async def test_purge_of_rate_limits_keeps_the_current_window(pool: Pool) -> None
 
 
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "008"
+    assert await database.run(pool, database.fetch_schema_version) == "009"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
@@ -350,15 +350,24 @@ async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
     ids=["history", "turn-start"],
 )
 async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement: str, params: dict[str, int]) -> None:
+    # 50 users in one chat, the question the newest of its user's 1000 messages: the dialog's
+    # index (user, chat, turn) must win over the chat's, read backwards with no sort
     await store_question(pool, USER_A, CHAT_X, "x")
+    await rows(
+        pool,
+        "INSERT INTO users (telegram_user_id) SELECT 5000 + n FROM generate_series(1, 49) n;"
+        " INSERT INTO messages (user_id, chat_id, role, content)"
+        " SELECT u.id, 1, 'user', 'hello ' || n FROM users u, generate_series(1, 100) n WHERE u.id > 1;"
+        " INSERT INTO messages (user_id, chat_id, role, content) SELECT 1, 1, 'user', 'x' || n"
+        " FROM generate_series(1, 1000) n;"
+        " ANALYZE messages",
+    )
+    if "question_id" in params:
+        params = {**params, "question_id": (await rows(pool, "SELECT max(id) FROM messages"))[0][0]}
     async with pool.connection() as conn:
-        await conn.execute("SET enable_seqscan = off")  # an empty table would otherwise be seq-scanned
-        try:
-            cur = await conn.execute("EXPLAIN " + statement, params)
-            plan = "\n".join(row[0] for row in await cur.fetchall())
-        finally:
-            await conn.execute("RESET enable_seqscan")
-    assert "Index Scan Backward using messages_turn_idx" in plan
+        cur = await conn.execute("EXPLAIN " + statement, params)
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    assert "Index Scan Backward using messages_turn_idx" in plan, plan
     assert "Sort" not in plan
 
 
