@@ -48,13 +48,15 @@ class Config:
     spool_path: Path
     spool_max_items: int
     history_limit: int
-    max_input_chars: int
+    context_tokens: int
+    summaries: bool
     pending_reply_max_age_s: int
     shutdown_timeout_s: float
     rate_limit_per_minute: int
     allowed_user_ids: frozenset[int]
     retention_days: int
     group_trigger: str
+    group_context: str
     telegram_api_url: str | None
     log_level: str
     bot_mode: str
@@ -237,7 +239,10 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         spool_path=r.get("SPOOL_PATH", ".spool/writes.jsonl", Path, "a file path"),
         spool_max_items=r.get("SPOOL_MAX_ITEMS", "10000", _bounded(int, 1, 10**8), positive),
         history_limit=r.get("HISTORY_LIMIT", "20", _bounded(int, 1, 1000), "a whole number from 1 to 1000"),
-        max_input_chars=r.get("MAX_INPUT_CHARS", "8000", _bounded(int, 1, 1_000_000), positive),
+        context_tokens=r.get(
+            "CONTEXT_TOKENS", "0", _bounded(int, 0, 100_000_000), "a whole number of tokens, or 0 (ask the endpoint)"
+        ),
+        summaries=r.get("SUMMARIES", "true", _boolean, "true or false"),
         pending_reply_max_age_s=r.get("PENDING_REPLY_MAX_AGE_S", "600", _bounded(int, 0, 604_800), "seconds ≥ 0"),
         shutdown_timeout_s=r.get("SHUTDOWN_TIMEOUT_S", "30", _bounded(float, 0, 3600), "seconds ≥ 0"),
         rate_limit_per_minute=r.get("RATE_LIMIT_PER_MINUTE", "20", _bounded(int, 0, 100_000), "a whole number ≥ 0"),
@@ -246,6 +251,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         telegram_api_url=r.get("TELEGRAM_API_URL", "", _optional_http_url, "an http(s) URL"),
         log_level=r.get("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
         group_trigger=r.get("GROUP_TRIGGER", "mention", _one_of("mention", "all"), "mention or all"),
+        group_context=r.get("GROUP_CONTEXT", "per_user", _one_of("per_user", "shared"), "per_user or shared"),
         bot_mode=bot_mode,
         webhook_url=r.get(
             "WEBHOOK_URL", None if webhook else "", _webhook_url, "an https:// URL without query (Telegram posts to it)"
@@ -262,6 +268,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     )
     if config.allowed_models and config.llm_model not in config.allowed_models:
         r.errors.append("ALLOWED_MODELS must include LLM_MODEL (the default model of every chat)")
+    if config.context_tokens and config.context_tokens <= config.llm_max_tokens:
+        r.errors.append("CONTEXT_TOKENS must exceed LLM_MAX_TOKENS (the answer's share of the context)")
     if webhook and config.metrics_port and config.metrics_port == config.webhook_port:
         r.errors.append("METRICS_PORT must differ from WEBHOOK_PORT (/metrics stays off the public port)")
     if r.errors:

@@ -52,6 +52,7 @@ from services.turns import DB_APOLOGY, LLM_APOLOGY
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parent.parent
 TOKEN = "123456:BENCH-token-abcdefghijklmnopqrstuvwxyz"
+CONTEXT_BUDGET = 7_168  # the read bound of an 8192-token model with LLM_MAX_TOKENS=1024
 HISTORY_LIMIT = 20
 COMMITS_PER_TURN = 3
 STATEMENTS_PER_TURN = 4  # ADD_QUESTION, SELECT_TURN_START, INSERT_ANSWER, RECORD_SENT_PART
@@ -112,7 +113,7 @@ async def one_turn(pool: Pool, user: int, chat: int, message_id: int) -> None:
         text=f"question {message_id} from {user}",
         rate_limit_per_minute=1_000_000,  # counted, as with the default config, never hit
     )
-    turn = await context.start_turn(pool, question_id=question.id, history_limit=HISTORY_LIMIT, max_input_chars=8000)
+    turn = await context.start_turn(pool, question_id=question.id, history_limit=HISTORY_LIMIT, budget=CONTEXT_BUDGET)
     assert turn is not None
     answer = await context.add_answer(pool, question_id=question.id, text=f"answer to {message_id}")
     assert answer is not None

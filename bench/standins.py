@@ -59,9 +59,16 @@ class _Server:
     runner: web.AppRunner | None = field(default=None, init=False)
     url: str = field(default="", init=False)
 
-    async def _serve(self, route: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
+    async def _serve(
+        self,
+        route: str,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        gets: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] | None = None,
+    ) -> str:
         app = web.Application(client_max_size=UPLOAD_LIMIT_BYTES)
         app.router.add_post(route, handler)
+        for path, get in (gets or {}).items():
+            app.router.add_get(path, get)
         self.runner, base = await serve(app)
         return base
 
@@ -306,7 +313,8 @@ class LLMStandIn(_Server):
     ``pace`` seconds; ``fail_after_chunks`` ends such a stream with an error event instead;
     ``can_stream=False`` refuses streaming with a 400, as some endpoints do. Usage is reported
     (a stream's last chunk, when asked with ``stream_options.include_usage``) as one token per
-    character, recorded in ``usages``; ``report_usage=False`` leaves it out.
+    character, recorded in ``usages``; ``report_usage=False`` leaves it out. /v1/models lists
+    the models of ``context_lengths`` with their ``context_length``, as OpenRouter does.
     """
 
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -326,9 +334,17 @@ class LLMStandIn(_Server):
     stream_ended_at: list[float] = field(default_factory=list)  # monotonic, per stream written to the end
     report_usage: bool = True
     usages: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion) tokens reported
+    context_lengths: dict[str, int] = field(default_factory=dict)
 
     async def start(self) -> None:
-        self.url = await self._serve("/v1/chat/completions", self._handle) + "/v1"
+        self.url = await self._serve("/v1/chat/completions", self._handle, {"/v1/models": self._models}) + "/v1"
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        data = [
+            {"id": model, "object": "model", "created": 0, "owned_by": "stand-in", "context_length": length}
+            for model, length in self.context_lengths.items()
+        ]
+        return web.json_response({"object": "list", "data": data})
 
     async def stop(self) -> None:
         self._stopping.set()

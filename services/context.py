@@ -8,7 +8,7 @@ Functional and stateless: every function takes the pool and Telegram ids, runs i
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypedDict, TypeVar
@@ -17,10 +17,10 @@ import psycopg
 
 from services import database
 from services.database import (
-    DEFAULT_SETTINGS,
     AddedQuestion,
     ChatSettings,
     Connection,
+    DialogContext,
     DialogStats,
     EditedQuestion,
     FinishReason,
@@ -29,8 +29,8 @@ from services.database import (
     Role,
     SearchHit,
     SettingName,
-    StoredAnswer,
-    StoredMessage,
+    SummarySource,
+    TurnStart,
     Undone,
     UnfinishedTurn,
 )
@@ -67,16 +67,6 @@ class RateLimited(Exception):
     """The user sent more messages this minute than allowed; the message was set aside."""
 
 
-@dataclass(frozen=True, slots=True)
-class TurnContext:
-    """What a turn works with: the context to ask the LLM (oldest first, ending with the
-    question), the answer already stored for it, if any, and the chat's settings."""
-
-    context: list[ChatMessage]
-    answer: StoredAnswer | None
-    settings: ChatSettings = DEFAULT_SETTINGS
-
-
 async def _call(
     pool: Pool, query: Callable[Concatenate[Connection, P], Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
 ) -> T:
@@ -86,30 +76,6 @@ async def _call(
         # The class only: a driver message can quote the text of the row it failed on.
         logger.warning("database call %s failed: %s", query.__name__, type(error).__name__)
         raise StorageUnavailable(type(error).__name__) from error
-
-
-def fit_to_budget(history: Sequence[ChatMessage], max_chars: int) -> list[ChatMessage]:
-    """The newest messages whose lengths sum to at most ``max_chars``, oldest first, starting
-    at a user message.
-
-    The newest message (the question) is always kept, cut to ``max_chars`` if it alone is
-    longer, so the LLM never receives more input than the budget allows. Answers left at the
-    start of the window (by the budget or by the history limit) are dropped: without their
-    question they would open the context mid-turn.
-    """
-    kept: list[ChatMessage] = []
-    remaining = max_chars
-    for message in reversed(history):
-        length = len(message["content"])
-        if length > remaining:
-            if not kept:
-                kept.append({"role": message["role"], "content": message["content"][:max_chars]})
-            break
-        kept.append(message)
-        remaining -= length
-    while len(kept) > 1 and kept[-1]["role"] == "assistant":
-        kept.pop()
-    return kept[::-1]
 
 
 async def register(pool: Pool, *, telegram_user_id: int, first_name: str | None, telegram_chat_id: int) -> None:
@@ -155,17 +121,64 @@ async def add_question(
     return added
 
 
-async def start_turn(pool: Pool, *, question_id: int, history_limit: int, max_input_chars: int) -> TurnContext | None:
-    """The context of a question's turn and its stored answer; None when nothing is left to do."""
-    start = await _call(pool, database.fetch_turn_start, question_id=question_id, history_limit=history_limit)
-    if start is None:
-        return None
-    history = [_chat_message(m) for m in start.history]
-    return TurnContext(context=fit_to_budget(history, max_input_chars), answer=start.answer, settings=start.settings)
+async def start_turn(
+    pool: Pool, *, question_id: int, history_limit: int, budget: int, shared: bool = False
+) -> TurnStart | None:
+    """The context of a question's turn (``database.fetch_turn_start``), its stored answer and
+    the chat's settings; None when nothing is left to do."""
+    return await _call(
+        pool,
+        database.fetch_turn_start,
+        question_id=question_id,
+        history_limit=history_limit,
+        budget=budget,
+        shared=shared,
+    )
 
 
-def _chat_message(message: StoredMessage) -> ChatMessage:
-    return {"role": message.role, "content": as_sent(message.content, message.finish_reason)}
+async def next_context(
+    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, history_limit: int, budget: int, shared: bool
+) -> DialogContext:
+    """What the dialog's next turn would read."""
+    return await _call(
+        pool,
+        database.fetch_next_context,
+        telegram_user_id=telegram_user_id,
+        telegram_chat_id=telegram_chat_id,
+        history_limit=history_limit,
+        budget=budget,
+        shared=shared,
+    )
+
+
+async def summary_source(
+    pool: Pool, *, question_id: int, before: int, budget: int, limit: int, shared: bool
+) -> SummarySource:
+    """The previous summary of the question's dialog and the live messages after it, before
+    turn ``before``, oldest first, up to ``limit`` and about ``budget`` estimated tokens."""
+    return await _call(
+        pool,
+        database.fetch_summary_source,
+        question_id=question_id,
+        before=before,
+        budget=budget,
+        limit=limit,
+        shared=shared,
+    )
+
+
+async def add_summary(pool: Pool, *, question_id: int, through_id: int, covered: int, text: str, shared: bool) -> bool:
+    """Store a summary of the question's dialog up to turn ``through_id``; False when the
+    question was cleared or undone meanwhile."""
+    return await _call(
+        pool,
+        database.add_summary,
+        question_id=question_id,
+        through_id=through_id,
+        covered=covered,
+        content=text,
+        shared=shared,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,10 +23,11 @@ from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.rows import args_row, class_row, scalar_row
+from psycopg.rows import args_row, class_row, dict_row, scalar_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services import metrics
+from services.tokens import estimate_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +92,52 @@ DEFAULT_SETTINGS: Final = ChatSettings()
 SettingName = Literal["model", "system_prompt", "temperature"]
 
 
+class ContextMessage(NamedTuple):
+    """One message of a context read: ``tokens`` estimated, ``running`` the sum of its own and
+    every newer message's in the read; ``turn`` its question's id; ``author`` the first name of
+    who wrote it, in a group's shared history."""
+
+    id: int
+    role: Role
+    content: str
+    tokens: int
+    running: int
+    turn: int
+    finish_reason: FinishReason | None = None
+    author: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A dialog's rolling summary: it stands in for the ``covered`` live messages up to turn
+    ``through_id``."""
+
+    through_id: int
+    covered: int
+    content: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class DialogContext:
+    """A dialog's live history after its summary, newest first, as far as the token bound of
+    the read reached; ``read``: how many messages the read found (older ones lie beyond
+    ``history`` when it is more than its length, or more than the history limit)."""
+
+    history: list[ContextMessage]
+    summary: Summary | None = None
+    read: int = 0
+
+
+EMPTY_CONTEXT: Final = DialogContext([])
+
+
 @dataclass(frozen=True, slots=True)
 class TurnStart:
-    """What a turn finds when it starts: the live history ending with its question (oldest
-    first), the answer when one was stored but not yet fully delivered, and the chat's settings."""
+    """What a turn finds when it starts: its dialog's context up to its question, the answer
+    when one was stored but not yet fully delivered, and the chat's settings."""
 
-    history: list[StoredMessage]
+    dialog: DialogContext
     answer: StoredAnswer | None
     settings: ChatSettings = DEFAULT_SETTINGS
 
@@ -181,19 +222,58 @@ class ExportedMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class _TurnRow:
+class _ContextRow:
     id: int
     role: Role
     content: str
-    length: int
+    tokens: int
+    running: int
+    read: int
+    turn: int
     created_at: datetime
     finish_reason: FinishReason | None
     is_answer: bool
     settled: bool
     sent_parts: int
+    author: str | None
     model: str | None
     system_prompt: str | None
     temperature: float | None
+    summary_through: int | None
+    summary_covered: int | None
+    summary: str | None
+    summary_tokens: int | None
+
+    def message(self) -> ContextMessage:
+        return ContextMessage(
+            self.id, self.role, self.content, self.tokens, self.running, self.turn, self.finish_reason, self.author
+        )
+
+    def summary_read(self) -> Summary | None:
+        """The summary the read found (on its first row only)."""
+        if self.summary is None or self.summary_through is None or self.summary_covered is None:
+            return None
+        return Summary(self.summary_through, self.summary_covered, self.summary, self.summary_tokens or 0)
+
+
+def _dialog_context(rows: list[_ContextRow], history_limit: int, *, answered: bool = False) -> DialogContext:
+    """A context read's rows as a DialogContext; ``answered``: the first row is the question's
+    answer, not history (it still carries the summary and the read's count)."""
+    if not rows:
+        return EMPTY_CONTEXT
+    head = rows[0]
+    history = rows[1:] if answered else rows
+    return DialogContext([r.message() for r in history[:history_limit]], head.summary_read(), head.read - answered)
+
+
+@dataclass(frozen=True, slots=True)
+class SummarySource:
+    """What a new summary is written from: the dialog's previous summary, if any, and the live
+    messages after it, oldest first (``turn`` and ``author`` as in ContextMessage)."""
+
+    summary: str | None
+    covered: int
+    messages: list[ContextMessage]
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -328,6 +408,14 @@ _REGISTER_CHAT_CTES: Final = """
 
 _REGISTER_CTES: Final = _REGISTER_USER_CTES + _REGISTER_CHAT_CTES
 
+# A dialog is one user's messages in one chat, found by Telegram's ids.
+_DIALOG: Final = """
+    dialog AS (
+        SELECT (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint) AS user_id,
+               (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint) AS chat_id
+    )
+"""
+
 REGISTER: Final = (
     "WITH" + _REGISTER_CTES + "SELECT (SELECT id FROM user_row) AS user_id, (SELECT id FROM chat_row) AS chat_id"
 )
@@ -352,9 +440,9 @@ ADD_QUESTION: Final = (
         RETURNING hits
     )
     INSERT INTO messages AS m
-        (user_id, chat_id, role, content, telegram_message_id, telegram_thread_id, created_at, deleted_at,
+        (user_id, chat_id, role, content, tokens, telegram_message_id, telegram_thread_id, created_at, deleted_at,
          deleted_reason)
-    SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row), 'user', %(content)s::text,
+    SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row), 'user', %(content)s::text, %(tokens)s::integer,
            %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
            coalesce(%(created_at)s::timestamptz, now()),
            CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer THEN now() END,
@@ -365,47 +453,160 @@ ADD_QUESTION: Final = (
 """
 )
 
-# What a turn needs when it starts, in one index scan: the live history of the question's
-# (user, chat) up to the question, in turn order, newest first; its answer comes first when
-# there is one. Nothing comes back for a question that is cleared or failed. The chat's settings
-# ride on the question's own row: the lateral join's condition on m.id is a one-time filter, so
-# chat_settings is read once per turn, by its primary key, and no other row carries the prompt
-# (LIMIT 1 keeps the planner from flattening the subquery into a join that sorts the history).
-# real → numeric → float8: 0.3 stored as real reads back as 0.3, not 0.30000001192092896.
-SELECT_TURN_START: Final = """
-    WITH q AS (
-        SELECT id, user_id, chat_id FROM messages
-        WHERE id = %(question_id)s::bigint AND role = 'user' AND deleted_at IS NULL AND failed_at IS NULL
+# A turn's context, read in one statement: the dialog's newest live summary (revision 009),
+# then the live history after it, newest first in turn order, up to the question, with a
+# running sum of the messages' estimated tokens. Rows past %(budget)s are not sent back (the
+# newest is always kept), so a long dialog costs the wire only what the LLM can take;
+# ``read`` counts what the index scan found (HISTORY_LIMIT + 2 at most: more than that means
+# older history lies beyond the limit). A row from before revision 009 has no estimate and
+# counts one token per character. The summary and the chat's settings ride on one row only
+# (LIMIT 1 keeps the planner from flattening the lateral subqueries into sorting joins).
+#
+# Two shapes, spliced from constant fragments: a dialog is one user's turns in the chat
+# (messages_turn_idx), or, for a group with GROUP_CONTEXT=shared, every user's turns in it
+# (messages_chat_turn_idx), each user message with its author's first name.
+_DIALOG_ROWS: Final = {
+    False: "user_id = (SELECT user_id FROM q) AND chat_id = (SELECT chat_id FROM q)",
+    True: "chat_id = (SELECT chat_id FROM q)",
+}
+_SUMMARY_OWNER: Final = {False: "user_id = (SELECT user_id FROM q)", True: "user_id IS NULL"}
+_AUTHOR: Final = {False: "NULL::text", True: "coalesce((SELECT first_name FROM users WHERE id = r.user_id), '')"}
+
+# The dialog's newest live summary before turn q.id: one probe of summaries_dialog_idx.
+_SUMMARY: Final = {
+    shared: f"""
+    summary AS MATERIALIZED (
+        SELECT through_id, covered, content, tokens FROM summaries
+        WHERE chat_id = (SELECT chat_id FROM q) AND {_SUMMARY_OWNER[shared]} AND deleted_at IS NULL
+          AND through_id < (SELECT id FROM q)
+        ORDER BY through_id DESC
+        LIMIT 1
+    )"""
+    for shared in (False, True)
+}
+
+
+# q is read only through scalar subqueries: joined, it would hide the index order of the
+# history from the window and the final ORDER BY, and both would sort.
+def _context_read(question: str, *, shared: bool) -> str:
+    return f"""
+    WITH q AS ({question}),{_SUMMARY[shared]},
+    r AS (
+        SELECT h.*, sum(h.tokens) OVER w AS running, row_number() OVER w AS n, count(*) OVER () AS read
+        FROM (
+            SELECT id, user_id, role, content, coalesce(tokens, length) AS tokens, created_at, finish_reason,
+                   coalesce(reply_to_id, id) AS turn, reply_to_id, delivered_at, failed_at, sent_message_ids
+            FROM messages
+            WHERE {_DIALOG_ROWS[shared]} AND deleted_at IS NULL
+              AND coalesce(reply_to_id, id) <= (SELECT id FROM q)
+              AND coalesce(reply_to_id, id) > coalesce((SELECT through_id FROM summary), 0)
+            ORDER BY coalesce(reply_to_id, id) DESC, id DESC
+            LIMIT %(limit)s::integer + 2
+        ) h
+        WINDOW w AS (ORDER BY h.turn DESC, h.id DESC)
     )
-    SELECT m.id, m.role, m.content, m.length, m.created_at, m.finish_reason,
-           m.reply_to_id IS NOT NULL AND m.reply_to_id = q.id AS is_answer,
-           m.delivered_at IS NOT NULL OR m.failed_at IS NOT NULL AS settled,
-           coalesce(cardinality(m.sent_message_ids), 0) AS sent_parts,
-           s.model, s.system_prompt, s.temperature::numeric::float8 AS temperature
-    FROM q CROSS JOIN LATERAL (
-        SELECT id, role, content, length, created_at, finish_reason, reply_to_id, delivered_at, failed_at,
-               sent_message_ids
-        FROM messages
-        WHERE user_id = q.user_id AND chat_id = q.chat_id AND deleted_at IS NULL
-          AND coalesce(reply_to_id, id) <= q.id
-        ORDER BY coalesce(reply_to_id, id) DESC, id DESC
-        LIMIT %(limit)s::integer + 1
-    ) m
+    SELECT r.id, r.role, r.content, r.tokens, r.running, r.read, r.turn, r.created_at, r.finish_reason,
+           r.reply_to_id IS NOT NULL AND r.reply_to_id = (SELECT id FROM q) AS is_answer,
+           r.delivered_at IS NOT NULL OR r.failed_at IS NOT NULL AS settled,
+           coalesce(cardinality(r.sent_message_ids), 0) AS sent_parts,
+           {_AUTHOR[shared]} AS author,
+           cs.model, cs.system_prompt, cs.temperature::numeric::float8 AS temperature,
+           sm.through_id AS summary_through, sm.covered AS summary_covered, sm.content AS summary,
+           sm.tokens AS summary_tokens
+    FROM r
     LEFT JOIN LATERAL (
         SELECT model, system_prompt, temperature FROM chat_settings
-        WHERE chat_id = q.chat_id AND m.id = q.id
+        WHERE chat_id = (SELECT chat_id FROM q) AND r.n = 1
         LIMIT 1
-    ) s ON true
+    ) cs ON true
+    LEFT JOIN LATERAL (SELECT * FROM summary WHERE r.n = 1 LIMIT 1) sm ON true
+    WHERE r.running <= %(budget)s::integer OR r.n = 1 OR r.id = (SELECT id FROM q)
+    ORDER BY r.turn DESC, r.id DESC
 """
+
+
+# What a turn needs when it starts: its context, and its answer when one was stored but not yet
+# fully delivered (then it comes first). Nothing comes back for a question that is cleared or
+# failed.
+_TURN_QUESTION: Final = """
+        SELECT id, user_id, chat_id FROM messages
+        WHERE id = %(question_id)s::bigint AND role = 'user' AND deleted_at IS NULL AND failed_at IS NULL"""
+SELECT_TURN_START: Final = _context_read(_TURN_QUESTION, shared=False)
+SELECT_TURN_START_SHARED: Final = _context_read(_TURN_QUESTION, shared=True)
+
+# /context: what the dialog's next turn would read (its question not yet asked).
+_NEXT_QUESTION: Final = """
+        SELECT 9223372036854775807::bigint AS id,
+               (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint) AS user_id,
+               (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint) AS chat_id"""
+SELECT_NEXT_CONTEXT: Final = _context_read(_NEXT_QUESTION, shared=False)
+SELECT_NEXT_CONTEXT_SHARED: Final = _context_read(_NEXT_QUESTION, shared=True)
+
+
+# A rolling summary's source: the live turns after the dialog's summary (if any) and before
+# turn %(before)s, oldest first, with a running sum of their estimated tokens; rows past
+# %(budget)s are not sent back (the first always is). The previous summary rides on the first
+# row, to be folded into the new one.
+def _summary_source(*, shared: bool) -> str:
+    return f"""
+    WITH q AS (SELECT user_id, chat_id, %(before)s::bigint AS id FROM messages WHERE id = %(question_id)s::bigint),
+    {_SUMMARY[shared]},
+    r AS (
+        SELECT h.*, sum(h.tokens) OVER w AS running, row_number() OVER w AS n
+        FROM (
+            SELECT id, user_id, role, content, coalesce(tokens, length) AS tokens, finish_reason,
+                   coalesce(reply_to_id, id) AS turn
+            FROM messages
+            WHERE {_DIALOG_ROWS[shared]} AND deleted_at IS NULL
+              AND coalesce(reply_to_id, id) < (SELECT id FROM q)
+              AND coalesce(reply_to_id, id) > coalesce((SELECT through_id FROM summary), 0)
+            ORDER BY coalesce(reply_to_id, id), id
+            LIMIT %(limit)s::integer
+        ) h
+        WINDOW w AS (ORDER BY h.turn, h.id)
+    )
+    SELECT r.role, r.content, r.finish_reason, r.turn, {_AUTHOR[shared]} AS author,
+           sm.content AS summary, sm.covered AS summary_covered
+    FROM r LEFT JOIN LATERAL (SELECT * FROM summary WHERE r.n = 1 LIMIT 1) sm ON true
+    WHERE r.running <= %(budget)s::integer OR r.n = 1
+    ORDER BY r.turn, r.id
+"""
+
+
+SELECT_SUMMARY_SOURCE: Final = _summary_source(shared=False)
+SELECT_SUMMARY_SOURCE_SHARED: Final = _summary_source(shared=True)
+
+
+# A new summary replaces the dialog's live one, in one statement. It is written only while the
+# turn that made it is still live: a /clear or /undo that came first wins, and nothing is stored.
+def _insert_summary(*, shared: bool) -> str:
+    owner = "NULL::bigint" if shared else "q.user_id"
+    return f"""
+    WITH q AS (
+        SELECT user_id, chat_id FROM messages WHERE id = %(question_id)s::bigint AND deleted_at IS NULL
+    ),
+    replaced AS (
+        UPDATE summaries SET deleted_at = now(), deleted_reason = 'replaced'
+        WHERE chat_id = (SELECT chat_id FROM q) AND {_SUMMARY_OWNER[shared]} AND deleted_at IS NULL
+    )
+    INSERT INTO summaries (user_id, chat_id, through_id, covered, content, tokens)
+    SELECT {owner}, q.chat_id, %(through_id)s::bigint, %(covered)s::integer, %(content)s::text, %(tokens)s::integer
+    FROM q
+    RETURNING id
+"""
+
+
+INSERT_SUMMARY: Final = _insert_summary(shared=False)
+INSERT_SUMMARY_SHARED: Final = _insert_summary(shared=True)
 
 # Only a live question gets an answer, and only one live answer (messages_live_answer_key): a
 # /clear that came first wins, and nothing is stored.
 INSERT_ANSWER: Final = """
     INSERT INTO messages
-        (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, finish_reason, prompt_tokens,
+        (user_id, chat_id, role, content, tokens, reply_to_id, telegram_thread_id, finish_reason, prompt_tokens,
          completion_tokens)
-    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id, %(finish_reason)s::text,
-           %(prompt_tokens)s::integer, %(completion_tokens)s::integer
+    SELECT user_id, chat_id, 'assistant', %(content)s::text, %(tokens)s::integer, id, telegram_thread_id,
+           %(finish_reason)s::text, %(prompt_tokens)s::integer, %(completion_tokens)s::integer
     FROM messages
     WHERE id = %(question_id)s::bigint AND deleted_at IS NULL
     ON CONFLICT (reply_to_id) WHERE deleted_at IS NULL DO NOTHING
@@ -436,13 +637,24 @@ SELECT_HISTORY: Final = """
 
 # ``before`` is given only for a /clear spooled during an outage: it clears what was said
 # before it, and nothing written back after it, however often the write-back is repeated.
-SOFT_DELETE_MESSAGES: Final = """
+# The dialog's summaries go with it, and so does the group's shared one: it may quote the user.
+SOFT_DELETE_MESSAGES: Final = (
+    "WITH"
+    + _DIALOG
+    + """,
+    summaries_cleared AS (
+        UPDATE summaries SET deleted_at = coalesce(%(before)s::timestamptz, now()), deleted_reason = 'clear'
+        WHERE chat_id = (SELECT chat_id FROM dialog)
+          AND (user_id = (SELECT user_id FROM dialog) OR user_id IS NULL)
+          AND deleted_at IS NULL
+          AND created_at <= coalesce(%(before)s::timestamptz, now())
+    )
     UPDATE messages SET deleted_at = coalesce(%(before)s::timestamptz, now()), deleted_reason = 'clear'
-    WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
-      AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+    WHERE user_id = (SELECT user_id FROM dialog) AND chat_id = (SELECT chat_id FROM dialog)
       AND deleted_at IS NULL
       AND created_at <= coalesce(%(before)s::timestamptz, now())
 """
+)
 
 COUNT_MESSAGES: Final = """
     SELECT count(*) FILTER (WHERE deleted_at IS NULL) AS live,
@@ -487,10 +699,11 @@ WRITE_BACK_ANSWER: Final = (
     + _QUESTION_BY_KEY
     + """)
     INSERT INTO messages
-        (user_id, chat_id, role, content, reply_to_id, telegram_thread_id, created_at, finish_reason, prompt_tokens,
-         completion_tokens)
-    SELECT user_id, chat_id, 'assistant', %(content)s::text, id, telegram_thread_id, %(created_at)s::timestamptz,
-           %(finish_reason)s::text, %(prompt_tokens)s::integer, %(completion_tokens)s::integer
+        (user_id, chat_id, role, content, tokens, reply_to_id, telegram_thread_id, created_at, finish_reason,
+         prompt_tokens, completion_tokens)
+    SELECT user_id, chat_id, 'assistant', %(content)s::text, %(tokens)s::integer, id, telegram_thread_id,
+           %(created_at)s::timestamptz, %(finish_reason)s::text, %(prompt_tokens)s::integer,
+           %(completion_tokens)s::integer
     FROM q
     WHERE NOT EXISTS (
         SELECT FROM messages a WHERE a.reply_to_id = q.id AND a.created_at = %(created_at)s::timestamptz
@@ -525,14 +738,6 @@ WRITE_BACK_FAILURE: Final = (
 )
 
 # -- history the user controls (/retry, /undo, edits, /search, /stats, /export) ---------------
-# A dialog is one user's messages in one chat, found by Telegram's ids.
-_DIALOG: Final = """
-    dialog AS (
-        SELECT (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint) AS user_id,
-               (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint) AS chat_id
-    )
-"""
-
 # The dialog's newest live turn: the top of messages_turn_idx, read backwards.
 _LAST_TURN: Final = """
     last_turn AS (
@@ -603,6 +808,22 @@ UNDO_LAST_TURN: Final = (
           AND m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
           AND m.deleted_at IS NULL AND coalesce(m.reply_to_id, m.id) = t.question_id
         RETURNING m.role, m.content
+    ),
+    summaries_restored AS (
+        UPDATE summaries s SET deleted_at = NULL, deleted_reason = NULL
+        FROM last_deletion l
+        WHERE EXISTS (SELECT FROM restored)
+          AND s.chat_id = (SELECT chat_id FROM dialog)
+          AND (s.user_id = (SELECT user_id FROM dialog) OR s.user_id IS NULL)
+          AND s.deleted_at = l.deleted_at AND s.deleted_reason = 'clear'
+    ),
+    summaries_undone AS (
+        UPDATE summaries s SET deleted_at = now(), deleted_reason = 'undo'
+        FROM last_turn t
+        WHERE NOT EXISTS (SELECT FROM restored)
+          AND s.chat_id = (SELECT chat_id FROM dialog)
+          AND (s.user_id = (SELECT user_id FROM dialog) OR s.user_id IS NULL)
+          AND s.deleted_at IS NULL AND s.through_id >= t.question_id
     )
     SELECT (SELECT count(*) FROM restored) AS restored,
            (SELECT count(*) FROM undone) AS undone,
@@ -621,7 +842,7 @@ EDIT_QUESTION: Final = (
     + """,
     question AS (
         UPDATE messages q
-        SET content = %(content)s::text, edited_at = now(),
+        SET content = %(content)s::text, tokens = %(tokens)s::integer, edited_at = now(),
             failed_at = CASE WHEN q.deleted_at IS NULL AND q.id = (SELECT question_id FROM last_turn)
                              THEN NULL ELSE q.failed_at END
         WHERE q.chat_id = (SELECT chat_id FROM dialog) AND q.telegram_message_id = %(telegram_message_id)s::bigint
@@ -796,6 +1017,7 @@ async def add_question(
             "first_name": first_name,
             "telegram_chat_id": telegram_chat_id,
             "content": content,
+            "tokens": estimate_tokens(content),
             "telegram_message_id": telegram_message_id,
             "telegram_thread_id": telegram_thread_id,
             "rate_limit": rate_limit,
@@ -808,26 +1030,74 @@ async def add_question(
     return added
 
 
-async def fetch_turn_start(conn: Connection, *, question_id: int, history_limit: int) -> TurnStart | None:
-    """The history ending with the question and its stored answer, if any; None when the turn
-    has nothing left to do (the question is cleared or failed, its answer delivered or refused)."""
-    cur = conn.cursor(row_factory=class_row(_TurnRow))
-    await cur.execute(SELECT_TURN_START, {"question_id": question_id, "limit": history_limit}, prepare=True)
+async def fetch_turn_start(
+    conn: Connection, *, question_id: int, history_limit: int, budget: int, shared: bool = False
+) -> TurnStart | None:
+    """The context up to the question (at most ``history_limit`` messages, and no more past
+    ``budget`` estimated tokens than the newest) and its stored answer, if any; None when the
+    turn has nothing left to do (the question is cleared or failed, its answer delivered or
+    refused). ``shared``: the group's history across its users."""
+    cur = conn.cursor(row_factory=class_row(_ContextRow))
+    statement = SELECT_TURN_START_SHARED if shared else SELECT_TURN_START
+    await cur.execute(statement, {"question_id": question_id, "limit": history_limit, "budget": budget}, prepare=True)
     rows = await cur.fetchall()
     if not rows:
         return None
+    head = rows[0]
+    settings = ChatSettings(head.model, head.system_prompt, head.temperature)
     answer: StoredAnswer | None = None
-    if rows[0].is_answer:
-        head = rows.pop(0)
+    if head.is_answer:
         if head.settled:
             return None
         answer = StoredAnswer(id=head.id, content=head.content, sent_parts=head.sent_parts)
-    question = next(r for r in rows if r.id == question_id)  # the newest live message in turn order
-    settings = ChatSettings(question.model, question.system_prompt, question.temperature)
-    history = [
-        StoredMessage(r.id, r.role, r.content, r.length, r.created_at, r.finish_reason) for r in rows[:history_limit]
+        context = _dialog_context(rows, history_limit, answered=True)
+    else:
+        context = _dialog_context(rows, history_limit)
+    return TurnStart(dialog=context, answer=answer, settings=settings)
+
+
+async def fetch_next_context(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, history_limit: int, budget: int, shared: bool
+) -> DialogContext:
+    """What the dialog's next turn would read (as ``fetch_turn_start``, before its question)."""
+    cur = conn.cursor(row_factory=class_row(_ContextRow))
+    statement = SELECT_NEXT_CONTEXT_SHARED if shared else SELECT_NEXT_CONTEXT
+    params = _dialog(telegram_user_id, telegram_chat_id, limit=history_limit, budget=budget)
+    await cur.execute(statement, params, prepare=True)
+    return _dialog_context(await cur.fetchall(), history_limit)
+
+
+async def fetch_summary_source(
+    conn: Connection, *, question_id: int, before: int, budget: int, limit: int, shared: bool
+) -> SummarySource:
+    """The live messages of the question's dialog after its summary and before turn ``before``,
+    oldest first, up to ``limit`` and (past the first) ``budget`` estimated tokens."""
+    cur = conn.cursor(row_factory=dict_row)
+    statement = SELECT_SUMMARY_SOURCE_SHARED if shared else SELECT_SUMMARY_SOURCE
+    params = {"question_id": question_id, "before": before, "budget": budget, "limit": limit}
+    await cur.execute(statement, params, prepare=True)
+    rows = await cur.fetchall()
+    head = rows[0] if rows else {}
+    messages = [
+        ContextMessage(0, r["role"], r["content"], 0, 0, r["turn"], r["finish_reason"], r["author"]) for r in rows
     ]
-    return TurnStart(history=history[::-1], answer=answer, settings=settings)
+    return SummarySource(head.get("summary"), head.get("summary_covered") or 0, messages)
+
+
+async def add_summary(
+    conn: Connection, *, question_id: int, through_id: int, covered: int, content: str, shared: bool
+) -> bool:
+    """Store a summary of the question's dialog up to turn ``through_id`` in place of its live
+    one; False when the question was cleared or undone meanwhile (nothing stored)."""
+    params = {
+        "question_id": question_id,
+        "through_id": through_id,
+        "covered": covered,
+        "content": content,
+        "tokens": estimate_tokens(content),
+    }
+    cur = await conn.execute(INSERT_SUMMARY_SHARED if shared else INSERT_SUMMARY, params)
+    return await cur.fetchone() is not None
 
 
 async def add_answer(
@@ -845,6 +1115,7 @@ async def add_answer(
     params = {
         "question_id": question_id,
         "content": content,
+        "tokens": estimate_tokens(content),
         "finish_reason": finish_reason,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -904,6 +1175,7 @@ async def write_back_answer(
         "telegram_chat_id": telegram_chat_id,
         "telegram_message_id": telegram_message_id,
         "content": content,
+        "tokens": estimate_tokens(content),
         "created_at": created_at,
         "finish_reason": finish_reason,
         "prompt_tokens": prompt_tokens,
@@ -975,7 +1247,13 @@ async def edit_question(
     """Give a stored question its edited text; None when the message is not a stored question
     of this user or its text did not change."""
     cur = conn.cursor(row_factory=class_row(EditedQuestion))
-    params = _dialog(telegram_user_id, telegram_chat_id, telegram_message_id=telegram_message_id, content=content)
+    params = _dialog(
+        telegram_user_id,
+        telegram_chat_id,
+        telegram_message_id=telegram_message_id,
+        content=content,
+        tokens=estimate_tokens(content),
+    )
     await cur.execute(EDIT_QUESTION, params)
     return await cur.fetchone()
 

@@ -140,6 +140,16 @@ class LLM:
             metrics.count_tokens(response.usage.prompt_tokens, response.usage.completion_tokens)
             yield Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
 
+    async def context_lengths(self) -> dict[str, int]:
+        """Each model's context length in tokens, where the endpoint's model list publishes it
+        (OpenRouter's ``context_length``; OpenAI's list has none)."""
+        lengths: dict[str, int] = {}
+        async for model in self.client.models.list():
+            length = (model.model_extra or {}).get("context_length")
+            if isinstance(length, int) and length > 0:
+                lengths[model.id] = length
+        return lengths
+
 
 def _failed(error: openai.APIError, started: float) -> LLMError:
     status = getattr(error, "status_code", None)

@@ -24,19 +24,18 @@ from typing import Any, Literal, TypeVar
 import psycopg
 
 from services import context, database, spool
+from services.budget import dialog_of
 from services.context import (
     NO_USAGE,
-    ChatMessage,
     StorageUnavailable,
-    TurnContext,
     Usage,
     as_sent,
-    fit_to_budget,
 )
 from services.database import (
     DEFAULT_SETTINGS,
     ChatSettings,
     Connection,
+    DialogContext,
     DialogStats,
     EditedQuestion,
     ExportedMessage,
@@ -45,6 +44,7 @@ from services.database import (
     SearchHit,
     SettingName,
     StoredAnswer,
+    SummarySource,
     Undone,
     UnfinishedTurn,
 )
@@ -102,10 +102,11 @@ class TurnStart:
     missing right now (a degraded bot that never saw this dialog), and the chat's settings
     (while degraded: the defaults)."""
 
-    context: list[ChatMessage]
+    dialog: DialogContext
     answer: Answer | None
     history_missing: bool = False
     settings: ChatSettings = DEFAULT_SETTINGS
+    from_database: bool = True  # False: read from memory while degraded (no summary there)
 
 
 @dataclass
@@ -240,20 +241,23 @@ class Storage:
         self._history.append(dialog, Remembered("user", text, message_id))
         return question
 
-    async def start_turn(self, question: Question, *, history_limit: int, max_input_chars: int) -> TurnStart | None:
-        """The turn's context and stored answer; None when nothing is left to do."""
+    async def start_turn(
+        self, question: Question, *, history_limit: int, budget: int, shared: bool = False
+    ) -> TurnStart | None:
+        """The turn's context (at most ``history_limit`` messages, about ``budget`` estimated
+        tokens) and stored answer; None when nothing is left to do."""
         question_id = question.id
         if question_id is not None:
             start = await self._in_database(
                 lambda pool: context.start_turn(
-                    pool, question_id=question_id, history_limit=history_limit, max_input_chars=max_input_chars
+                    pool, question_id=question_id, history_limit=history_limit, budget=budget, shared=shared
                 )
             )
             if start is None:
                 return None
             if start is not UNAVAILABLE:
-                self._remember(question, start.context)
-                return TurnStart(start.context, _answer(start), settings=start.settings)
+                self._remember(question, start.dialog)
+                return TurnStart(start.dialog, _answer(start), settings=start.settings)
         state = self._spooled_turn(question)
         if state.settled or question.message_id is None:
             return None
@@ -261,7 +265,46 @@ class Storage:
         missing = question.dialog in self._history_missing
         self._history_missing.discard(question.dialog)  # the user is told once
         history = self._history.context(question.dialog, question.message_id)
-        return TurnStart(fit_to_budget(history[-history_limit:], max_input_chars), answer, missing)
+        return TurnStart(dialog_of(history[-history_limit:]), answer, missing, from_database=False)
+
+    async def next_context(
+        self, *, user_id: int, chat_id: int, history_limit: int, budget: int, shared: bool
+    ) -> DialogContext:
+        """What the dialog's next turn would read (/context)."""
+        return await self._required(
+            lambda pool: context.next_context(
+                pool,
+                telegram_user_id=user_id,
+                telegram_chat_id=chat_id,
+                history_limit=history_limit,
+                budget=budget,
+                shared=shared,
+            )
+        )
+
+    async def summary_source(
+        self, question: Question, *, before: int, budget: int, limit: int, shared: bool
+    ) -> SummarySource:
+        """The previous summary of the question's dialog and the live messages after it, before
+        turn ``before`` (``context.summary_source``)."""
+        question_id = question.id
+        assert question_id is not None  # summaries are made only from a context read in the database
+        return await self._required(
+            lambda pool: context.summary_source(
+                pool, question_id=question_id, before=before, budget=budget, limit=limit, shared=shared
+            )
+        )
+
+    async def add_summary(self, question: Question, *, through_id: int, covered: int, text: str, shared: bool) -> bool:
+        """Store a summary of the question's dialog up to turn ``through_id``; False when the
+        question was cleared or undone meanwhile."""
+        question_id = question.id
+        assert question_id is not None
+        return await self._required(
+            lambda pool: context.add_summary(
+                pool, question_id=question_id, through_id=through_id, covered=covered, text=text, shared=shared
+            )
+        )
 
     async def add_answer(
         self, question: Question, text: str, finish_reason: FinishReason | None = None, usage: Usage = NO_USAGE
@@ -429,8 +472,8 @@ class Storage:
 
     # -- degraded mode ------------------------------------------------------------------------
 
-    def _remember(self, question: Question, history: list[ChatMessage]) -> None:
-        remembered = [Remembered(m["role"], m["content"], None) for m in history]
+    def _remember(self, question: Question, dialog: DialogContext) -> None:
+        remembered = [Remembered(m.role, as_sent(m.content, m.finish_reason), None) for m in reversed(dialog.history)]
         if remembered and question.message_id is not None:
             remembered[-1] = Remembered("user", remembered[-1].content, question.message_id)
         self._history.remember(question.dialog, remembered)
@@ -520,6 +563,6 @@ async def _write_batch(conn: Connection, batch: list[Spooled]) -> None:
             await spool.write_back(conn, item)
 
 
-def _answer(start: TurnContext) -> Answer | None:
+def _answer(start: database.TurnStart) -> Answer | None:
     stored: StoredAnswer | None = start.answer
     return Answer(stored.id, stored.content, stored.sent_parts) if stored is not None else None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from config import Config
 from services import metrics
+from services.budget import ContextBudget, Window
 from services.chat_queue import ChatQueues, Stopped
 from services.context import ChatMessage, StorageUnavailable, Usage
 from services.database import ChatSettings, FinishReason, Undone
@@ -25,6 +26,7 @@ from services.formatting import Part, render, split
 from services.llm import LLM, LLMError
 from services.storage import Answer, Question, Storage
 from services.streaming import LiveReply, Shown
+from services.summaries import Summariser
 from services.text import storable
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 DB_APOLOGY = "Sorry, my memory is unavailable right now. Please try again in a minute."
 LLM_APOLOGY = "Sorry, I couldn't come up with an answer just now. Please try again in a moment."
 HISTORY_MISSING = "(I can't reach my memory of our earlier messages right now, so I'm answering this one on its own.)"
+SUMMARY_NOTICE = "(Our conversation has grown long, so I summarised its older part to keep it in mind.)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,13 @@ class Turns:
         self._config = config
         self._queues: ChatQueues[TurnRequest] = ChatQueues(self._run, limit=config.max_turns_in_flight)
         self._recovery: asyncio.Task[None] | None = None
+        self.budget = ContextBudget(
+            context_tokens=config.context_tokens,
+            max_tokens=config.llm_max_tokens,
+            models=config.allowed_models or (config.llm_model,),
+            model_list=llm.context_lengths,
+        )
+        self._summariser = Summariser(storage, llm, self.budget, config.llm_max_tokens)
 
     def intake(self, chat_id: int) -> AbstractAsyncContextManager[None]:
         """The chat's intake, a FIFO lock: ``ask`` and ``clear`` run inside it, entered in the
@@ -229,10 +239,35 @@ class Turns:
             metrics.turn_outcome("delivery_failed")
             logger.warning("answer to question %s waits for recovery: %s", turn.ident, error)
 
+    def _shared(self, chat_id: int) -> bool:
+        """Whether the chat's turns read its whole history (a group, with GROUP_CONTEXT=shared)."""
+        return chat_id < 0 and self._config.group_context == "shared"
+
+    async def next_window(self, *, user_id: int, chat_id: int) -> tuple[str, Window]:
+        """The model and the context the user's next turn in the chat would take (/context)."""
+        settings = self._chosen(await self._storage.chat_settings(chat_id=chat_id))
+        dialog = await self._storage.next_context(
+            user_id=user_id,
+            chat_id=chat_id,
+            history_limit=self._config.history_limit,
+            budget=await self.budget.read_bound(),
+            shared=self._shared(chat_id),
+        )
+        model = settings.model or self._config.llm_model
+        system_prompt = settings.system_prompt or self._config.system_prompt
+        window = await self.budget.choose(
+            dialog, model=model, system_prompt=system_prompt, history_limit=self._config.history_limit
+        )
+        return model, window
+
     async def _answer(self, turn: TurnRequest) -> None:
         question = turn.question
+        shared = self._shared(question.chat_id)
         start = await self._storage.start_turn(
-            question, history_limit=self._config.history_limit, max_input_chars=self._config.max_input_chars
+            question,
+            history_limit=self._config.history_limit,
+            budget=await self.budget.read_bound(),
+            shared=shared,
         )
         if start is None:
             logger.info("question %s needs nothing more (cleared, failed or delivered)", turn.ident)
@@ -250,8 +285,18 @@ class Turns:
             interval_s=self._config.stream_draft_interval_s if drafts else self._config.stream_edit_interval_s,
             replacing=turn.replaces,
         )
-        context = with_quote(start.context, turn.quoted)
-        text, cut_short, usage = await self._write(turn, context, live, self._chosen(start.settings))
+        settings = self._chosen(start.settings)
+        model = settings.model or self._config.llm_model
+        window = await self.budget.choose(
+            start.dialog,
+            model=model,
+            system_prompt=settings.system_prompt or self._config.system_prompt,
+            history_limit=self._config.history_limit,
+            quoted=turn.quoted,
+        )
+        context = with_quote(window.messages, turn.quoted)
+        text, cut_short, usage = await self._write(turn, context, live, settings)
+        self.budget.calibrate(model, estimated=window.used, reported=usage.prompt_tokens)
         shown = await live.finish()
         if cut_short == "cancel":  # cleared meanwhile: nothing from before may stay live
             logger.info("turn of question %s cancelled before its answer", turn.ident)
@@ -267,10 +312,25 @@ class Turns:
         if answer is None:
             logger.info("question %s was cleared or answered meanwhile; answer dropped", turn.ident)
             return
-        await self._deliver(turn, answer, shown)
+        delivered = await self._deliver(turn, answer, shown)
         if finish_reason == "failed":
             metrics.turn_outcome("llm_failed")
             await self._say(turn.address, LLM_APOLOGY)
+        if delivered and window.crowded and start.from_database and self._config.summaries:
+            await self._summarise(turn, window, model, shared)
+
+    async def _summarise(self, turn: TurnRequest, window: Window, model: str, shared: bool) -> None:
+        """Fold the older part of the turn's crowded history into its summary, and say so once
+        it is stored; a failure leaves the history as it was (the next crowded turn tries again)."""
+        try:
+            stored = await self._summariser.refresh(
+                turn.question, window, model=model, history_limit=self._config.history_limit, shared=shared
+            )
+        except (LLMError, StorageUnavailable) as error:
+            logger.warning("summary after question %s not written: %s", turn.ident, type(error).__name__)
+            return
+        if stored:
+            await self._say(turn.address, SUMMARY_NOTICE)
 
     def _chosen(self, settings: ChatSettings) -> ChatSettings:
         """The chat's settings as the LLM call takes them: a model no longer in ALLOWED_MODELS
@@ -328,10 +388,10 @@ class Turns:
             ),
         )
 
-    async def _deliver(self, turn: TurnRequest, answer: Answer, shown: Shown) -> None:
+    async def _deliver(self, turn: TurnRequest, answer: Answer, shown: Shown) -> bool:
         """Make every part of the stored answer final on Telegram, part by part, recording each:
         parts the stream completed are only recorded, the message it was editing gets its final
-        text, the rest is sent."""
+        text, the rest is sent. Whether Telegram took it (False: it refused for good)."""
         parts = split(render(answer.content))
         for index in range(answer.sent_parts, len(parts)):
             part, last = parts[index], index == len(parts) - 1
@@ -348,7 +408,7 @@ class Turns:
                 metrics.turn_outcome("refused")
                 logger.warning("Telegram refused the answer in chat %s: %s", turn.address.chat_id, error)
                 await self._storage.set_failed(turn.question, answer)
-                return
+                return False
             try:
                 await self._storage.record_sent_part(turn.question, answer, sent_message_id=message_id, last=last)
             except StorageUnavailable:
@@ -358,6 +418,7 @@ class Turns:
         logger.info(
             "delivered the answer to %s in chat %s: %d chars", turn.ident, turn.address.chat_id, len(answer.content)
         )
+        return True
 
     async def _edit_or_send(self, address: Address, message_id: int, part: Part, *, quote: bool) -> int:
         """Show ``part`` in the message ``message_id``; when Telegram refuses the edit (the message

@@ -46,7 +46,11 @@ def bot_env(database_url: str, telegram: TelegramStandIn, llm: LLMStandIn, **ove
         "DB_POOL_TIMEOUT_S": "2",
         "MAX_TURNS_IN_FLIGHT": "100",
         "HISTORY_LIMIT": "20",
-        "MAX_INPUT_CHARS": "8000",
+        "CONTEXT_TOKENS": "0",
+        # Summaries make LLM calls of their own, which the suite's request counts do not expect;
+        # tests/test_summaries.py turns them on.
+        "SUMMARIES": "false",
+        "GROUP_CONTEXT": "per_user",
         "PENDING_REPLY_MAX_AGE_S": "600",
         "SHUTDOWN_TIMEOUT_S": "20",
         "RATE_LIMIT_PER_MINUTE": "0",

@@ -1,38 +1,13 @@
-"""services.context over the real database, and its history budget."""
+"""services.context over the real database: the context a turn reads."""
 
 from __future__ import annotations
 
 import pytest
 
 from services import context, database
-from services.context import ChatMessage, RateLimited, StorageUnavailable, fit_to_budget
+from services.budget import ContextBudget
+from services.context import RateLimited, StorageUnavailable
 from services.database import Pool
-
-
-def message(content: str, role: database.Role = "user") -> ChatMessage:
-    return {"role": role, "content": content}
-
-
-def test_budget_keeps_the_newest_messages_that_fit() -> None:
-    history = [message("aaaa"), message("bbbb", "assistant"), message("cc")]
-    assert fit_to_budget(history, 100) == [
-        {"role": "user", "content": "aaaa"},
-        {"role": "assistant", "content": "bbbb"},
-        {"role": "user", "content": "cc"},
-    ]
-    assert fit_to_budget(history, 1) == [{"role": "user", "content": "c"}]
-    assert fit_to_budget([], 10) == []
-
-
-def test_the_context_starts_at_a_question_never_mid_turn() -> None:
-    history = [message("aaaa"), message("bbbb", "assistant"), message("cc")]
-    # "bbbb" fits the budget, but without "aaaa" it answers nothing the LLM can see
-    assert fit_to_budget(history, 6) == [{"role": "user", "content": "cc"}]
-    answers = [message("a1", "assistant"), message("a2", "assistant"), message("q"), message("a3", "assistant")]
-    assert fit_to_budget(answers, 100) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a3"}]
-    assert fit_to_budget([message("only an answer", "assistant")], 100) == [
-        {"role": "assistant", "content": "only an answer"}
-    ]  # the last message is the question's place: always kept
 
 
 async def ask(pool: Pool, text: str, *, message_id: int, rate_limit: int = 0) -> int:
@@ -49,15 +24,33 @@ async def ask(pool: Pool, text: str, *, message_id: int, rate_limit: int = 0) ->
     return added.id
 
 
+async def no_list() -> dict[str, int]:
+    return {}
+
+
+# 4096 tokens, 3584 kept for the answer: a prompt's room is 512 estimated tokens
+BUDGET = ContextBudget(context_tokens=4096, max_tokens=3584, models=["m"], model_list=no_list)
+
+
+async def contents(turn: database.TurnStart | None, *, history_limit: int = 20, system_prompt: str = "") -> list[str]:
+    assert turn is not None
+    window = await BUDGET.choose(turn.dialog, model="m", system_prompt=system_prompt, history_limit=history_limit)
+    return [m["content"] for m in window.messages]
+
+
 async def test_a_turn_reads_its_context_within_budget(pool: Pool) -> None:
     first = await ask(pool, "one", message_id=1)
     assert await context.add_answer(pool, question_id=first, text="1") is not None
     second = await ask(pool, "two", message_id=2)
-    turn = await context.start_turn(pool, question_id=second, history_limit=20, max_input_chars=100)
+    turn = await context.start_turn(pool, question_id=second, history_limit=20, budget=1000)
     assert turn is not None and turn.answer is None
-    assert [m["content"] for m in turn.context] == ["one", "1", "two"]
-    short = await context.start_turn(pool, question_id=second, history_limit=20, max_input_chars=4)
-    assert short is not None and [m["content"] for m in short.context] == ["two"]  # not "1" without "one"
+    assert await contents(turn) == ["one", "1", "two"]
+    # each message takes 5 tokens; a 500-token system prompt leaves room for "two" and "1" but
+    # not "one", and "1" goes too: without "one" it answers nothing the LLM can see
+    assert await contents(turn, system_prompt="x" * 4 * 496) == ["two"]
+    bounded = await context.start_turn(pool, question_id=second, history_limit=20, budget=6)
+    assert bounded is not None and [m.content for m in bounded.dialog.history] == ["two"]  # the read stops
+    assert bounded.dialog.read == 3  # ...but counts what it found
 
 
 async def test_a_history_window_cut_mid_turn_starts_at_a_question(pool: Pool) -> None:
@@ -66,8 +59,8 @@ async def test_a_history_window_cut_mid_turn_starts_at_a_question(pool: Pool) ->
         assert await context.add_answer(pool, question_id=question, text=f"a{n}") is not None
     third = await ask(pool, "q3", message_id=3)
     # the last 4 messages are a1, q2, a2, q3: the window opens on an answer
-    turn = await context.start_turn(pool, question_id=third, history_limit=4, max_input_chars=100)
-    assert turn is not None and [m["content"] for m in turn.context] == ["q2", "a2", "q3"]
+    turn = await context.start_turn(pool, question_id=third, history_limit=4, budget=1000)
+    assert await contents(turn, history_limit=4) == ["q2", "a2", "q3"]
 
 
 async def test_the_memory_path_starts_at_a_question_too() -> None:
@@ -81,8 +74,10 @@ async def test_the_memory_path_starts_at_a_question_too() -> None:
         )
         if n < 3:
             assert await storage.add_answer(added, f"a{n}") is not None
-    start = await storage.start_turn(Question(1, 1, 3), history_limit=4, max_input_chars=100)
-    assert start is not None and [m["content"] for m in start.context] == ["q2", "a2", "q3"]
+    start = await storage.start_turn(Question(1, 1, 3), history_limit=4, budget=1000)
+    assert start is not None and not start.from_database
+    window = await BUDGET.choose(start.dialog, model="m", system_prompt="", history_limit=4)
+    assert [m["content"] for m in window.messages] == ["q2", "a2", "q3"]
 
 
 async def test_over_the_rate_limit_is_refused_but_a_redelivery_is_not(pool: Pool) -> None:

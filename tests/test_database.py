@@ -30,6 +30,13 @@ async def history(pool: Pool, user: int, chat: int, limit: int = 50) -> list[dat
     return await database.run(pool, database.fetch_history, telegram_user_id=user, telegram_chat_id=chat, limit=limit)
 
 
+BUDGET = 100_000  # estimated tokens: more than any history here
+
+
+def oldest_first(start: database.TurnStart) -> list[database.ContextMessage]:
+    return start.dialog.history[::-1]
+
+
 async def rows(pool: Pool, query: str, params: Any = None) -> list[tuple[Any, ...]]:
     async with pool.connection() as conn:
         cur = await conn.execute(query, params)
@@ -75,9 +82,9 @@ async def test_history_is_in_turn_order_when_a_question_overtakes_an_answer(pool
     await answer(pool, a, "echo: A")
     await answer(pool, b, "echo: B")
     assert [m.content for m in await history(pool, USER_A, CHAT_X)] == ["A", "echo: A", "B", "echo: B"]
-    start = await database.run(pool, database.fetch_turn_start, question_id=b, history_limit=10)
+    start = await database.run(pool, database.fetch_turn_start, question_id=b, history_limit=10, budget=BUDGET)
     assert start is not None and start.answer is not None and start.answer.content == "echo: B"
-    assert [m.content for m in start.history] == ["A", "echo: A", "B"]
+    assert [m.content for m in oldest_first(start)] == ["A", "echo: A", "B"]
 
 
 async def test_add_question_registers_user_and_chat_on_first_contact(pool: Pool) -> None:
@@ -189,12 +196,12 @@ async def test_the_rate_limit_is_decided_by_the_storing_statement(pool: Pool) ->
 
 async def test_a_turn_start_tells_what_is_left_to_do(pool: Pool) -> None:
     async def start(question: int) -> database.TurnStart | None:
-        return await database.run(pool, database.fetch_turn_start, question_id=question, history_limit=2)
+        return await database.run(pool, database.fetch_turn_start, question_id=question, history_limit=2, budget=BUDGET)
 
     first = await store_question(pool, USER_A, CHAT_X, "first")
     unanswered = await start(first)
     assert unanswered is not None and unanswered.answer is None
-    assert [m.content for m in unanswered.history] == ["first"]
+    assert [m.content for m in oldest_first(unanswered)] == ["first"]
     reply = await answer(pool, first, "part one and part two")
     assert reply is not None
     await database.run(pool, database.record_sent_part, answer_id=reply, telegram_message_id=501, last=False)
@@ -207,7 +214,7 @@ async def test_a_turn_start_tells_what_is_left_to_do(pool: Pool) -> None:
     second = await store_question(pool, USER_A, CHAT_X, "second")
     third = await store_question(pool, USER_A, CHAT_X, "third")
     later = await start(second)  # the history stops at its question and keeps the limit
-    assert later is not None and [m.content for m in later.history] == ["part one and part two", "second"]
+    assert later is not None and [m.content for m in oldest_first(later)] == ["part one and part two", "second"]
     await database.run(pool, database.set_failed, message_id=second)
     assert await start(second) is None  # failed: the user was told
     await database.run(pool, database.soft_delete_messages, telegram_user_id=USER_A, telegram_chat_id=CHAT_X)
@@ -345,7 +352,7 @@ async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
     ("statement", "params"),
     [
         (database.SELECT_HISTORY, {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X, "limit": 20}),
-        (database.SELECT_TURN_START, {"question_id": 1, "limit": 20}),
+        (database.SELECT_TURN_START, {"question_id": 1, "limit": 20, "budget": BUDGET}),
     ],
     ids=["history", "turn-start"],
 )
@@ -368,7 +375,7 @@ async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement:
         cur = await conn.execute("EXPLAIN " + statement, params)
         plan = "\n".join(row[0] for row in await cur.fetchall())
     assert "Index Scan Backward using messages_turn_idx" in plan, plan
-    assert "Sort" not in plan
+    assert "Sort" not in plan, plan
 
 
 DIALOG = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
@@ -386,7 +393,7 @@ DIALOG = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
         (database.UNDO_LAST_TURN, DIALOG, ["messages_turn_idx", "messages_dialog_deleted_idx"]),
         (
             database.EDIT_QUESTION,
-            {**DIALOG, "telegram_message_id": 1, "content": "new"},
+            {**DIALOG, "telegram_message_id": 1, "content": "new", "tokens": 5},
             ["messages_telegram_message_key", "_answer_key|messages_reply_to_idx"],
         ),
         (database.SELECT_STATS, DIALOG, ["messages_search_idx"]),
