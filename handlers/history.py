@@ -1,4 +1,4 @@
-"""History the user controls: /retry, /undo, /search, /export, /stats, and edited questions.
+"""History the user controls: /retry, /undo, /search, /export, /stats, /context, and edited questions.
 
 Each works on the sender's own history in this chat, as the conversation itself does; another
 user's messages are never seen. They need the database: while it is out (or disabled) the
@@ -17,6 +17,7 @@ from aiogram.filters import Command, CommandObject
 from aiogram.types import FSInputFile, Message, User
 
 from handlers.messages import address_of
+from services.budget import Window
 from services.database import DialogStats, SearchHit, Undone
 from services.delivery import Delivery
 from services.export import Format, export_dialog
@@ -181,6 +182,34 @@ def stats_report(stats: DialogStats) -> str:
     return "\n".join(lines)
 
 
+async def cmd_context(message: Message, event_from_user: User, turns: Turns) -> None:
+    model, window = await turns.next_window(user_id=event_from_user.id, chat_id=message.chat.id)
+    length = await turns.budget.context_length(model)
+    await message.answer(context_report(model, length, window, turns.budget.ratio(model)))
+
+
+def context_report(model: str, context_length: int, window: Window, ratio: float) -> str:
+    """/context as text: the next turn's share of the model's context, in the model's tokens."""
+    used, room = round(window.used * ratio), round(window.room * ratio)
+    lines = [
+        f"Model {model}: {context_length:,} tokens of context, {context_length - room:,} of them kept for the answer.",
+        f"Your next message comes after about {used:,} tokens: the system prompt"
+        + (", a summary" if window.summary is not None else "")
+        + f" and {window.in_full:,} message(s) in full.",
+        f"About {max(room - used, 0):,} tokens are left for it before older messages drop out.",
+    ]
+    if window.summary is not None:
+        lines.append(
+            f"A summary (about {round(window.summary.tokens * ratio):,} tokens) stands in for "
+            f"{window.summary.covered:,} older message(s)."
+        )
+    elif window.crowded:
+        lines.append("Older messages no longer fit and are left out.")
+    else:
+        lines.append("Nothing is left out: the whole conversation is in full.")
+    return "\n".join(lines)
+
+
 def create_router() -> Router:
     router = Router(name=__name__)
     router.message.register(cmd_retry, Command("retry"))
@@ -188,5 +217,6 @@ def create_router() -> Router:
     router.message.register(cmd_search, Command("search"))
     router.message.register(cmd_export, Command("export"))
     router.message.register(cmd_stats, Command("stats"))
+    router.message.register(cmd_context, Command("context"))
     router.edited_message.register(on_edited_text, F.text)
     return router

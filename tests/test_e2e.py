@@ -38,6 +38,7 @@ async def test_conversation_sends_earlier_turns_to_the_llm(
             "search",
             "export",
             "stats",
+            "context",
             "model",
             "prompt",
             "temperature",
