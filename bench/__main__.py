@@ -355,6 +355,26 @@ async def history_latency(pool: Pool, n: int, dialogs: int = 10_000) -> dict[str
     return summary(await timed(n, read))
 
 
+async def context_latency(pool: Pool, n: int, dialogs: int = 10_000) -> dict[str, float]:
+    """The context read a turn makes (SELECT_NEXT_CONTEXT: the same dialog lookup as the history
+    read, plus the summary probe and the running sum), for the same dialogs."""
+
+    async def read(i: int) -> None:
+        user = (i * 7919) % dialogs + 1
+        await database.run(
+            pool,
+            database.fetch_next_context,
+            telegram_user_id=user,
+            telegram_chat_id=user,
+            history_limit=HISTORY_LIMIT,
+            budget=CONTEXT_BUDGET,
+            shared=False,
+        )
+
+    await timed(200, read)
+    return summary(await timed(n, read))
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -417,13 +437,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["pgbench_tps"] = tps
                 row["vs_pgbench"] = row["turns_per_s"] / tps if tps else None
                 results["throughput"].append(row)
-        results["history_read"] = {}
+        results["history_read"], results["context_read"] = {}, {}
         async with bench_database(cluster, "bench_scale") as (pool, _):
             for rows in args.rows:
                 await fill(pool, rows)
                 results["history_read"][str(rows)] = await history_latency(pool, args.samples)
+                results["context_read"][str(rows)] = await context_latency(pool, args.samples)
         first, last = (results["history_read"][str(r)]["p50_ms"] for r in (args.rows[0], args.rows[-1]))
         results["history_read"]["largest_vs_smallest"] = last / first
+        context_last = results["context_read"][str(args.rows[-1])]["p50_ms"]
+        results["context_read"]["vs_history_read_at_largest"] = context_last / last
         return results
     finally:
         cluster.destroy()
@@ -480,13 +503,27 @@ def report(results: dict[str, Any]) -> str:
             f"| {row['concurrency']} | {row['turns_per_s']:.0f} | {tps} | {ratio} "
             f"| {row['apologies_or_errors']} | {row['pool_timeouts']} |"
         )
-    lines += ["", "| messages in table | history read p50 ms | p99 ms |", "| ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "| messages in table | history read p50 ms | p99 ms | context read p50 ms | p99 ms |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    contexts = results.get("context_read", {})
     for rows, value in results["history_read"].items():
         if isinstance(value, dict):
-            lines.append(f"| {int(rows):,} | {value['p50_ms']:.3f} | {value['p99_ms']:.3f} |")
+            read = contexts.get(rows, {})
+            lines.append(
+                f"| {int(rows):,} | {value['p50_ms']:.3f} | {value['p99_ms']:.3f} "
+                f"| {read.get('p50_ms', math.nan):.3f} | {read.get('p99_ms', math.nan):.3f} |"
+            )
     lines.append(
         f"\nhistory read, largest / smallest table (p50): {results['history_read']['largest_vs_smallest']:.2f}x"
     )
+    if "vs_history_read_at_largest" in contexts:
+        lines.append(
+            f"context read (running sum, summary) / history read at the largest table (p50): "
+            f"{contexts['vs_history_read_at_largest']:.2f}x (goal: at most 1.5x)"
+        )
     whole = results.get("whole_bot", [])
     if whole:
         lines += [
