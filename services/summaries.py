@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from services.budget import ContextBudget, Window
+from services.budget import Window
 from services.context import ChatMessage, as_sent
 from services.database import ContextMessage
 from services.llm import LLM
@@ -38,7 +38,6 @@ class Summariser:
 
     storage: Storage
     llm: LLM
-    budget: ContextBudget
     max_tokens: int
 
     async def refresh(

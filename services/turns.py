@@ -20,7 +20,7 @@ from services import metrics
 from services.budget import ContextBudget, Window
 from services.chat_queue import ChatQueues, Stopped
 from services.context import ChatMessage, StorageUnavailable, Usage
-from services.database import ChatSettings, FinishReason, Undone
+from services.database import ChatSettings, DialogContext, FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
 from services.formatting import Part, render, split
 from services.llm import LLM, LLMError
@@ -83,7 +83,7 @@ class Turns:
             models=config.allowed_models or (config.llm_model,),
             model_list=llm.context_lengths,
         )
-        self._summariser = Summariser(storage, llm, self.budget, config.llm_max_tokens)
+        self._summariser = Summariser(storage, llm, config.llm_max_tokens)
 
     def intake(self, chat_id: int) -> AbstractAsyncContextManager[None]:
         """The chat's intake, a FIFO lock: ``ask`` and ``clear`` run inside it, entered in the
@@ -254,10 +254,7 @@ class Turns:
             shared=self._shared(chat_id),
         )
         model = settings.model or self._config.llm_model
-        system_prompt = settings.system_prompt or self._config.system_prompt
-        window = await self.budget.choose(
-            dialog, model=model, system_prompt=system_prompt, history_limit=self._config.history_limit
-        )
+        window = await self._window(dialog, settings)
         return model, window
 
     async def _answer(self, turn: TurnRequest) -> None:
@@ -287,13 +284,7 @@ class Turns:
         )
         settings = self._chosen(start.settings)
         model = settings.model or self._config.llm_model
-        window = await self.budget.choose(
-            start.dialog,
-            model=model,
-            system_prompt=settings.system_prompt or self._config.system_prompt,
-            history_limit=self._config.history_limit,
-            quoted=turn.quoted,
-        )
+        window = await self._window(start.dialog, settings, turn.quoted)
         context = with_quote(window.messages, turn.quoted)
         text, cut_short, usage = await self._write(turn, context, live, settings)
         self.budget.calibrate(model, estimated=window.used, reported=usage.prompt_tokens)
@@ -331,6 +322,16 @@ class Turns:
             return
         if stored:
             await self._say(turn.address, SUMMARY_NOTICE)
+
+    async def _window(self, dialog: DialogContext, settings: ChatSettings, quoted: str | None = None) -> Window:
+        """The part of ``dialog`` a call with the chat's (chosen) settings takes."""
+        return await self.budget.choose(
+            dialog,
+            model=settings.model or self._config.llm_model,
+            system_prompt=settings.system_prompt or self._config.system_prompt,
+            history_limit=self._config.history_limit,
+            quoted=quoted,
+        )
 
     def _chosen(self, settings: ChatSettings) -> ChatSettings:
         """The chat's settings as the LLM call takes them: a model no longer in ALLOWED_MODELS
