@@ -221,21 +221,13 @@ class ExportedMessage:
     cleared: bool
 
 
-@dataclass(frozen=True, slots=True)
-class _ContextRow:
-    id: int
-    role: Role
-    content: str
-    tokens: int
-    running: int
+class _ReadHead(NamedTuple):
+    """What the first row of a context read carries after its message's columns."""
+
     read: int
-    turn: int
-    created_at: datetime
-    finish_reason: FinishReason | None
     is_answer: bool
     settled: bool
     sent_parts: int
-    author: str | None
     model: str | None
     system_prompt: str | None
     temperature: float | None
@@ -244,26 +236,25 @@ class _ContextRow:
     summary: str | None
     summary_tokens: int | None
 
-    def message(self) -> ContextMessage:
-        return ContextMessage(
-            self.id, self.role, self.content, self.tokens, self.running, self.turn, self.finish_reason, self.author
-        )
-
     def summary_read(self) -> Summary | None:
-        """The summary the read found (on its first row only)."""
         if self.summary is None or self.summary_through is None or self.summary_covered is None:
             return None
         return Summary(self.summary_through, self.summary_covered, self.summary, self.summary_tokens or 0)
 
 
-def _dialog_context(rows: list[_ContextRow], history_limit: int, *, answered: bool = False) -> DialogContext:
+# A context read's rows are plain tuples (the cheapest row psycopg builds): the message's columns
+# first, in ContextMessage's order, then _ReadHead's, read from the first row only.
+_MESSAGE_COLUMNS: Final = len(ContextMessage._fields)
+
+
+def _dialog_context(rows: list[tuple[Any, ...]], history_limit: int, *, answered: bool = False) -> DialogContext:
     """A context read's rows as a DialogContext; ``answered``: the first row is the question's
     answer, not history (it still carries the summary and the read's count)."""
     if not rows:
         return EMPTY_CONTEXT
-    head = rows[0]
-    history = rows[1:] if answered else rows
-    return DialogContext([r.message() for r in history[:history_limit]], head.summary_read(), head.read - answered)
+    head = _ReadHead._make(rows[0][_MESSAGE_COLUMNS:])
+    history = [ContextMessage._make(row[:_MESSAGE_COLUMNS]) for row in rows[answered : answered + history_limit]]
+    return DialogContext(history, head.summary_read(), head.read - answered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,7 +485,7 @@ def _context_read(question: str, *, shared: bool) -> str:
     r AS (
         SELECT h.*, sum(h.tokens) OVER w AS running, row_number() OVER w AS n, count(*) OVER () AS read
         FROM (
-            SELECT id, user_id, role, content, coalesce(tokens, length) AS tokens, created_at, finish_reason,
+            SELECT id, user_id, role, content, coalesce(tokens, length) AS tokens, finish_reason,
                    coalesce(reply_to_id, id) AS turn, reply_to_id, delivered_at, failed_at, sent_message_ids
             FROM messages
             WHERE {_DIALOG_ROWS[shared]} AND deleted_at IS NULL
@@ -505,11 +496,11 @@ def _context_read(question: str, *, shared: bool) -> str:
         ) h
         WINDOW w AS (ORDER BY h.turn DESC, h.id DESC)
     )
-    SELECT r.id, r.role, r.content, r.tokens, r.running, r.read, r.turn, r.created_at, r.finish_reason,
+    SELECT r.id, r.role, r.content, r.tokens, r.running, r.turn, r.finish_reason, {_AUTHOR[shared]} AS author,
+           r.read,
            r.reply_to_id IS NOT NULL AND r.reply_to_id = (SELECT id FROM q) AS is_answer,
            r.delivered_at IS NOT NULL OR r.failed_at IS NOT NULL AS settled,
            coalesce(cardinality(r.sent_message_ids), 0) AS sent_parts,
-           {_AUTHOR[shared]} AS author,
            cs.model, cs.system_prompt, cs.temperature::numeric::float8 AS temperature,
            sm.through_id AS summary_through, sm.covered AS summary_covered, sm.content AS summary,
            sm.tokens AS summary_tokens
@@ -1037,33 +1028,32 @@ async def fetch_turn_start(
     ``budget`` estimated tokens than the newest) and its stored answer, if any; None when the
     turn has nothing left to do (the question is cleared or failed, its answer delivered or
     refused). ``shared``: the group's history across its users."""
-    cur = conn.cursor(row_factory=class_row(_ContextRow))
     statement = SELECT_TURN_START_SHARED if shared else SELECT_TURN_START
-    await cur.execute(statement, {"question_id": question_id, "limit": history_limit, "budget": budget}, prepare=True)
+    cur = await conn.execute(
+        statement, {"question_id": question_id, "limit": history_limit, "budget": budget}, prepare=True
+    )
     rows = await cur.fetchall()
     if not rows:
         return None
-    head = rows[0]
+    head = _ReadHead._make(rows[0][_MESSAGE_COLUMNS:])
     settings = ChatSettings(head.model, head.system_prompt, head.temperature)
     answer: StoredAnswer | None = None
     if head.is_answer:
         if head.settled:
             return None
-        answer = StoredAnswer(id=head.id, content=head.content, sent_parts=head.sent_parts)
-        context = _dialog_context(rows, history_limit, answered=True)
-    else:
-        context = _dialog_context(rows, history_limit)
-    return TurnStart(dialog=context, answer=answer, settings=settings)
+        answer = StoredAnswer(id=rows[0][0], content=rows[0][2], sent_parts=head.sent_parts)
+    return TurnStart(
+        dialog=_dialog_context(rows, history_limit, answered=answer is not None), answer=answer, settings=settings
+    )
 
 
 async def fetch_next_context(
     conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, history_limit: int, budget: int, shared: bool
 ) -> DialogContext:
     """What the dialog's next turn would read (as ``fetch_turn_start``, before its question)."""
-    cur = conn.cursor(row_factory=class_row(_ContextRow))
     statement = SELECT_NEXT_CONTEXT_SHARED if shared else SELECT_NEXT_CONTEXT
     params = _dialog(telegram_user_id, telegram_chat_id, limit=history_limit, budget=budget)
-    await cur.execute(statement, params, prepare=True)
+    cur = await conn.execute(statement, params, prepare=True)
     return _dialog_context(await cur.fetchall(), history_limit)
 
 
