@@ -301,7 +301,10 @@ async def test_a_long_dialog_is_summarised_cleared_and_undone(
         assert "q0" in request["messages"][1]["content"] and "q3" not in request["messages"][1]["content"]
         assert await fetch(pool, live) == [("SUMMARY 1", 4)]  # q0, a0, q1, a1
         assert await reply(telegram, 1, "q4") == "echo: q4"
-        assert history_in(llm.requests[-1]) == [SUMMARY_LABEL + "SUMMARY 1", "q2", "echo: q2", "q3", "echo: q3", "q4"]
+        with_summary = [SUMMARY_LABEL + "SUMMARY 1", "q2", "echo: q2", "q3", "echo: q3", "q4"]
+        assert history_in(llm.requests[-1]) == with_summary
+        assert await reply(telegram, 1, "/retry") == "echo: q4"  # asked again: the same context
+        assert history_in(llm.requests[-1]) == with_summary
         context_reply = await reply(telegram, 1, "/context")
         assert "A summary" in context_reply and "4 older message(s)" in context_reply, context_reply
         await reply(telegram, 1, "/clear")
