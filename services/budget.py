@@ -9,6 +9,7 @@ sent calibrates the estimate per model, so a model whose tokenizer counts more g
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -66,8 +67,8 @@ class ContextBudget:
         self._models = tuple(models)
         self._model_list = model_list
         self._clock = clock
-        self._published: dict[str, int] = {}
-        self._asked_at: float | None = None
+        self._listing: asyncio.Future[dict[str, int]] | None = None
+        self._asked_at = 0.0
         self._ratios: dict[str, float] = {}
 
     async def context_length(self, model: str) -> int:
@@ -75,14 +76,19 @@ class ContextBudget:
         if self._context_tokens:
             return self._context_tokens
         now = self._clock()
-        if self._asked_at is None or now - self._asked_at > MODEL_LIST_TTL_S:
-            self._asked_at = now
-            try:
-                self._published = await self._model_list()
-            except Exception as error:  # any failure: the default, asked again after the TTL
-                logger.warning("could not read the endpoint's model list: %s", type(error).__name__)
-                self._published = {}
-        return self._published.get(model, DEFAULT_CONTEXT_TOKENS)
+        if self._listing is None or now - self._asked_at > MODEL_LIST_TTL_S:
+            # One request at a time: the turns that start meanwhile wait for its answer rather
+            # than guess (a guess may be longer than the model's context).
+            self._asked_at, self._listing = now, asyncio.ensure_future(self._published())
+        published = await asyncio.shield(self._listing)
+        return published.get(model, DEFAULT_CONTEXT_TOKENS)
+
+    async def _published(self) -> dict[str, int]:
+        try:
+            return await self._model_list()
+        except Exception as error:  # any failure: the default, asked again after the TTL
+            logger.warning("could not read the endpoint's model list: %s", type(error).__name__)
+            return {}
 
     def ratio(self, model: str) -> float:
         """Reported tokens per estimated token for the model (1 until it reports)."""

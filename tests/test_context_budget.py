@@ -4,6 +4,7 @@ then the real bot over real HTTP on real PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -125,6 +126,9 @@ async def test_the_context_length_comes_from_the_setting_or_the_model_list() -> 
     now[0] = 3601.0
     assert await listed.context_length("m") == 32_000 and asked == [0.0, 3601.0]
     assert await listed.context_length("unlisted") == 8192
+    now[0] = 7300.0  # turns starting together share one request
+    assert list(await asyncio.gather(listed.context_length("m"), listed.context_length("m"))) == [32_000, 32_000]
+    assert asked == [0.0, 3601.0, 7300.0]
 
 
 # -- the running sum in SQL --------------------------------------------------------------------
