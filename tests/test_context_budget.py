@@ -126,9 +126,10 @@ async def test_the_context_length_comes_from_the_setting_or_the_model_list() -> 
     now[0] = 3601.0
     assert await listed.context_length("m") == 32_000 and asked == [0.0, 3601.0]
     assert await listed.context_length("unlisted") == 8192
-    now[0] = 7300.0  # turns starting together share one request
-    assert list(await asyncio.gather(listed.context_length("m"), listed.context_length("m"))) == [32_000, 32_000]
-    assert asked == [0.0, 3601.0, 7300.0]
+    # turns starting together wait for one request (none takes the default meanwhile)
+    fresh = ContextBudget(context_tokens=0, max_tokens=1000, models=["m"], model_list=listing, clock=lambda: now[0])
+    assert list(await asyncio.gather(fresh.context_length("m"), fresh.context_length("m"))) == [32_000, 32_000]
+    assert asked == [0.0, 3601.0, 3601.0]
 
 
 # -- the running sum in SQL --------------------------------------------------------------------
