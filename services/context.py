@@ -67,6 +67,11 @@ class RateLimited(Exception):
     """The user sent more messages this minute than allowed; the message was set aside."""
 
 
+class OverBudget(RateLimited):
+    """The user has spent today's token budget (the day is UTC); the message was set aside, as
+    over a rate limit, until the day ends."""
+
+
 @dataclass(frozen=True, slots=True)
 class TurnContext:
     """What a turn works with: the context to ask the LLM (oldest first, ending with the
@@ -133,11 +138,14 @@ async def add_question(
     telegram_thread_id: int | None,
     text: str,
     rate_limit_per_minute: int = 0,
+    daily_token_budget: int = 0,
 ) -> AddedQuestion:
     """Store the user's message (registering user and chat) in one round trip.
 
-    Raises ``RateLimited`` when the user is over ``rate_limit_per_minute`` (0: no limit): the
-    message is then stored set aside, so it neither enters the history nor awaits an answer.
+    Raises ``RateLimited`` when the user is over ``rate_limit_per_minute`` (0: no limit), and
+    ``OverBudget`` when their tokens today have reached ``daily_token_budget`` (0: no budget):
+    the message is then stored set aside, so it neither enters the history nor awaits an
+    answer. A message stored before raises nothing: it was told once.
     """
     added = await _call(
         pool,
@@ -149,7 +157,10 @@ async def add_question(
         telegram_message_id=telegram_message_id,
         telegram_thread_id=telegram_thread_id,
         rate_limit=rate_limit_per_minute,
+        token_budget=daily_token_budget,
     )
+    if added.over_budget:
+        raise OverBudget
     if added.new and added.set_aside:
         raise RateLimited
     return added
