@@ -29,7 +29,7 @@ COMMANDS = [
     BotCommand(command="search", description="Find words in our conversation here"),
     BotCommand(command="export", description="Send our conversation here as a file (/export json)"),
     BotCommand(command="stats", description="How much we have talked"),
-    BotCommand(command="model", description="Show or switch the model of this chat"),
+    BotCommand(command="model", description="Show or switch the model of this chat (/model name)"),
     BotCommand(command="prompt", description="Show or set the system prompt here (/prompt reset)"),
     BotCommand(command="temperature", description="Show or set the temperature here, 0 to 2"),
 ]
