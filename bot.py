@@ -239,8 +239,9 @@ async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Poo
         dispatcher["metrics_runner"] = await listen(app, config.metrics_port, "METRICS_PORT")
     await bot.set_my_commands(COMMANDS)
     await turns.recover()  # before the first update, so unfinished turns keep their place in line
-    if config.retention_days and pool is not None:
-        dispatcher["retention_task"] = asyncio.create_task(retention.purge_daily(pool, days=config.retention_days))
+    if pool is not None:  # expired counters go whatever RETENTION_DAYS; messages only with it
+        days = config.retention_days or None
+        dispatcher["retention_task"] = asyncio.create_task(retention.purge_daily(pool, days=days))
 
 
 async def on_shutdown(

@@ -53,6 +53,7 @@ class Config:
     pending_reply_max_age_s: int
     shutdown_timeout_s: float
     rate_limit_per_minute: int
+    daily_token_budget_per_user: int
     allowed_user_ids: frozenset[int]
     retention_days: int
     group_trigger: str
@@ -246,6 +247,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         pending_reply_max_age_s=r.get("PENDING_REPLY_MAX_AGE_S", "600", _bounded(int, 0, 604_800), "seconds ≥ 0"),
         shutdown_timeout_s=r.get("SHUTDOWN_TIMEOUT_S", "30", _bounded(float, 0, 3600), "seconds ≥ 0"),
         rate_limit_per_minute=r.get("RATE_LIMIT_PER_MINUTE", "20", _bounded(int, 0, 100_000), "a whole number ≥ 0"),
+        daily_token_budget_per_user=r.get(
+            "DAILY_TOKEN_BUDGET_PER_USER", "0", _bounded(int, 0, 10**15), "a whole number of tokens ≥ 0 (0: no budget)"
+        ),
         allowed_user_ids=r.get("ALLOWED_USER_IDS", "", _user_ids, "Telegram user ids separated by commas"),
         retention_days=r.get("RETENTION_DAYS", "0", _bounded(int, 0, 36_500), "a whole number of days ≥ 0"),
         telegram_api_url=r.get("TELEGRAM_API_URL", "", _optional_http_url, "an http(s) URL"),

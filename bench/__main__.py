@@ -273,6 +273,7 @@ def pgbench_script() -> str:
             "\\set telegram_message_id random(1, 2000000000)",
             f"\\set limit {HISTORY_LIMIT}",
             "\\set rate_limit 1000000",
+            "\\set token_budget 0",
             pgbench_sql(
                 database.ADD_QUESTION.replace("%(telegram_thread_id)s", "NULL")
                 .replace("%(created_at)s", "NULL")

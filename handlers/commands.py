@@ -30,7 +30,7 @@ COMMANDS = [
     BotCommand(command="export", description="Send our conversation here as a file (/export json)"),
     BotCommand(command="stats", description="How much we have talked"),
     BotCommand(command="context", description="How much of our conversation I can take in now"),
-    BotCommand(command="model", description="Show or switch the model of this chat"),
+    BotCommand(command="model", description="Show or switch the model of this chat (/model name)"),
     BotCommand(command="prompt", description="Show or set the system prompt here (/prompt reset)"),
     BotCommand(command="temperature", description="Show or set the temperature here, 0 to 2"),
 ]

@@ -16,6 +16,7 @@ from aiogram import F, Router
 from aiogram.filters import Command, CommandObject
 from aiogram.types import FSInputFile, Message, User
 
+from config import Config
 from handlers.messages import address_of
 from services.budget import Window
 from services.database import DialogStats, SearchHit, Undone
@@ -154,13 +155,14 @@ async def cmd_export(message: Message, command: CommandObject, event_from_user: 
             await message.answer_document(FSInputFile(path), caption=caption)
 
 
-async def cmd_stats(message: Message, event_from_user: User, dialog_store: Storage) -> None:
+async def cmd_stats(message: Message, event_from_user: User, dialog_store: Storage, config: Config) -> None:
     stats = await dialog_store.stats(user_id=event_from_user.id, chat_id=message.chat.id)
-    await message.answer(stats_report(stats))
+    await message.answer(stats_report(stats, config.daily_token_budget_per_user))
 
 
-def stats_report(stats: DialogStats) -> str:
-    """/stats as text: messages, characters and tokens, here and in all chats."""
+def stats_report(stats: DialogStats, daily_budget: int = 0) -> str:
+    """/stats as text: messages, characters and tokens, here and in all chats; with a daily
+    token budget, today's tokens against it."""
     if not stats.all_messages:
         return "I have no messages of yours yet."
     lines = [
@@ -178,6 +180,10 @@ def stats_report(stats: DialogStats) -> str:
             f"Tokens in this chat: {stats.chat_prompt_tokens or 0:,} read, {stats.chat_completion_tokens or 0:,} "
             f"written; in all chats: {stats.all_prompt_tokens or 0:,} read, {stats.all_completion_tokens or 0:,} "
             "written."
+        )
+    if daily_budget:
+        lines.append(
+            f"Today (UTC): {stats.tokens_today or 0:,} of your {daily_budget:,} daily tokens; it resets at 00:00 UTC."
         )
     return "\n".join(lines)
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
+from datetime import UTC, datetime, timedelta
 
 from aiogram import F, Router
 from aiogram.enums import ChatType
 from aiogram.types import Message, MessageGenerationStopped, User
 
 from handlers.middlewares import replied_to
-from services.context import RateLimited
+from services.context import OverBudget, RateLimited
 from services.delivery import Address
 from services.text import storable
 from services.turns import Turns
@@ -18,6 +20,24 @@ logger = logging.getLogger(__name__)
 SLOW_DOWN = "You're writing faster than I can think. Please slow down and try again in a minute."
 EMPTY = "Send me some text and I'll answer."
 QUOTE_CHARS = 4000
+
+
+def until_next_utc_day(now: datetime) -> timedelta:
+    """Time from ``now`` (aware) to the next 00:00 UTC, when the daily token budget resets."""
+    now = now.astimezone(UTC)
+    return datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC) - now
+
+
+def over_budget_reply(now: datetime) -> str:
+    """What a user over the daily token budget is told: when it resets, roughly."""
+    left = until_next_utc_day(now).total_seconds()
+    minutes = math.ceil(left / 60)
+    if minutes < 60:
+        when = f"about {minutes} minute{'s' if minutes != 1 else ''}"
+    else:
+        hours = round(left / 3600)
+        when = f"about {hours} hour{'s' if hours != 1 else ''}"
+    return f"You've used today's token budget. It resets at 00:00 UTC, in {when}."
 
 
 def address_of(message: Message) -> Address:
@@ -54,6 +74,9 @@ async def on_text(message: Message, event_from_user: User, turns: Turns) -> None
             text=text,
             quoted=quoted_in(message),
         )
+    except OverBudget:
+        logger.info("user %s has spent today's token budget", event_from_user.id)
+        await message.answer(over_budget_reply(datetime.now(UTC)))
     except RateLimited:
         logger.info("user %s is over the rate limit", event_from_user.id)
         await message.answer(SLOW_DOWN)

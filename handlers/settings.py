@@ -1,4 +1,5 @@
-"""A chat's settings: /model (an inline keyboard of ALLOWED_MODELS), /prompt and /temperature.
+"""A chat's settings: /model (an inline keyboard of ALLOWED_MODELS, or /model <name>), /prompt
+and /temperature.
 
 Anyone may see them; in a group only its administrators may change them (Telegram's
 ``getChatMember``, remembered for a minute), in a private chat the user always may. A change
@@ -27,6 +28,7 @@ from services.text import storable
 logger = logging.getLogger(__name__)
 
 MODEL_PREFIX = "md:"  # callback data: the prefix, then a short hash of the model's name
+MODEL_NAME_SHOWN = 100  # characters of an unknown model's name echoed back
 PROMPT_MAX_CHARS = 4000  # the CHECK of chat_settings.system_prompt
 ADMINS_TTL_S = 60.0
 ADMINS_CACHE_MAX = 10_000  # remembered (chat, user) answers; past it, the expired ones go
@@ -130,11 +132,43 @@ async def _set(
     return settings
 
 
-async def cmd_model(message: Message, config: Config, dialog_store: Storage) -> None:
-    settings = await dialog_store.chat_settings(chat_id=message.chat.id)
-    await message.answer(
-        model_report(config, settings), reply_markup=model_keyboard(config, current_model(config, settings))
-    )
+def allowed_model(config: Config, name: str) -> str | None:
+    """The allowed model ``name`` means, as ALLOWED_MODELS spells it (case aside); None if none."""
+    if name in config.allowed_models:
+        return name
+    return next((m for m in config.allowed_models if m.casefold() == name.casefold()), None)
+
+
+def unknown_model(config: Config, name: str) -> str:
+    shown = name if len(name) <= MODEL_NAME_SHOWN else name[: MODEL_NAME_SHOWN - 1] + "…"
+    return f"I don't know the model “{shown}” here. Allowed: {', '.join(config.allowed_models)}."
+
+
+async def cmd_model(
+    message: Message,
+    command: CommandObject,
+    event_from_user: User,
+    config: Config,
+    dialog_store: Storage,
+    chat_admins: ChatAdmins,
+) -> None:
+    """/model shows the keyboard; /model <name> switches at once, by the keyboard's rules."""
+    name = storable(command.args or "").strip()
+    if not name:
+        settings = await dialog_store.chat_settings(chat_id=message.chat.id)
+        await message.answer(
+            model_report(config, settings), reply_markup=model_keyboard(config, current_model(config, settings))
+        )
+        return
+    chosen = allowed_model(config, name)
+    if chosen is None:
+        logger.info("user %s in chat %s: /model with a model not allowed", event_from_user.id, message.chat.id)
+        await message.answer(unknown_model(config, name))
+        return
+    if not await _may_change(message, event_from_user, chat_admins):
+        return
+    await _set(dialog_store, message, event_from_user, "model", chosen)
+    await message.answer(f"Model in this chat: {chosen}. It applies from your next message.")
 
 
 async def on_model_chosen(

@@ -67,6 +67,11 @@ class RateLimited(Exception):
     """The user sent more messages this minute than allowed; the message was set aside."""
 
 
+class OverBudget(RateLimited):
+    """The user has spent today's token budget (the day is UTC); the message was set aside, as
+    over a rate limit, until the day ends."""
+
+
 async def _call(
     pool: Pool, query: Callable[Concatenate[Connection, P], Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
 ) -> T:
@@ -99,11 +104,14 @@ async def add_question(
     telegram_thread_id: int | None,
     text: str,
     rate_limit_per_minute: int = 0,
+    daily_token_budget: int = 0,
 ) -> AddedQuestion:
     """Store the user's message (registering user and chat) in one round trip.
 
-    Raises ``RateLimited`` when the user is over ``rate_limit_per_minute`` (0: no limit): the
-    message is then stored set aside, so it neither enters the history nor awaits an answer.
+    Raises ``RateLimited`` when the user is over ``rate_limit_per_minute`` (0: no limit), and
+    ``OverBudget`` when their tokens today have reached ``daily_token_budget`` (0: no budget):
+    the message is then stored set aside, so it neither enters the history nor awaits an
+    answer. A message stored before raises nothing: it was told once.
     """
     added = await _call(
         pool,
@@ -115,7 +123,10 @@ async def add_question(
         telegram_message_id=telegram_message_id,
         telegram_thread_id=telegram_thread_id,
         rate_limit=rate_limit_per_minute,
+        token_budget=daily_token_budget,
     )
+    if added.over_budget:
+        raise OverBudget
     if added.new and added.set_aside:
         raise RateLimited
     return added

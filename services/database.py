@@ -63,11 +63,14 @@ class MessageCounts:
 class AddedQuestion:
     """A user message as stored: its id; ``new`` is False when this Telegram message was stored
     before (a redelivered update, or a retry of a statement whose reply was lost); ``set_aside``
-    when it was stored already soft-deleted (over the rate limit, or cleared since)."""
+    when it was stored already soft-deleted (over the rate limit, or cleared since);
+    ``over_budget`` when it was stored just now, set aside because its user had spent the daily
+    token budget."""
 
     id: int
     new: bool
     set_aside: bool
+    over_budget: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +212,7 @@ class DialogStats:
     all_prompt_tokens: int | None
     all_completion_tokens: int | None
     chats: int
+    tokens_today: int | None = None  # counted for the daily budget; None: none today
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,12 +415,36 @@ REGISTER: Final = (
     "WITH" + _REGISTER_CTES + "SELECT (SELECT id FROM user_row) AS user_id, (SELECT id FROM chat_row) AS chat_id"
 )
 
+# Daily token budgets. A day is a UTC date, whatever the server's TimeZone. Every stored answer
+# adds the tokens its endpoint reported to (its user, the UTC day it was made) in token_usage,
+# budget or not (cheap, and right when a budget is turned on mid-day), from the RETURNING of
+# the statement that stored it: an answer not stored (its question cleared, or written back
+# before) counts nothing. A question finds today's row by primary key: a user at or past
+# %(token_budget)s (0: no budget) has that question set aside like one over the rate limit.
+_OVER_BUDGET_CTE: Final = """
+    over_budget AS (
+        SELECT FROM token_usage
+        WHERE %(token_budget)s::bigint > 0
+          AND user_id = (SELECT id FROM known_user) AND day = (now() AT TIME ZONE 'UTC')::date
+          AND tokens >= %(token_budget)s::bigint
+    )"""
+_COUNT_TOKENS_CTE: Final = """
+    counted AS (
+        INSERT INTO token_usage AS t (user_id, day, tokens)
+        SELECT user_id, (created_at AT TIME ZONE 'UTC')::date,
+               coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)
+        FROM answer
+        WHERE prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL
+        ON CONFLICT (user_id, day) DO UPDATE SET tokens = t.tokens + EXCLUDED.tokens
+    )"""
+
 # A question, stored in one statement: register, count a rate-limit hit (a fixed one-minute
-# window per user, when a limit is set) and store the message, set aside (soft-deleted) at
-# once when it is over the limit, so no crash can leave a refused question awaiting an answer.
-# A Telegram message stored before is not stored again; its row is returned with new = false
-# (xmax is 0 only on a freshly inserted row), so the caller can still see it answered.
-# ``created_at`` is given only when a question spooled during an outage is written back.
+# window per user, when a limit is set), check the daily token budget (when one is set) and
+# store the message, set aside (soft-deleted) at once when it is over either limit, so no crash
+# can leave a refused question awaiting an answer. A Telegram message stored before is not
+# stored again; its row is returned with new = false (xmax is 0 only on a freshly inserted
+# row), so the caller can still see it answered. ``created_at`` is given only when a question
+# spooled during an outage is written back (with no budget: it was answered meanwhile).
 ADD_QUESTION: Final = (
     "WITH"
     + _REGISTER_CTES
@@ -429,18 +457,23 @@ ADD_QUESTION: Final = (
         SET hits = CASE WHEN r.window_start = EXCLUDED.window_start THEN r.hits + 1 ELSE 1 END,
             window_start = EXCLUDED.window_start
         RETURNING hits
-    )
+    ),"""
+    + _OVER_BUDGET_CTE
+    + """
     INSERT INTO messages AS m
         (user_id, chat_id, role, content, tokens, telegram_message_id, telegram_thread_id, created_at, deleted_at,
          deleted_reason)
     SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row), 'user', %(content)s::text, %(tokens)s::integer,
            %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
            coalesce(%(created_at)s::timestamptz, now()),
-           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer THEN now() END,
-           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer THEN 'rate_limit' END
+           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer OR EXISTS (SELECT FROM over_budget)
+                THEN now() END,
+           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer OR EXISTS (SELECT FROM over_budget)
+                THEN 'rate_limit' END
     ON CONFLICT ON CONSTRAINT messages_telegram_message_key
         DO UPDATE SET telegram_message_id = m.telegram_message_id
-    RETURNING id, xmax = 0 AS new, deleted_at IS NOT NULL AS set_aside
+    RETURNING id, xmax = 0 AS new, deleted_at IS NOT NULL AS set_aside,
+              xmax = 0 AND EXISTS (SELECT FROM over_budget) AS over_budget
 """
 )
 
@@ -591,8 +624,10 @@ INSERT_SUMMARY: Final = _insert_summary(shared=False)
 INSERT_SUMMARY_SHARED: Final = _insert_summary(shared=True)
 
 # Only a live question gets an answer, and only one live answer (messages_live_answer_key): a
-# /clear that came first wins, and nothing is stored.
-INSERT_ANSWER: Final = """
+# /clear that came first wins, and nothing is stored (nor counted).
+INSERT_ANSWER: Final = (
+    """
+    WITH answer AS (
     INSERT INTO messages
         (user_id, chat_id, role, content, tokens, reply_to_id, telegram_thread_id, finish_reason, prompt_tokens,
          completion_tokens)
@@ -601,8 +636,13 @@ INSERT_ANSWER: Final = """
     FROM messages
     WHERE id = %(question_id)s::bigint AND deleted_at IS NULL
     ON CONFLICT (reply_to_id) WHERE deleted_at IS NULL DO NOTHING
-    RETURNING id
+    RETURNING id, user_id, created_at, prompt_tokens, completion_tokens
+    ),"""
+    + _COUNT_TOKENS_CTE
+    + """
+    SELECT id FROM answer
 """
+)
 
 RECORD_SENT_PART: Final = """
     UPDATE messages
@@ -688,7 +728,8 @@ _QUESTION_BY_KEY: Final = """
 WRITE_BACK_ANSWER: Final = (
     "WITH q AS ("
     + _QUESTION_BY_KEY
-    + """)
+    + """),
+    answer AS (
     INSERT INTO messages
         (user_id, chat_id, role, content, tokens, reply_to_id, telegram_thread_id, created_at, finish_reason,
          prompt_tokens, completion_tokens)
@@ -700,6 +741,11 @@ WRITE_BACK_ANSWER: Final = (
         SELECT FROM messages a WHERE a.reply_to_id = q.id AND a.created_at = %(created_at)s::timestamptz
     )
     ON CONFLICT (reply_to_id) WHERE deleted_at IS NULL DO NOTHING
+    RETURNING user_id, created_at, prompt_tokens, completion_tokens
+    ),"""
+    + _COUNT_TOKENS_CTE
+    + """
+    SELECT FROM answer
 """
 )
 
@@ -880,7 +926,8 @@ SEARCH_MESSAGES: Final = (
 """
 )
 
-# /stats: one pass over the user's messages (all chats), through messages_search_idx's user_id.
+# /stats: one pass over the user's messages (all chats), through messages_search_idx's user_id;
+# today's tokens (UTC) by token_usage's primary key.
 SELECT_STATS: Final = (
     "WITH"
     + _DIALOG
@@ -896,7 +943,9 @@ SELECT_STATS: Final = (
            coalesce(sum(length), 0) AS all_chars,
            sum(prompt_tokens) AS all_prompt_tokens,
            sum(completion_tokens) AS all_completion_tokens,
-           count(DISTINCT chat_id) AS chats
+           count(DISTINCT chat_id) AS chats,
+           (SELECT tokens FROM token_usage
+            WHERE user_id = (SELECT user_id FROM dialog) AND day = (now() AT TIME ZONE 'UTC')::date) AS tokens_today
     FROM (
         SELECT m.chat_id, m.length, m.deleted_at, m.prompt_tokens, m.completion_tokens,
                m.chat_id = (SELECT chat_id FROM dialog) AS in_chat
@@ -971,6 +1020,13 @@ PURGE_RATE_LIMITS: Final = """
     DELETE FROM rate_limits WHERE window_start < now() - interval '1 minute'
 """
 
+# Token counts of days that are over. Yesterday's and the day before's stay: an answer written
+# back after an outage counts on the day it was made. The table holds a row per user active in
+# those days, so a scan of it is cheap (no index on day alone is needed).
+PURGE_DAILY_USAGE: Final = """
+    DELETE FROM token_usage WHERE day < (now() AT TIME ZONE 'UTC')::date - 2
+"""
+
 
 # -- functions ------------------------------------------------------------------------------
 
@@ -993,12 +1049,14 @@ async def add_question(
     telegram_message_id: int | None = None,
     telegram_thread_id: int | None = None,
     rate_limit: int = 0,
+    token_budget: int = 0,
     created_at: datetime | None = None,
 ) -> AddedQuestion:
     """Store a user's message, registering user and chat, in one round trip and one transaction.
 
     With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
-    minute's hits exceed the limit. ``created_at`` defaults to now.
+    minute's hits exceed the limit; with ``token_budget`` > 0, also when the user's tokens
+    today (UTC) have reached it. ``created_at`` defaults to now.
     """
     cur = conn.cursor(row_factory=class_row(AddedQuestion))
     await cur.execute(
@@ -1012,6 +1070,7 @@ async def add_question(
             "telegram_message_id": telegram_message_id,
             "telegram_thread_id": telegram_thread_id,
             "rate_limit": rate_limit,
+            "token_budget": token_budget,
             "created_at": created_at,
         },
         prepare=True,
@@ -1308,6 +1367,12 @@ async def purge_deleted_messages(conn: Connection, *, days: int, limit: int) -> 
 async def purge_rate_limits(conn: Connection) -> int:
     """Delete the rate-limit counters of past windows; how many."""
     cur = await conn.execute(PURGE_RATE_LIMITS)
+    return cur.rowcount
+
+
+async def purge_token_usage(conn: Connection) -> int:
+    """Delete the token counts of days before the day before yesterday (UTC); how many."""
+    cur = await conn.execute(PURGE_DAILY_USAGE)
     return cur.rowcount
 
 

@@ -1,5 +1,5 @@
-"""Retention: hard-delete messages soft-deleted more than N days ago (in batches), and the
-rate-limit counters of past windows.
+"""Retention: hard-delete messages soft-deleted more than N days ago (in batches), the
+rate-limit counters of past windows and the token counts of past days.
 
 Command line (``make db-purge days=N``)::
 
@@ -26,28 +26,32 @@ CONNECT_TIMEOUT_S = 10
 CANNOT_CONNECT = "error: cannot connect to the database at DATABASE_URL: is PostgreSQL running? (`make db-up`)"
 
 
-async def purge(pool: Pool, *, days: int, batch: int = PURGE_BATCH) -> int:
-    """Delete messages soft-deleted more than ``days`` days ago, ``batch`` per statement until a
-    statement finds fewer, and the rate-limit counters of past windows; how many messages were
-    deleted."""
+async def purge(pool: Pool, *, days: int | None, batch: int = PURGE_BATCH) -> int:
+    """Delete messages soft-deleted more than ``days`` days ago (None: keep them), ``batch`` per
+    statement until a statement finds fewer, the rate-limit counters of past windows and the
+    token counts of past days; how many messages were deleted."""
     purged = 0
-    while True:
+    while days is not None:
         deleted = await database.run(pool, database.purge_deleted_messages, days=days, limit=batch)
         purged += deleted
         if deleted < batch:
             break
     counters = await database.run(pool, database.purge_rate_limits)
+    usage = await database.run(pool, database.purge_token_usage)
     logger.info(
-        "purged %d message(s) soft-deleted more than %d day(s) ago and %d expired rate-limit counter(s)",
+        "purged %d soft-deleted message(s) (older than: %s day(s)), %d expired rate-limit counter(s)"
+        " and %d token count(s) of past days",
         purged,
-        days,
+        "off" if days is None else days,
         counters,
+        usage,
     )
     return purged
 
 
-async def purge_daily(pool: Pool, *, days: int, interval_s: float = DAY_S) -> None:
-    """Purge now and then every ``interval_s`` until cancelled; failures wait for the next round."""
+async def purge_daily(pool: Pool, *, days: int | None, interval_s: float = DAY_S) -> None:
+    """Purge now and then every ``interval_s`` until cancelled (``days``: as ``purge``);
+    failures wait for the next round."""
     while True:
         try:
             await purge(pool, days=days)

@@ -211,8 +211,10 @@ class Storage:
         thread_id: int | None,
         text: str,
         rate_limit: int,
+        token_budget: int = 0,
     ) -> Question:
-        """Store a question; raises ``RateLimited``, or ``StorageUnavailable`` when it cannot be kept."""
+        """Store a question; raises ``RateLimited`` (``OverBudget``), or ``StorageUnavailable``
+        when it cannot be kept. Degraded, neither limit is checked: the question is spooled."""
         dialog = (user_id, chat_id)
         added = await self._in_database(
             lambda pool: context.add_question(
@@ -224,6 +226,7 @@ class Storage:
                 telegram_thread_id=thread_id,
                 text=text,
                 rate_limit_per_minute=rate_limit,
+                daily_token_budget=token_budget,
             )
         )
         if added is not UNAVAILABLE:

@@ -103,9 +103,9 @@ class Turns:
         """Store a question and queue its turn behind the chat's earlier ones (inside the intake);
         ``quoted``: the text it replies to, which its turn's context shows before it.
 
-        Raises ``RateLimited`` (the question is set aside) or ``StorageUnavailable``. A message
-        stored before (a redelivered update, a retried statement) is queued again: its turn
-        finds out from the database what, if anything, is still to do.
+        Raises ``RateLimited`` or ``OverBudget`` (the question is set aside) or ``StorageUnavailable``.
+        A message stored before (a redelivered update, a retried statement) is queued again: its
+        turn finds out from the database what, if anything, is still to do.
         """
         question = await self._storage.add_question(
             user_id=user_id,
@@ -115,6 +115,7 @@ class Turns:
             thread_id=address.thread_id,
             text=text,
             rate_limit=self._config.rate_limit_per_minute,
+            token_budget=self._config.daily_token_budget_per_user,
         )
         self._submit(TurnRequest(question, address, quoted=quoted))
         logger.info("user %s in chat %s: question %s, %d chars", user_id, address.chat_id, question.id, len(text))

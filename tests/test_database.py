@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -14,6 +15,7 @@ from tests.harness import store_question
 
 USER_A, USER_B = 111, 222
 CHAT_X, CHAT_Y = 111, -1001234567890  # a private chat and a supergroup (beyond 32 bits)
+DIALOG = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
 
 
 async def register(pool: Pool, user: int, chat: int, first_name: str | None = "Ann") -> None:
@@ -334,6 +336,132 @@ async def test_purge_of_rate_limits_keeps_the_current_window(pool: Pool) -> None
     assert await rows(pool, "SELECT telegram_user_id FROM rate_limits") == [(1,)]
 
 
+USAGE_ROWS = """
+    SELECT u.telegram_user_id, t.day, t.tokens FROM token_usage t JOIN users u ON u.id = t.user_id
+    ORDER BY u.telegram_user_id, t.day
+"""
+
+
+async def test_stored_answers_count_their_tokens_per_user_and_utc_day(pool: Pool) -> None:
+    async def answer_in(zone: str, question: int, prompt: int | None, completion: int | None) -> int | None:
+        async def work(conn: Connection) -> int | None:
+            await conn.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
+            try:
+                return await database.add_answer(
+                    conn, question_id=question, content="a", prompt_tokens=prompt, completion_tokens=completion
+                )
+            finally:
+                await conn.execute("RESET TimeZone")
+
+        return await database.run(pool, work)
+
+    q1, q2, q3 = [await store_question(pool, USER_A, CHAT_X, f"q{n}", message_id=n) for n in (1, 2, 3)]
+    other = await store_question(pool, USER_B, CHAT_Y, "q", message_id=1)
+    # at any hour, one of these zones is on another date than UTC: the day must be UTC's
+    assert await answer_in("Pacific/Kiritimati", q1, 10, 5) is not None  # UTC+14
+    assert await answer_in("Pacific/Kiritimati", q1, 100, 100) is None  # answered already: nothing counted
+    assert await answer_in("Pacific/Pago_Pago", q2, None, None) is not None  # UTC-11; no usage reported
+    assert await answer_in("Pacific/Pago_Pago", q3, 7, None) is not None
+    assert await answer_in("UTC", other, 1, 1) is not None
+    today = datetime.now(UTC).date()
+    assert await rows(pool, USAGE_ROWS) == [(USER_A, today, 22), (USER_B, today, 2)]
+
+
+async def test_a_written_back_answer_counts_once_on_the_day_it_was_made(pool: Pool) -> None:
+    await store_question(pool, USER_A, CHAT_X, "asked during an outage, yesterday", message_id=7)
+    made = datetime.now(UTC) - timedelta(days=1)
+    for _ in range(2):  # as after a crash in the middle of a write-back
+        await database.run(
+            pool, database.write_back_answer, telegram_chat_id=CHAT_X, telegram_message_id=7, content="a",
+            created_at=made, prompt_tokens=30, completion_tokens=12,
+        )  # fmt: skip
+    assert await rows(pool, USAGE_ROWS) == [(USER_A, made.date(), 42)]
+    assert await rows(pool, "SELECT count(*) FROM messages WHERE role = 'assistant'") == [(1,)]
+
+
+async def test_the_token_budget_is_decided_by_the_storing_statement(pool: Pool) -> None:
+    async def store(message_id: int, budget: int) -> database.AddedQuestion:
+        return await database.run(
+            pool, database.add_question, telegram_user_id=USER_A, first_name=None, telegram_chat_id=CHAT_X,
+            content=f"m{message_id}", telegram_message_id=message_id, token_budget=budget,
+        )  # fmt: skip
+
+    def kept(added: database.AddedQuestion) -> tuple[bool, bool, bool]:
+        return added.new, added.set_aside, added.over_budget
+
+    assert kept(await store(1, 100)) == (True, False, False)  # a first contact has spent nothing
+    await rows(
+        pool,
+        "INSERT INTO token_usage (user_id, day, tokens) VALUES"
+        " (1, (now() AT TIME ZONE 'UTC')::date - 1, 1000), (1, (now() AT TIME ZONE 'UTC')::date, 99)",
+    )
+    assert kept(await store(2, 100)) == (True, False, False)  # yesterday's tokens do not count
+    await rows(pool, "UPDATE token_usage SET tokens = 100 WHERE day = (now() AT TIME ZONE 'UTC')::date")
+    assert kept(await store(3, 100)) == (True, True, True)
+    assert kept(await store(3, 100)) == (False, True, False)  # redelivered: stored and told once
+    assert kept(await store(4, 0)) == (True, False, False)  # no budget
+    assert await rows(pool, "SELECT content, deleted_reason FROM messages ORDER BY id") == [
+        ("m1", None), ("m2", None), ("m3", "rate_limit"), ("m4", None),
+    ]  # fmt: skip
+    assert await rows(pool, "SELECT sum(tokens) FROM token_usage") == [(1100,)]  # a question spends nothing
+
+
+async def test_purge_of_token_usage_keeps_the_last_three_utc_days(pool: Pool) -> None:
+    await register(pool, USER_A, CHAT_X)
+    await rows(
+        pool,
+        "INSERT INTO token_usage (user_id, day, tokens)"
+        " SELECT 1, (now() AT TIME ZONE 'UTC')::date - n, n FROM unnest(ARRAY[0, 1, 2, 3, 10]) n",
+    )
+    assert await database.run(pool, database.purge_token_usage) == 2
+    assert await rows(pool, "SELECT tokens FROM token_usage ORDER BY day DESC") == [(0,), (1,), (2,)]
+
+
+@pytest.mark.parametrize(
+    ("statement", "params", "expected"),
+    [
+        (
+            database.ADD_QUESTION,
+            {"telegram_user_id": 5001, "first_name": None, "telegram_chat_id": 5001, "content": "q", "tokens": 5,
+             "telegram_message_id": 1, "telegram_thread_id": None, "rate_limit": 0, "token_budget": 100,
+             "created_at": None},
+            "Index Scan using token_usage_pkey on token_usage",
+        ),
+        (
+            database.INSERT_ANSWER,
+            {"question_id": 1, "content": "a", "tokens": 5, "finish_reason": None, "prompt_tokens": 1,
+             "completion_tokens": 1},
+            "Conflict Arbiter Indexes: token_usage_pkey",
+        ),
+        (
+            database.WRITE_BACK_ANSWER,
+            {"telegram_chat_id": CHAT_X, "telegram_message_id": 1, "content": "a", "tokens": 5,
+             "created_at": "2026-11-24", "finish_reason": None, "prompt_tokens": 1, "completion_tokens": 1},
+            "Conflict Arbiter Indexes: token_usage_pkey",
+        ),
+        (database.SELECT_STATS, DIALOG, "Index Scan using token_usage_pkey on token_usage"),
+    ],
+    ids=["add-question", "insert-answer", "write-back-answer", "stats"],
+)  # fmt: skip
+async def test_token_usage_is_read_and_written_by_its_primary_key(
+    pool: Pool, statement: str, params: dict[str, object], expected: str
+) -> None:
+    # 1000 users with three days of use each, with statistics, as the daily purge leaves it
+    await store_question(pool, USER_A, CHAT_X, "x", message_id=1)
+    await rows(
+        pool,
+        "INSERT INTO users (telegram_user_id) SELECT 5000 + n FROM generate_series(1, 1000) n;"
+        " INSERT INTO token_usage (user_id, day, tokens)"
+        " SELECT u.id, (now() AT TIME ZONE 'UTC')::date - d, 100 FROM users u, generate_series(0, 2) d;"
+        " ANALYZE token_usage",
+    )
+    async with pool.connection() as conn:
+        cur = await conn.execute("EXPLAIN " + statement, params)
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    assert expected in plan, plan
+    assert "Seq Scan on token_usage" not in plan, plan
+
+
 async def test_schema_version_is_head(pool: Pool) -> None:
     assert await database.run(pool, database.fetch_schema_version) == "009"
 
@@ -376,9 +504,6 @@ async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement:
         plan = "\n".join(row[0] for row in await cur.fetchall())
     assert "Index Scan Backward using messages_turn_idx" in plan, plan
     assert "Sort" not in plan, plan
-
-
-DIALOG = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
 
 
 @pytest.mark.parametrize(

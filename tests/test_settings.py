@@ -191,6 +191,47 @@ async def test_in_a_group_only_administrators_change_settings(
     assert await fetch(pool, "SELECT updated_by FROM chat_settings") == [(ADMIN,)]
 
 
+async def test_model_by_name_switches_at_once_and_alone_still_shows_the_keyboard(
+    models_env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
+) -> None:
+    async with running_bot(models_env, telegram):
+        assert await reply(telegram, 1, "/model other/model-b") == (
+            "Model in this chat: other/model-b. It applies from your next message."
+        )
+        assert await reply(telegram, 1, "/model Third-Model") == (  # case aside, as ALLOWED_MODELS spells it
+            "Model in this chat: third-model. It applies from your next message."
+        )
+        assert await reply(telegram, 1, "/model gpt-5") == (
+            "I don't know the model “gpt-5” here. Allowed: stand-in, other/model-b, third-model."
+        )
+        assert await reply(telegram, 1, "/model") == "Model in this chat: third-model. Choose another:"
+        assert "✓ third-model" in buttons(keyboard_of(telegram, 1))
+        assert await reply(telegram, 1, "hi") == "echo: hi"
+    assert llm.requests[-1]["model"] == "third-model"
+    assert await fetch(pool, "SELECT model, updated_by FROM chat_settings") == [("third-model", 1)]
+    assert telegram.calls("getChatMember") == []  # in a private chat the user always may
+
+
+async def test_in_a_group_only_administrators_switch_the_model_by_name(
+    models_env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
+) -> None:
+    telegram.member_status[(GROUP, ADMIN)] = "administrator"
+    async with running_bot(models_env, telegram):
+        assert await reply(telegram, GROUP, "/model third-model", user_id=MEMBER) == ADMINS_ONLY
+        assert await fetch(pool, "SELECT count(*) FROM chat_settings") == [(0,)]
+        assert await reply(telegram, GROUP, "/model " + "x" * 300, user_id=MEMBER) == (
+            f"I don't know the model “{'x' * 99}…” here. Allowed: stand-in, other/model-b, third-model."
+        )
+        assert await reply(telegram, GROUP, "/model third-model", user_id=ADMIN) == (
+            "Model in this chat: third-model. It applies from your next message."
+        )
+        assert await reply(telegram, GROUP, "and now?", user_id=MEMBER) == "echo: and now?"
+    assert llm.requests[-1]["model"] == "third-model"
+    assert await fetch(pool, "SELECT model, updated_by FROM chat_settings") == [("third-model", ADMIN)]
+    asked = [int(c.params["user_id"]) for c in telegram.calls("getChatMember")]
+    assert asked == [MEMBER, ADMIN]  # an unknown name is refused before Telegram is asked
+
+
 async def test_forged_and_stale_buttons_change_nothing(
     models_env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:

@@ -46,6 +46,23 @@ async def test_purge_deletes_in_batches_until_none_is_left(pool: Pool) -> None:
     assert left == [(2,)]  # the past window is gone, the current one kept
 
 
+async def test_purge_without_retention_keeps_messages_and_clears_past_token_counts(pool: Pool) -> None:
+    await database.run(pool, seed.seed)
+    await database.run(pool, database.soft_delete_messages, telegram_user_id=seed.BOB, telegram_chat_id=seed.BOB)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO token_usage (user_id, day, tokens)"
+            " SELECT id, (now() AT TIME ZONE 'UTC')::date - d, 5 FROM users, unnest(ARRAY[0, 3]) d"
+        )
+    assert await retention.purge(pool, days=None) == 0
+    counts = await database.run(pool, database.count_messages, telegram_user_id=seed.BOB, telegram_chat_id=seed.BOB)
+    assert counts.deleted == 2
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT DISTINCT (now() AT TIME ZONE 'UTC')::date - day FROM token_usage")
+        days = await cur.fetchall()
+    assert days == [(0,)]
+
+
 def run_tool(module: str, *args: str, database_url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": database_url}
     return subprocess.run(
