@@ -90,15 +90,22 @@ class ChatQueues(Generic[T]):
             chat.entering -= 1
             self._forget_if_idle(chat_id, chat)
 
-    def submit(self, chat_id: int, ident: int, item: T) -> asyncio.Future[None]:
-        """Queue ``item`` behind the chat's earlier items; a future resolved once it has run or
-        was dropped. An item whose ``ident`` is queued or running already is not queued twice."""
+    def submit(self, chat_id: int, ident: int, item: T, *, first: bool = False) -> asyncio.Future[None]:
+        """Queue ``item`` behind the chat's earlier items (``first``: ahead of them); a future
+        resolved once it has run or was dropped. An item whose ``ident`` is queued or running
+        already is not queued twice (with ``first``, a queued one moves to the front)."""
         chat = self._chat(chat_id)
         for job in (chat.running, *chat.queue):
             if job is not None and job.ident == ident:
+                if first and job is not chat.running:
+                    chat.queue.remove(job)
+                    chat.queue.appendleft(job)
                 return job.done
         job = _Job(ident, item)
-        chat.queue.append(job)
+        if first:
+            chat.queue.appendleft(job)
+        else:
+            chat.queue.append(job)
         if chat.worker is None:
             chat.worker = asyncio.create_task(self._work(chat_id, chat), name=f"chat-{chat_id}")
         return job.done

@@ -133,8 +133,11 @@ async def add_question(
     telegram_thread_id: int | None,
     text: str,
     rate_limit_per_minute: int = 0,
+    holder: str | None = None,
+    lease_ttl_s: int = 0,
 ) -> AddedQuestion:
-    """Store the user's message (registering user and chat) in one round trip.
+    """Store the user's message (registering user and chat) in one round trip; with ``holder``,
+    taking or bumping the chat's lease in the same statement.
 
     Raises ``RateLimited`` when the user is over ``rate_limit_per_minute`` (0: no limit): the
     message is then stored set aside, so it neither enters the history nor awaits an answer.
@@ -149,6 +152,8 @@ async def add_question(
         telegram_message_id=telegram_message_id,
         telegram_thread_id=telegram_thread_id,
         rate_limit=rate_limit_per_minute,
+        holder=holder,
+        lease_ttl_s=lease_ttl_s,
     )
     if added.new and added.set_aside:
         raise RateLimited

@@ -67,6 +67,8 @@ class AddedQuestion:
     id: int
     new: bool
     set_aside: bool
+    leased: bool | None = None  # this process holds the chat's lease (None: no lease asked for)
+    lease_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +352,20 @@ ADD_QUESTION: Final = (
         SET hits = CASE WHEN r.window_start = EXCLUDED.window_start THEN r.hits + 1 ELSE 1 END,
             window_start = EXCLUDED.window_start
         RETURNING hits
+    ),
+    lease AS (
+        INSERT INTO chat_leases AS l (chat_id, holder, expires_at, done_through)
+        SELECT (SELECT id FROM chat_row), %(holder)s::text, now() + make_interval(secs => %(lease_ttl_s)s::integer),
+               coalesce((SELECT coalesce(reply_to_id, id) FROM messages
+                         WHERE chat_id = (SELECT id FROM chat_row) AND deleted_at IS NULL
+                         ORDER BY coalesce(reply_to_id, id) DESC, id DESC LIMIT 1), 0)
+        WHERE %(holder)s::text IS NOT NULL AND coalesce((SELECT hits FROM rate), 0) <= %(rate_limit)s::integer
+        ON CONFLICT (chat_id) DO UPDATE
+        SET holder = CASE WHEN l.holder IS NULL OR l.holder = EXCLUDED.holder THEN EXCLUDED.holder ELSE l.holder END,
+            expires_at = CASE WHEN l.holder IS NULL OR l.holder = EXCLUDED.holder
+                              THEN EXCLUDED.expires_at ELSE l.expires_at END,
+            version = l.version + 1
+        RETURNING l.holder = %(holder)s::text AS leased, l.version
     )
     INSERT INTO messages AS m
         (user_id, chat_id, role, content, telegram_message_id, telegram_thread_id, created_at, deleted_at,
@@ -361,7 +377,8 @@ ADD_QUESTION: Final = (
            CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer THEN 'rate_limit' END
     ON CONFLICT ON CONSTRAINT messages_telegram_message_key
         DO UPDATE SET telegram_message_id = m.telegram_message_id
-    RETURNING id, xmax = 0 AS new, deleted_at IS NOT NULL AS set_aside
+    RETURNING id, xmax = 0 AS new, deleted_at IS NOT NULL AS set_aside,
+              (SELECT leased FROM lease) AS leased, (SELECT version FROM lease) AS lease_version
 """
 )
 
@@ -782,11 +799,15 @@ async def add_question(
     telegram_thread_id: int | None = None,
     rate_limit: int = 0,
     created_at: datetime | None = None,
+    holder: str | None = None,
+    lease_ttl_s: int = 0,
 ) -> AddedQuestion:
     """Store a user's message, registering user and chat, in one round trip and one transaction.
 
     With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
-    minute's hits exceed the limit. ``created_at`` defaults to now.
+    minute's hits exceed the limit. ``created_at`` defaults to now. With ``holder``, the chat's
+    lease is taken for it when free or held by it already, and bumped in any case
+    (``services/leases.py``); a question set aside neither takes nor bumps it.
     """
     cur = conn.cursor(row_factory=class_row(AddedQuestion))
     await cur.execute(
@@ -800,6 +821,8 @@ async def add_question(
             "telegram_thread_id": telegram_thread_id,
             "rate_limit": rate_limit,
             "created_at": created_at,
+            "holder": holder,
+            "lease_ttl_s": lease_ttl_s,
         },
         prepare=True,
     )

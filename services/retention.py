@@ -1,5 +1,6 @@
-"""Retention: hard-delete messages soft-deleted more than N days ago (in batches), and the
-rate-limit counters of past windows.
+"""Retention: hard-delete messages soft-deleted more than N days ago (in batches), the
+rate-limit counters of past windows, and update claims older than a day (each process's lease
+tending purges those hourly too, so they never pile up with RETENTION_DAYS=0).
 
 Command line (``make db-purge days=N``)::
 
@@ -16,7 +17,7 @@ from contextlib import asynccontextmanager
 
 import psycopg
 
-from services import database
+from services import database, leases
 from services.database import Pool
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ async def purge(pool: Pool, *, days: int, batch: int = PURGE_BATCH) -> int:
         if deleted < batch:
             break
     counters = await database.run(pool, database.purge_rate_limits)
+    counters += await database.run(pool, leases.purge_claims)
     logger.info(
-        "purged %d message(s) soft-deleted more than %d day(s) ago and %d expired rate-limit counter(s)",
+        "purged %d message(s) soft-deleted more than %d day(s) ago and %d expired counter(s) and claim(s)",
         purged,
         days,
         counters,

@@ -22,6 +22,7 @@ from services.context import ChatMessage, StorageUnavailable, Usage
 from services.database import ChatSettings, FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
 from services.formatting import Part, render, split
+from services.leases import Leases, NextQuestion
 from services.llm import LLM, LLMError
 from services.storage import Answer, Question, Storage
 from services.streaming import LiveReply, Shown
@@ -49,6 +50,15 @@ class TurnRequest:
         """The turn of a question recovered after a restart: its answer quotes the question."""
         return cls(question, Address(question.chat_id, question.thread_id, question.message_id))
 
+    @classmethod
+    def handed_over(cls, chat_id: int, found: NextQuestion) -> TurnRequest:
+        """The turn of a question the chat's lease hands this process (stored by any process):
+        answered as a new question is (quoting it in groups only)."""
+        assert found.question_id is not None and found.telegram_user_id is not None
+        message_id = found.telegram_message_id
+        question = Question(chat_id, found.telegram_user_id, message_id, found.question_id, found.telegram_thread_id)
+        return cls(question, Address(chat_id, found.telegram_thread_id, message_id if chat_id < 0 else None))
+
     @property
     def ident(self) -> int:
         """Unique among the chat's turns: Telegram's message id (or, lacking it, the row's)."""
@@ -67,11 +77,14 @@ def with_quote(context: list[ChatMessage], quoted: str | None) -> list[ChatMessa
 class Turns:
     """Stores questions, runs their turns one chat at a time, and clears and recovers them."""
 
-    def __init__(self, storage: Storage, llm: LLM, delivery: Delivery, config: Config) -> None:
+    def __init__(
+        self, storage: Storage, llm: LLM, delivery: Delivery, config: Config, leases: Leases | None = None
+    ) -> None:
         self._storage = storage
         self._llm = llm
         self._delivery = delivery
         self._config = config
+        self._leases = leases  # None: no database, so no other process to agree with
         self._queues: ChatQueues[TurnRequest] = ChatQueues(self._run, limit=config.max_turns_in_flight)
         self._recovery: asyncio.Task[None] | None = None
 
@@ -105,16 +118,46 @@ class Turns:
             thread_id=address.thread_id,
             text=text,
             rate_limit=self._config.rate_limit_per_minute,
+            holder=self._leases.holder if self._leases is not None else None,
+            lease_ttl_s=self._leases.ttl_s if self._leases is not None else 0,
         )
-        self._submit(TurnRequest(question, address, quoted=quoted))
         logger.info("user %s in chat %s: question %s, %d chars", user_id, address.chat_id, question.id, len(text))
+        if question.leased is not None and self._leases is not None:
+            self._leases.note(address.chat_id, held=question.leased, version=question.lease_version or 0)
+            if not question.leased:  # another process answers the chat now, this question in its turn
+                logger.info("question %s left to the process holding chat %s", question.id, address.chat_id)
+                return
+        self._submit(TurnRequest(question, address, quoted=quoted))
 
     async def register(self, *, user_id: int, first_name: str | None, chat_id: int) -> None:
         """Register the user and the chat on first contact, keeping ``first_name`` current."""
         await self._storage.register(user_id=user_id, first_name=first_name, chat_id=chat_id)
 
-    def _submit(self, turn: TurnRequest) -> asyncio.Future[None]:
-        return self._queues.submit(turn.address.chat_id, turn.ident, turn)
+    def _submit(self, turn: TurnRequest, *, first: bool = False) -> asyncio.Future[None]:
+        return self._queues.submit(turn.address.chat_id, turn.ident, turn, first=first)
+
+    async def _leased(self, chat_id: int, question: Question) -> bool:
+        """Whether this process may run the turn of ``question``, which is not a new question (a
+        /retry, an edit, a recovered turn): it takes the chat's lease when it can; otherwise the
+        process holding it answers the question in its turn."""
+        if self._leases is None or question.id is None:
+            return True
+        if await self._leases.take(chat_id, question.id):
+            return True
+        logger.info("question %s left to the process holding chat %s", question.id, chat_id)
+        return False
+
+    async def _hand_over(self, chat_id: int, finished: int | None) -> None:
+        """The lease's next question for this chat goes first in its queue (stored by this process
+        or another); with none left the lease is released."""
+        assert self._leases is not None
+        try:
+            handover = await self._leases.handover(chat_id, finished=finished)
+        except StorageUnavailable:
+            logger.warning("chat %s: lease not handed over (database unavailable); it expires", chat_id)
+            return
+        if handover.question is not None:
+            self._submit(TurnRequest.handed_over(chat_id, handover.question), first=True)
 
     async def clear(self, *, user_id: int, chat_id: int) -> int:
         """Forget the user's history in the chat (inside the intake); how many messages were cleared.
@@ -133,7 +176,8 @@ class Turns:
         question = await self._storage.retry(user_id=user_id, chat_id=chat_id)
         if question is None:
             return False
-        self._submit(TurnRequest.late(question))
+        if await self._leased(chat_id, question):
+            self._submit(TurnRequest.late(question))
         logger.info("user %s in chat %s: question %s asked again", user_id, chat_id, question.id)
         return True
 
@@ -168,7 +212,8 @@ class Turns:
             return edited is not None
         question = Question(chat_id, user_id, telegram_message_id, edited.id, edited.telegram_thread_id)
         replaces = edited.replaced_message_ids[0] if edited.replaced_message_ids else None
-        self._submit(TurnRequest(question, address, replaces))
+        if await self._leased(chat_id, question):
+            self._submit(TurnRequest(question, address, replaces))
         logger.info("user %s in chat %s: question %s edited, answered again", user_id, chat_id, edited.id)
         return True
 
@@ -180,9 +225,14 @@ class Turns:
         state when it runs, so a turn finished meanwhile is not answered twice.
         """
         done = [self._submit(TurnRequest.late(question)) for question in self._storage.resume_spool()]
+        if self._leases is not None and not self._storage.degraded:
+            # What a previous run of this process held is taken below, or swept, at once.
+            with contextlib.suppress(StorageUnavailable):
+                await self._leases.expire_mine()
         if self._config.pending_reply_max_age_s:
             lock = AsyncExitStack()
             unfinished = await lock.enter_async_context(self._storage.recovery(self._config.pending_reply_max_age_s))
+            refused: set[int] = set()  # chats another process holds: it answers them
             for turn in unfinished:
                 question = Question(
                     turn.telegram_chat_id,
@@ -191,8 +241,21 @@ class Turns:
                     turn.question_id,
                     turn.telegram_thread_id,
                 )
+                if turn.telegram_chat_id in refused:
+                    continue
+                try:
+                    leased = (self._leases is not None and self._leases.holds(turn.telegram_chat_id)) or (
+                        await self._leased(turn.telegram_chat_id, question)
+                    )
+                except StorageUnavailable:
+                    leased = True  # as without leases: the turn reads its state when it runs
+                if not leased:
+                    refused.add(turn.telegram_chat_id)
+                    continue
                 done.append(self._submit(TurnRequest.late(question)))
             self._recovery = asyncio.create_task(self._release_after(lock, done))
+        if self._leases is not None:
+            self._leases.start(lambda chat_id: self._hand_over(chat_id, None))
         logger.info("recovering %d unfinished turn(s)", len(done))
         return len(done)
 
@@ -210,6 +273,10 @@ class Turns:
         left = await self._queues.drain(timeout_s)
         if left:
             logger.warning("%d chat(s) still had turns after %.0fs; they resume at the next start", left, timeout_s)
+        if self._leases is not None:
+            await self._leases.stop()
+            with contextlib.suppress(StorageUnavailable):
+                await self._leases.expire_mine()  # what is left, another process takes at once
         if self._recovery is not None:
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -217,8 +284,22 @@ class Turns:
 
     # -- one turn ---------------------------------------------------------------------------
 
-    @metrics.turn
     async def _run(self, turn: TurnRequest) -> None:
+        chat_id, question_id = turn.address.chat_id, turn.question.id
+        if self._leases is None or question_id is None:
+            await self._run_turn(turn)
+            return
+        if not self._leases.holds(chat_id):
+            logger.info("question %s left to the process holding chat %s", question_id, chat_id)
+            return
+        try:
+            await self._run_turn(turn)
+        finally:
+            if self._leases.holds(chat_id):
+                await self._hand_over(chat_id, question_id)
+
+    @metrics.turn
+    async def _run_turn(self, turn: TurnRequest) -> None:
         try:
             await self._answer(turn)
         except StorageUnavailable:

@@ -328,7 +328,7 @@ async def test_purge_of_rate_limits_keeps_the_current_window(pool: Pool) -> None
 
 
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "009"
+    assert await database.run(pool, database.fetch_schema_version) == "010"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
