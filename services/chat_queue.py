@@ -59,8 +59,17 @@ class _Chat(Generic[T]):
 class ChatQueues(Generic[T]):
     """Runs ``handle(item)`` for the items submitted to each chat, one chat's at a time."""
 
-    def __init__(self, handle: Callable[[T], Awaitable[None]], *, limit: int) -> None:
+    def __init__(
+        self,
+        handle: Callable[[T], Awaitable[None]],
+        *,
+        limit: int,
+        after: Callable[[T], Awaitable[None]] | None = None,
+    ) -> None:
+        """``after(item)``: run by the chat's worker once ``handle(item)`` has ended, inside the
+        chat's intake, so it sees what the updates before it did and none after it."""
         self._handle = handle
+        self._after = after
         self._slots = asyncio.Semaphore(limit)
         self._chats: dict[int, _Chat[T]] = {}
 
@@ -178,6 +187,12 @@ class ChatQueues(Generic[T]):
                     finally:
                         chat.running = None
                         job.finish()
+                if self._after is not None:
+                    async with self.intake(chat_id):
+                        try:
+                            await self._after(job.item)
+                        except Exception:
+                            logger.exception("after job %s in chat %s failed", job.ident, chat_id)
         finally:
             chat.worker = None
             self._forget_if_idle(chat_id, chat)

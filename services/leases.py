@@ -33,9 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import psycopg
 from psycopg.rows import class_row, scalar_row
@@ -275,6 +275,8 @@ class Leases:
         self.ttl_s = ttl_s
         self._held: dict[int, int] = {}  # telegram chat id -> the newest lease version seen
         self._task: asyncio.Task[None] | None = None
+        self._conn: Connection | None = None
+        self._taking: set[asyncio.Task[None]] = set()
 
     def holds(self, chat_id: int) -> bool:
         """Whether this process works on the chat now (took its lease and has not let go)."""
@@ -347,9 +349,9 @@ class Leases:
         if expired:
             logger.info("%d chat lease(s) of this process expired for others to take", expired)
 
-    def start(self, on_taken: Callable[[int], Awaitable[None]]) -> None:
+    def start(self, on_taken: Callable[[int], Coroutine[Any, Any, None]]) -> None:
         """Renew this process's leases and sweep expired ones every third of the TTL; each chat
-        swept is passed to ``on_taken``."""
+        swept is passed to ``on_taken`` (in a task of its own)."""
         self._task = asyncio.create_task(self._tend(on_taken), name="chat-leases")
 
     async def stop(self) -> None:
@@ -357,8 +359,11 @@ class Leases:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
-    async def _tend(self, on_taken: Callable[[int], Awaitable[None]]) -> None:
+    async def _tend(self, on_taken: Callable[[int], Coroutine[Any, Any, None]]) -> None:
         every_s = max(0.2, self.ttl_s / 3)
         loop = asyncio.get_running_loop()
         purged_at = loop.time()
@@ -367,20 +372,36 @@ class Leases:
                 await self.tend(on_taken)
                 if loop.time() - purged_at > CLAIM_PURGE_EVERY_S:
                     purged_at = loop.time()
-                    await _run(self.pool, purge_claims)
-            except StorageUnavailable:
-                logger.warning("chat leases not renewed or swept this round")
+                    await purge_claims(await self._connection())
+            except psycopg.Error as error:
+                logger.warning("chat leases not renewed or swept this round: %s", type(error).__name__)
+                if self._conn is not None:
+                    await self._conn.close()
+                    self._conn = None
             await asyncio.sleep(every_s)
 
-    async def tend(self, on_taken: Callable[[int], Awaitable[None]]) -> int:
-        """One round: renew what this process holds, take what expired; how many chats were taken."""
+    async def _connection(self) -> Connection:
+        """The tending's own connection: renewal must not wait behind the turns for the pool."""
+        if self._conn is None or self._conn.closed:
+            assert isinstance(self.pool.conninfo, str)
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.pool.conninfo, autocommit=True, connect_timeout=max(1, self.ttl_s // 3)
+            )
+        return self._conn
+
+    async def tend(self, on_taken: Callable[[int], Coroutine[Any, Any, None]]) -> int:
+        """One round: renew what this process holds, take what expired; how many chats were
+        taken. Raises ``psycopg.Error`` when the database does not answer."""
+        conn = await self._connection()
         if self._held:
-            await _run(self.pool, renew, telegram_chat_ids=list(self._held), holder=self.holder, ttl_s=self.ttl_s)
-        expired = await _run(self.pool, take_expired, holder=self.holder, ttl_s=self.ttl_s)
+            await renew(conn, telegram_chat_ids=list(self._held), holder=self.holder, ttl_s=self.ttl_s)
+        expired = await take_expired(conn, holder=self.holder, ttl_s=self.ttl_s)
         for lease in expired:
             self.note(lease.telegram_chat_id, held=True, version=lease.version)
         if expired:
             logger.warning("took %d expired chat lease(s)", len(expired))
         for lease in expired:
-            await on_taken(lease.telegram_chat_id)
+            task = asyncio.create_task(on_taken(lease.telegram_chat_id))
+            self._taking.add(task)
+            task.add_done_callback(self._taking.discard)
         return len(expired)

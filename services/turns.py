@@ -85,7 +85,9 @@ class Turns:
         self._delivery = delivery
         self._config = config
         self._leases = leases  # None: no database, so no other process to agree with
-        self._queues: ChatQueues[TurnRequest] = ChatQueues(self._run, limit=config.max_turns_in_flight)
+        self._queues: ChatQueues[TurnRequest] = ChatQueues(
+            self._run, limit=config.max_turns_in_flight, after=self._after if leases is not None else None
+        )
         self._recovery: asyncio.Task[None] | None = None
 
     def intake(self, chat_id: int) -> AbstractAsyncContextManager[None]:
@@ -292,11 +294,15 @@ class Turns:
         if not self._leases.holds(chat_id):
             logger.info("question %s left to the process holding chat %s", question_id, chat_id)
             return
-        try:
-            await self._run_turn(turn)
-        finally:
-            if self._leases.holds(chat_id):
-                await self._hand_over(chat_id, question_id)
+        await self._run_turn(turn)
+
+    async def _after(self, turn: TurnRequest) -> None:
+        """After a turn (inside the chat's intake, so a /clear that stopped it has taken effect):
+        the chat's lease hands this process the next question, or is released."""
+        assert self._leases is not None
+        chat_id, question_id = turn.address.chat_id, turn.question.id
+        if question_id is not None and self._leases.holds(chat_id):
+            await self._hand_over(chat_id, question_id)
 
     @metrics.turn
     async def _run_turn(self, turn: TurnRequest) -> None:
