@@ -85,6 +85,7 @@ class Turns:
         self._delivery = delivery
         self._config = config
         self._leases = leases  # None: no database, so no other process to agree with
+        self._left: set[int] = set()  # questions whose turn ended unsettled, until handed over
         self._queues: ChatQueues[TurnRequest] = ChatQueues(
             self._run, limit=config.max_turns_in_flight, after=self._after if leases is not None else None
         )
@@ -294,27 +295,42 @@ class Turns:
         if not self._leases.holds(chat_id):
             logger.info("question %s left to the process holding chat %s", question_id, chat_id)
             return
-        await self._run_turn(turn)
+        try:
+            finished = await self._run_turn(turn)
+        except Exception:
+            finished = False
+            raise
+        finally:
+            if not finished:  # left for the next start's recovery: the hand-over passes it
+                self._left.add(question_id)
 
     async def _after(self, turn: TurnRequest) -> None:
         """After a turn (inside the chat's intake, so a /clear that stopped it has taken effect):
         the chat's lease hands this process the next question, or is released."""
         assert self._leases is not None
         chat_id, question_id = turn.address.chat_id, turn.question.id
+        left = question_id in self._left
+        self._left.discard(question_id)
         if question_id is not None and self._leases.holds(chat_id):
-            await self._hand_over(chat_id, question_id)
+            # A settled question is not named: should it be asked again meanwhile (a /retry at
+            # another process), the hand-over finds it open and answers it.
+            await self._hand_over(chat_id, question_id if left else None)
 
     @metrics.turn
-    async def _run_turn(self, turn: TurnRequest) -> None:
+    async def _run_turn(self, turn: TurnRequest) -> bool:
+        """Run the turn; whether it ended settled (False: it waits for the next start's recovery)."""
         try:
             await self._answer(turn)
         except StorageUnavailable:
             metrics.turn_outcome("db_unavailable")
             logger.warning("turn of question %s stopped: nowhere to keep it", turn.ident)
             await self._say(turn.address, DB_APOLOGY)
+            return False
         except DeliveryFailed as error:
             metrics.turn_outcome("delivery_failed")
             logger.warning("answer to question %s waits for recovery: %s", turn.ident, error)
+            return False
+        return True
 
     async def _answer(self, turn: TurnRequest) -> None:
         question = turn.question
