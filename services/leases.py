@@ -218,6 +218,22 @@ async def next_question(
     return found
 
 
+async def record_last_part(
+    conn: Connection, *, answer_id: int, telegram_message_id: int, telegram_chat_id: int, holder: str, ttl_s: int
+) -> NextQuestion:
+    """``RECORD_SENT_PART`` of an answer's last part, then ``NEXT_QUESTION`` (its question is
+    settled by then, so none is named), sent together: one round trip."""
+    cur = conn.cursor(row_factory=class_row(NextQuestion))
+    record = {"answer_id": answer_id, "telegram_message_id": telegram_message_id, "last": True}
+    hand_over = {"telegram_chat_id": telegram_chat_id, "holder": holder, "finished": None, "ttl_s": ttl_s}
+    async with conn.pipeline():
+        await conn.execute(database.RECORD_SENT_PART, record, prepare=True)
+        await cur.execute(NEXT_QUESTION, hand_over, prepare=True)
+    found = await cur.fetchone()
+    assert found is not None  # a SELECT from a one-row subquery
+    return found
+
+
 async def take(conn: Connection, *, telegram_chat_id: int, holder: str, question_id: int, ttl_s: int) -> Taken | None:
     """Take (or bump) the chat's lease for ``question_id``; None for a chat never registered."""
     cur = conn.cursor(row_factory=class_row(Taken))
@@ -315,17 +331,39 @@ class Leases:
                     finished=finished,
                     ttl_s=self.ttl_s,
                 )
-                if not found.held:
-                    logger.info("lease of chat %s is no longer this process's", chat_id)
-                    self._held.pop(chat_id, None)
-                    return Handover(None)
-                if found.version is None:  # a question was stored after the snapshot: look again
-                    continue
-                self.note(chat_id, held=found.question_id is not None, version=found.version)
-                return Handover(found if found.question_id is not None else None)
+                handover = self._settle(chat_id, found)
+                if handover is not None:
+                    return handover
         except StorageUnavailable:
             self.forget(chat_id)
             raise
+
+    def _settle(self, chat_id: int, found: NextQuestion) -> Handover | None:
+        """What a hand-over's answer means; None: a question was stored after its snapshot (the
+        version moved, nothing was written), so the hand-over must look again."""
+        if not found.held:
+            logger.info("lease of chat %s is no longer this process's", chat_id)
+            self._held.pop(chat_id, None)
+            return Handover(None)
+        if found.version is None:
+            return None
+        self.note(chat_id, held=found.question_id is not None, version=found.version)
+        return Handover(found if found.question_id is not None else None)
+
+    async def record_last_part(self, chat_id: int, *, answer_id: int, telegram_message_id: int) -> Handover | None:
+        """Record the last part of an answer as delivered and hand the chat over, the two
+        statements in one round trip (a pipeline): the hand-over of a turn that ended well costs
+        no wait of its own. None when the hand-over must be asked again (``handover``)."""
+        found = await _run(
+            self.pool,
+            record_last_part,
+            answer_id=answer_id,
+            telegram_message_id=telegram_message_id,
+            telegram_chat_id=chat_id,
+            holder=self.holder,
+            ttl_s=self.ttl_s,
+        )
+        return self._settle(chat_id, found)
 
     async def take(self, chat_id: int, question_id: int) -> bool:
         """Take the chat's lease for a turn that is not a new question (see ``TAKE``); whether

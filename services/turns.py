@@ -22,7 +22,7 @@ from services.context import ChatMessage, StorageUnavailable, Usage
 from services.database import ChatSettings, FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
 from services.formatting import Part, render, split
-from services.leases import Leases, NextQuestion
+from services.leases import Handover, Leases, NextQuestion
 from services.llm import LLM, LLMError
 from services.storage import Answer, Question, Storage
 from services.streaming import LiveReply, Shown
@@ -86,6 +86,7 @@ class Turns:
         self._config = config
         self._leases = leases  # None: no database, so no other process to agree with
         self._left: set[int] = set()  # questions whose turn ended unsettled, until handed over
+        self._handed: dict[int, Handover] = {}  # question -> the hand-over recorded with its delivery
         self._queues: ChatQueues[TurnRequest] = ChatQueues(
             self._run, limit=config.max_turns_in_flight, after=self._after if leases is not None else None
         )
@@ -311,7 +312,11 @@ class Turns:
         chat_id, question_id = turn.address.chat_id, turn.question.id
         left = question_id in self._left
         self._left.discard(question_id)
-        if question_id is not None and self._leases.holds(chat_id):
+        handed = self._handed.pop(question_id, None) if question_id is not None else None
+        if handed is not None:  # taken with the delivery's record; submitted now, in the intake
+            if handed.question is not None and self._leases.holds(chat_id):
+                self._submit(TurnRequest.handed_over(chat_id, handed.question), first=True)
+        elif question_id is not None and self._leases.holds(chat_id):
             # A settled question is not named: should it be asked again meanwhile (a /retry at
             # another process), the hand-over finds it open and answers it.
             await self._hand_over(chat_id, question_id if left else None)
@@ -453,7 +458,7 @@ class Turns:
                 await self._storage.set_failed(turn.question, answer)
                 return
             try:
-                await self._storage.record_sent_part(turn.question, answer, sent_message_id=message_id, last=last)
+                await self._record_sent_part(turn, answer, message_id, last=last)
             except StorageUnavailable:
                 # The user has this part; only the record is missing. Recovery may send it again.
                 logger.warning("part %d of the answer to %s sent but not recorded", index + 1, turn.ident)
@@ -461,6 +466,23 @@ class Turns:
         logger.info(
             "delivered the answer to %s in chat %s: %d chars", turn.ident, turn.address.chat_id, len(answer.content)
         )
+
+    async def _record_sent_part(self, turn: TurnRequest, answer: Answer, message_id: int, *, last: bool) -> None:
+        """Record a part Telegram accepted; the last one of a leased chat's turn with the chat's
+        hand-over in the same round trip (its result is used after the turn, in the intake)."""
+        chat_id, question_id = turn.address.chat_id, turn.question.id
+        leases = self._leases
+        ready = leases is not None and leases.holds(chat_id) and not self._storage.degraded
+        if last and ready and leases is not None and answer.id is not None and question_id is not None:
+            try:
+                handed = await leases.record_last_part(chat_id, answer_id=answer.id, telegram_message_id=message_id)
+            except StorageUnavailable:
+                pass  # not known to be recorded: the storage records it, or spools it
+            else:
+                if handed is not None:
+                    self._handed[question_id] = handed
+                return
+        await self._storage.record_sent_part(turn.question, answer, sent_message_id=message_id, last=last)
 
     async def _edit_or_send(self, address: Address, message_id: int, part: Part, *, quote: bool) -> int:
         """Show ``part`` in the message ``message_id``; when Telegram refuses the edit (the message

@@ -170,3 +170,19 @@ async def test_an_update_is_claimed_once(pool: Pool) -> None:
     assert not await database.run(pool, leases.claim_update, update_id=10)
     assert await database.run(pool, leases.purge_claims, keep_s=0) == 1
     assert await database.run(pool, leases.claim_update, update_id=10)
+
+
+async def test_the_last_part_is_recorded_and_the_chat_handed_over_in_one_round_trip(pool: Pool) -> None:
+    holder = Leases(pool, holder="a", ttl_s=30)
+    q1 = await add(pool, "a", 1)
+    holder.note(CHAT, held=True, version=q1.lease_version or 0)
+    q2 = await add(pool, "b", 2)
+    answer = await database.run(pool, database.add_answer, question_id=q1.id, content="echo")
+    assert answer is not None
+    handed = await holder.record_last_part(CHAT, answer_id=answer, telegram_message_id=900)
+    assert handed is not None and handed.question is not None and handed.question.question_id == q2.id
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT sent_message_ids, delivered_at IS NOT NULL FROM messages WHERE id = %s", (answer,)
+        )
+        assert await cur.fetchone() == ([900], True)
