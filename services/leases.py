@@ -393,10 +393,12 @@ class Leases:
         self._task = asyncio.create_task(self._tend(on_taken), name="chat-leases")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop renewing and sweeping (and handing over what a sweep took but has not handed over)."""
+        for task in (self._task, *self._taking):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._conn is not None:
             await self._conn.close()
             self._conn = None

@@ -468,7 +468,12 @@ LEASE = {"telegram_chat_id": CHAT_X, "holder": "a", "ttl_s": 30}
         (
             leases.NEXT_QUESTION,
             {**LEASE, "finished": None},
-            ["chats_telegram_chat_id_key", "chat_leases_pkey", "messages_chat_turn_idx", "_answer_key"],
+            [
+                "chats_telegram_chat_id_key",
+                "chat_leases_pkey",
+                "messages_chat_turn_idx",
+                "_answer_key|messages_reply_to_idx",
+            ],
         ),
         (leases.TAKE, {**LEASE, "question_id": 1}, ["chats_telegram_chat_id_key", "chat_leases_pkey"]),
         (leases.TAKE_EXPIRED, {"holder": "a", "ttl_s": 30, "limit": 100}, ["chat_leases_expired_idx"]),
