@@ -296,11 +296,9 @@ class Turns:
         if not self._leases.holds(chat_id):
             logger.info("question %s left to the process holding chat %s", question_id, chat_id)
             return
+        finished = False
         try:
             finished = await self._run_turn(turn)
-        except Exception:
-            finished = False
-            raise
         finally:
             if not finished:  # left for the next start's recovery: the hand-over passes it
                 self._left.add(question_id)
