@@ -141,14 +141,16 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     from handlers import create_routers
     from handlers.delivery import TelegramDelivery
     from handlers.health import Health
-    from handlers.middlewares import AccessMiddleware, ChatIntake, GroupTrigger, InFlight
+    from handlers.middlewares import AccessMiddleware, ChatIntake, GroupTrigger, InFlight, UpdateClaims
     from handlers.settings import ChatAdmins
+    from services.leases import Leases
     from services.metrics import BotCollector
     from services.turns import Turns
 
     storage = create_storage(config, pool)
     delivery = TelegramDelivery(bot)
-    turns = Turns(storage, llm, delivery, config)
+    leases = Leases(pool, holder=config.instance_id, ttl_s=config.lease_ttl_s) if pool is not None else None
+    turns = Turns(storage, llm, delivery, config, leases)
     dp = Dispatcher(
         config=config, pool=pool, dialog_store=storage, turns=turns, delivery=delivery, in_flight=InFlight()
     )
@@ -162,6 +164,9 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     dp.message.outer_middleware(GroupTrigger(config.group_trigger))
     dp.edited_message.outer_middleware(access)
     dp.callback_query.outer_middleware(access)
+    claims = UpdateClaims(leases, storage)
+    for observer in (dp.message, dp.edited_message, dp.callback_query):
+        observer.middleware(claims)
     dp.include_routers(*create_routers())
     dp.startup.register(on_startup)
     dp.shutdown.register(on_shutdown)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -65,6 +66,8 @@ class Config:
     webhook_secret: str | None = field(repr=False)
     webhook_port: int
     metrics_port: int
+    instance_id: str
+    lease_ttl_s: int
 
     @property
     def webhook_path(self) -> str:
@@ -115,6 +118,12 @@ def _http_url(raw: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(raw)
     return raw.rstrip("/")
+
+
+def _instance_id(raw: str) -> str:
+    if len(raw) > 100 or any(c.isspace() for c in raw):
+        raise ValueError(raw)
+    return raw
 
 
 def _optional_http_url(raw: str) -> str | None:
@@ -269,7 +278,12 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         else None,
         webhook_port=r.get("WEBHOOK_PORT", "8080", _bounded(int, 1, 65535), "a port from 1 to 65535"),
         metrics_port=r.get("METRICS_PORT", "0", _bounded(int, 0, 65535), "a port from 1 to 65535, or 0 (off)"),
+        instance_id=r.get("INSTANCE_ID", "", _instance_id, "1 to 100 characters without spaces"),
+        lease_ttl_s=r.get("LEASE_TTL_S", "30", _bounded(int, 1, 3600), "seconds from 1 to 3600"),
     )
+    if not config.instance_id:  # the host name, and the webhook's port: unique on one host
+        host = socket.gethostname() or "bot"
+        config = replace(config, instance_id=f"{host}:{config.webhook_port}" if webhook else host)
     if config.allowed_models and config.llm_model not in config.allowed_models:
         r.errors.append("ALLOWED_MODELS must include LLM_MODEL (the default model of every chat)")
     if config.context_tokens and config.context_tokens <= config.llm_max_tokens:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -38,12 +39,13 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from psycopg import pq
 
+from bench.instances import instances
 from bench.whole_bot import whole_bot
 from bot import create_dispatcher
 from config import load_config
 from handlers.errors import APOLOGY
 from handlers.messages import SLOW_DOWN
-from services import context, database
+from services import context, database, leases
 from services.database import Pool
 from services.llm import LLM
 from services.local_postgres import LocalPostgres, throwaway
@@ -100,9 +102,11 @@ async def floors(pool: Pool, n: int) -> dict[str, dict[str, float]]:
     return {"select_1": summary(await timed(n, select_one)), "insert_commit": summary(await timed(n, insert_one))}
 
 
-async def one_turn(pool: Pool, user: int, chat: int, message_id: int) -> None:
+async def one_turn(pool: Pool, user: int, chat: int, message_id: int, holder: str | None = None) -> None:
     """The database work of one text message, exactly as the turn pipeline does it: store the
-    question, read the turn's start, store the answer, record its delivery."""
+    question, read the turn's start, store the answer, record its delivery; with ``holder``, as
+    one of several processes: the chat's lease taken with the question and handed on (here:
+    released) after the turn."""
     question = await context.add_question(
         pool,
         telegram_user_id=user,
@@ -112,42 +116,61 @@ async def one_turn(pool: Pool, user: int, chat: int, message_id: int) -> None:
         telegram_thread_id=None,
         text=f"question {message_id} from {user}",
         rate_limit_per_minute=1_000_000,  # counted, as with the default config, never hit
+        holder=holder,
+        lease_ttl_s=30,
     )
     turn = await context.start_turn(pool, question_id=question.id, history_limit=HISTORY_LIMIT, budget=CONTEXT_BUDGET)
     assert turn is not None
     answer = await context.add_answer(pool, question_id=question.id, text=f"answer to {message_id}")
     assert answer is not None
-    await context.record_sent_part(pool, answer_id=answer, telegram_message_id=message_id, last=True)
+    if holder is None:
+        await context.record_sent_part(pool, answer_id=answer, telegram_message_id=message_id, last=True)
+        return
+    assert question.leased
+    await database.run(
+        pool,
+        leases.record_last_part,
+        answer_id=answer,
+        telegram_message_id=message_id,
+        telegram_chat_id=chat,
+        holder=holder,
+        ttl_s=30,
+    )
 
 
-async def per_turn(pool: Pool, n: int) -> dict[str, float]:
-    users = 100
-    await timed(200, lambda i: one_turn(pool, 10_000 + i % users, 10_000 + i % users, 1_000_000 + i))
-    return summary(await timed(n, lambda i: one_turn(pool, 10_000 + i % users, 10_000 + i % users, i)))
+async def per_turn(pool: Pool, n: int, holder: str | None = None) -> dict[str, float]:
+    users, base = 100, 10_000 if holder is None else 20_000
+    await timed(200, lambda i: one_turn(pool, base + i % users, base + i % users, 1_000_000 + i, holder))
+    return summary(await timed(n, lambda i: one_turn(pool, base + i % users, base + i % users, i, holder)))
 
 
-async def round_trips_per_turn(url: str) -> dict[str, int]:
+async def round_trips_per_turn(url: str, holder: str | None = None) -> dict[str, int]:
     """The synchronous round trips of one turn, from libpq's trace of the pool's one connection:
-    each statement ends with a Sync; each check of a connection as the pool hands it out is an
-    empty simple Query."""
+    each time the client sends and then reads (a statement, or statements sent together in a
+    pipeline; each check of a connection as the pool hands it out, an empty simple Query)."""
     pool = await database.init_db(url, size=1)
+    dialog = 1 if holder is None else 2
     try:
-        await one_turn(pool, 1, 1, 1)  # register first: the measured turn is a returning user's
+        await one_turn(pool, dialog, dialog, 1, holder)  # register first: the measured turn is a returning user's
         with tempfile.TemporaryFile("w+") as trace:
             async with pool.connection() as conn:
                 conn.pgconn.trace(trace.fileno())
                 conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-            await one_turn(pool, 1, 1, 2)
+            await one_turn(pool, dialog, dialog, 2, holder)
             conn.pgconn.untrace()  # directly: taking it from the pool again would be traced too
             trace.seek(0)
             sent = trace.read()
     finally:
         await database.close_db(pool)
-    statements = len(re.findall(r"^F\s+\d+\s+Sync", sent, flags=re.MULTILINE))
+    statements = len(re.findall(r"^F\s+\d+\s+Execute", sent, flags=re.MULTILINE))
     checks = len(re.findall(r"^F\s+\d+\s+Query", sent, flags=re.MULTILINE))
-    if statements != STATEMENTS_PER_TURN:
-        raise RuntimeError(f"the trace shows {statements} statements in a turn, not {STATEMENTS_PER_TURN}")
-    return {"total": statements + checks, "statements": statements, "pool_checks": checks}
+    expected = STATEMENTS_PER_TURN + (holder is not None)
+    if statements != expected:
+        raise RuntimeError(f"the trace shows {statements} statements in a turn, not {expected}")
+    # A round trip: the client sends, then waits for what the server sends back (F then B).
+    directions = [line[0] for line in sent.splitlines() if line[:1] in ("F", "B")]
+    waits = sum(1 for sent_, back in itertools.pairwise(directions) if (sent_, back) == ("F", "B"))
+    return {"total": waits, "statements": statements, "pool_checks": checks}
 
 
 # -- throughput through aiogram -------------------------------------------------------------
@@ -426,6 +449,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             trips = await round_trips_per_turn(url)
             results["round_trips_per_turn"] = trips["total"]
             results["round_trips_detail"] = trips
+            leased = await round_trips_per_turn(url, holder="bench")
+            results["lease"] = {
+                "round_trips_per_turn": leased["total"],
+                "extra_statements_per_turn": leased["statements"] - trips["statements"],
+                "per_turn": await per_turn(pool, args.samples, holder="bench"),
+            }
             floor = COMMITS_PER_TURN * results["floors"]["insert_commit"]["p50_ms"]
             results["per_turn"]["floor_ms"] = floor
             results["per_turn"]["p50_vs_floor"] = results["per_turn"]["p50_ms"] / floor
@@ -448,6 +477,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["history_read"]["largest_vs_smallest"] = last / first
         context_last = results["context_read"][str(args.rows[-1])]["p50_ms"]
         results["context_read"]["vs_history_read_at_largest"] = context_last / last
+        results["instances"] = []
+        for processes in args.instances:
+            url = cluster.create_database(f"bench_instances_{processes}")
+            command.upgrade(alembic_config(url), "head")
+            chat_ids = list(range(1, args.instances_chats + 1))
+            row = await instances(url, TOKEN, processes, chat_ids, args.instances_turns, args.instances_llm_delay)
+            results["instances"].append(row)
+        if results["instances"]:
+            one = results["instances"][0]["turns_per_s"]
+            for row in results["instances"]:
+                row["vs_one"] = row["turns_per_s"] / one if one else None
         return results
     finally:
         cluster.destroy()
@@ -466,6 +506,12 @@ def failures(results: dict[str, Any]) -> list[str]:
         f"throughput at {row['concurrency']} chat(s): {row['apologies_or_errors']} turns not answered"
         for row in results["throughput"]
         if row["apologies_or_errors"]
+    ]
+    problems += [
+        f"{row['processes']} webhook process(es): {row['answers']} answers of {row['turns']}, "
+        f"{row['chats_in_order']} of {row['chats']} chats in order"
+        for row in results.get("instances", [])
+        if row["answers"] != row["turns"] or row["chats_in_order"] != row["chats"]
     ]
     return problems
 
@@ -555,6 +601,33 @@ def report(results: dict[str, Any]) -> str:
             )
             if len(row["overhead_by_turn"]) <= 5:
                 lines.append(f"{row['chats']} chat(s), overhead p50/p99 ms by turn: {turns}")
+    lease = results.get("lease")
+    if lease:
+        lines += [
+            "",
+            f"several processes: a turn with the chat lease costs {lease['round_trips_per_turn']} round trips "
+            f"(without: {results['round_trips_per_turn']}); +{lease['extra_statements_per_turn']} statement, the "
+            "hand-over, sent with the delivery record in one pipeline; the lease is taken inside ADD_QUESTION "
+            "and a text message needs no update claim. Per-turn DB cost with the lease p50 "
+            f"{lease['per_turn']['p50_ms']:.3f} ms, p99 {lease['per_turn']['p99_ms']:.3f} ms",
+        ]
+    rows = results.get("instances", [])
+    if rows:
+        lines += [
+            "",
+            f"webhook processes on one database ({rows[0]['chats']} chats, round-robin; the LLM stand-in answers "
+            f"after {rows[0]['llm_delay_s']:g} s; {results['machine']['cpus']} CPUs for all of them, PostgreSQL "
+            "and the stand-ins):",
+            "",
+            "| processes | turns | turns/s | vs 1 process | chats in order | LLM requests |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in rows:
+            ratio = f"{row['vs_one']:.2f}x" if row.get("vs_one") else "n/a"
+            lines.append(
+                f"| {row['processes']} | {row['turns']} | {row['turns_per_s']:.1f} | {ratio} "
+                f"| {row['chats_in_order']}/{row['chats']} | {row['llm_requests']} |"
+            )
     return "\n".join(lines)
 
 
@@ -569,6 +642,12 @@ def main() -> None:
         "--bot-turns", type=int, default=20, help="whole bot: turns per level, at least 3 per chat (default 20)"
     )
     parser.add_argument("--llm-delay", type=float, default=1.0, help="whole bot: the LLM stand-in's seconds per answer")
+    parser.add_argument("--instances", type=int, nargs="*", default=[1, 2, 3], help="webhook processes per run")
+    parser.add_argument("--instances-chats", type=int, default=1000, help="webhook processes: concurrent chats")
+    parser.add_argument("--instances-turns", type=int, default=5, help="webhook processes: messages per chat")
+    parser.add_argument(
+        "--instances-llm-delay", type=float, default=0.2, help="webhook processes: the LLM stand-in's seconds"
+    )
     parser.add_argument(
         "--rows",
         type=int,

@@ -308,7 +308,8 @@ class LLMStandIn(_Server):
     """An OpenAI-compatible /v1/chat/completions that records requests.
 
     ``reply`` builds the answer from the request's messages; ``status`` makes it fail with that
-    HTTP status; ``delay`` makes it slow, and ``delays`` the next requests one by one. A request
+    HTTP status; ``delay`` makes it slow, and ``delays`` the next requests one by one; while
+    ``gate`` is cleared, requests wait for it to be set. A request
     with ``stream: true`` is answered with server-sent events of ``chunk`` characters every
     ``pace`` seconds; ``fail_after_chunks`` ends such a stream with an error event instead;
     ``can_stream=False`` refuses streaming with a 400, as some endpoints do. Usage is reported
@@ -335,6 +336,10 @@ class LLMStandIn(_Server):
     report_usage: bool = True
     usages: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion) tokens reported
     context_lengths: dict[str, int] = field(default_factory=dict)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # cleared: requests wait until it is set
+
+    def __post_init__(self) -> None:
+        self.gate.set()
 
     async def start(self) -> None:
         self.url = await self._serve("/v1/chat/completions", self._handle, {"/v1/models": self._models}) + "/v1"
@@ -367,6 +372,11 @@ class LLMStandIn(_Server):
             # Ends early when the stand-in stops, so no test waits out a slow answer nobody reads.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+        if not self.gate.is_set():  # held: a turn stays mid-LLM until the test lets it go
+            waiters = {asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self.gate.wait())}
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
         if self.status != 200:
             self.spans[index] = (arrived, time.monotonic())
             return web.json_response(

@@ -89,6 +89,7 @@ async def on_generation_stopped(event: MessageGenerationStopped, turns: Turns) -
 
 def create_router() -> Router:
     router = Router(name=__name__)
-    router.message.register(on_text, F.text)
-    router.stopped_message_generation.register(on_generation_stopped)
+    # Stored once by its own key and answered once by the chat's lease: no update claim needed.
+    router.message.register(on_text, F.text, flags={"idempotent": True})
+    router.stopped_message_generation.register(on_generation_stopped, flags={"idempotent": True})
     return router

@@ -9,10 +9,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiogram import BaseMiddleware, Bot
+from aiogram.dispatcher.flags import get_flag
 from aiogram.enums import ChatType, MessageEntityType
 from aiogram.types import CallbackQuery, Message, TelegramObject, Update
 
 from services import metrics
+from services.context import StorageUnavailable
+from services.leases import Leases
+from services.storage import Storage
 from services.turns import Turns
 
 logger = logging.getLogger(__name__)
@@ -137,3 +141,32 @@ class ChatIntake(BaseMiddleware):
             return await handler(event, data)
         async with self.turns.intake(message.chat.id):
             return await handler(event, data)
+
+
+class UpdateClaims(BaseMiddleware):
+    """Runs an update's handler in the one process that claims its ``update_id`` first, so an
+    update delivered twice (to two processes, or again after a restart) runs once.
+
+    An inner middleware: it knows the handler, and a handler flagged ``idempotent`` (a text
+    message, stored once by its own key and answered once by its chat's lease) goes without a
+    claim, so the common update costs no extra statement. Commands, buttons and edits are
+    claimed before they run: at most once. Without a database, or while degraded, nothing is
+    claimed (there is no other process to agree with, or no way to): the handler runs.
+    """
+
+    def __init__(self, leases: Leases | None, storage: Storage) -> None:
+        self.leases = leases
+        self.storage = storage
+
+    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        update = data.get("event_update")
+        if self.leases is None or update is None or get_flag(data, "idempotent") or self.storage.degraded:
+            return await handler(event, data)
+        try:
+            first = await self.leases.claim(update.update_id)
+        except StorageUnavailable:
+            first = True  # run it: the handler meets the outage its own way
+        if not first:
+            logger.info("update %s was claimed before: not run again", update.update_id)
+            return None
+        return await handler(event, data)

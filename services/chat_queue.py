@@ -59,8 +59,17 @@ class _Chat(Generic[T]):
 class ChatQueues(Generic[T]):
     """Runs ``handle(item)`` for the items submitted to each chat, one chat's at a time."""
 
-    def __init__(self, handle: Callable[[T], Awaitable[None]], *, limit: int) -> None:
+    def __init__(
+        self,
+        handle: Callable[[T], Awaitable[None]],
+        *,
+        limit: int,
+        after: Callable[[T], Awaitable[None]] | None = None,
+    ) -> None:
+        """``after(item)``: run by the chat's worker once ``handle(item)`` has ended, inside the
+        chat's intake, so it sees what the updates before it did and none after it."""
         self._handle = handle
+        self._after = after
         self._slots = asyncio.Semaphore(limit)
         self._chats: dict[int, _Chat[T]] = {}
 
@@ -90,15 +99,22 @@ class ChatQueues(Generic[T]):
             chat.entering -= 1
             self._forget_if_idle(chat_id, chat)
 
-    def submit(self, chat_id: int, ident: int, item: T) -> asyncio.Future[None]:
-        """Queue ``item`` behind the chat's earlier items; a future resolved once it has run or
-        was dropped. An item whose ``ident`` is queued or running already is not queued twice."""
+    def submit(self, chat_id: int, ident: int, item: T, *, first: bool = False) -> asyncio.Future[None]:
+        """Queue ``item`` behind the chat's earlier items (``first``: ahead of them); a future
+        resolved once it has run or was dropped. An item whose ``ident`` is queued or running
+        already is not queued twice (with ``first``, a queued one moves to the front)."""
         chat = self._chat(chat_id)
         for job in (chat.running, *chat.queue):
             if job is not None and job.ident == ident:
+                if first and job is not chat.running:
+                    chat.queue.remove(job)
+                    chat.queue.appendleft(job)
                 return job.done
         job = _Job(ident, item)
-        chat.queue.append(job)
+        if first:
+            chat.queue.appendleft(job)
+        else:
+            chat.queue.append(job)
         if chat.worker is None:
             chat.worker = asyncio.create_task(self._work(chat_id, chat), name=f"chat-{chat_id}")
         return job.done
@@ -171,6 +187,12 @@ class ChatQueues(Generic[T]):
                     finally:
                         chat.running = None
                         job.finish()
+                if self._after is not None:
+                    async with self.intake(chat_id):
+                        try:
+                            await self._after(job.item)
+                        except Exception:
+                            logger.exception("after job %s in chat %s failed", job.ident, chat_id)
         finally:
             chat.worker = None
             self._forget_if_idle(chat_id, chat)

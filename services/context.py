@@ -105,8 +105,11 @@ async def add_question(
     text: str,
     rate_limit_per_minute: int = 0,
     daily_token_budget: int = 0,
+    holder: str | None = None,
+    lease_ttl_s: int = 0,
 ) -> AddedQuestion:
-    """Store the user's message (registering user and chat) in one round trip.
+    """Store the user's message (registering user and chat) in one round trip; with ``holder``,
+    taking or bumping the chat's lease in the same statement.
 
     Raises ``RateLimited`` when the user is over ``rate_limit_per_minute`` (0: no limit), and
     ``OverBudget`` when their tokens today have reached ``daily_token_budget`` (0: no budget):
@@ -124,6 +127,8 @@ async def add_question(
         telegram_thread_id=telegram_thread_id,
         rate_limit=rate_limit_per_minute,
         token_budget=daily_token_budget,
+        holder=holder,
+        lease_ttl_s=lease_ttl_s,
     )
     if added.over_budget:
         raise OverBudget

@@ -71,6 +71,8 @@ class AddedQuestion:
     new: bool
     set_aside: bool
     over_budget: bool = False
+    leased: bool | None = None  # this process holds the chat's lease (None: no lease asked for)
+    lease_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,7 +461,22 @@ ADD_QUESTION: Final = (
         RETURNING hits
     ),"""
     + _OVER_BUDGET_CTE
-    + """
+    + """,
+    lease AS (
+        INSERT INTO chat_leases AS l (chat_id, holder, expires_at, done_through)
+        SELECT (SELECT id FROM chat_row), %(holder)s::text, now() + make_interval(secs => %(lease_ttl_s)s::integer),
+               coalesce((SELECT coalesce(reply_to_id, id) FROM messages
+                         WHERE chat_id = (SELECT id FROM chat_row) AND deleted_at IS NULL
+                         ORDER BY coalesce(reply_to_id, id) DESC, id DESC LIMIT 1), 0)
+        WHERE %(holder)s::text IS NOT NULL AND coalesce((SELECT hits FROM rate), 0) <= %(rate_limit)s::integer
+          AND NOT EXISTS (SELECT FROM over_budget)
+        ON CONFLICT (chat_id) DO UPDATE
+        SET holder = CASE WHEN l.holder IS NULL OR l.holder = EXCLUDED.holder THEN EXCLUDED.holder ELSE l.holder END,
+            expires_at = CASE WHEN l.holder IS NULL OR l.holder = EXCLUDED.holder
+                              THEN EXCLUDED.expires_at ELSE l.expires_at END,
+            version = l.version + 1
+        RETURNING l.holder = %(holder)s::text AS leased, l.version
+    )
     INSERT INTO messages AS m
         (user_id, chat_id, role, content, tokens, telegram_message_id, telegram_thread_id, created_at, deleted_at,
          deleted_reason)
@@ -473,7 +490,8 @@ ADD_QUESTION: Final = (
     ON CONFLICT ON CONSTRAINT messages_telegram_message_key
         DO UPDATE SET telegram_message_id = m.telegram_message_id
     RETURNING id, xmax = 0 AS new, deleted_at IS NOT NULL AS set_aside,
-              xmax = 0 AND EXISTS (SELECT FROM over_budget) AS over_budget
+              xmax = 0 AND EXISTS (SELECT FROM over_budget) AS over_budget,
+              (SELECT leased FROM lease) AS leased, (SELECT version FROM lease) AS lease_version
 """
 )
 
@@ -1051,12 +1069,16 @@ async def add_question(
     rate_limit: int = 0,
     token_budget: int = 0,
     created_at: datetime | None = None,
+    holder: str | None = None,
+    lease_ttl_s: int = 0,
 ) -> AddedQuestion:
     """Store a user's message, registering user and chat, in one round trip and one transaction.
 
     With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
     minute's hits exceed the limit; with ``token_budget`` > 0, also when the user's tokens
-    today (UTC) have reached it. ``created_at`` defaults to now.
+    today (UTC) have reached it. ``created_at`` defaults to now. With ``holder``, the chat's
+    lease is taken for it when free or held by it already, and bumped in any case
+    (``services/leases.py``); a question set aside neither takes nor bumps it.
     """
     cur = conn.cursor(row_factory=class_row(AddedQuestion))
     await cur.execute(
@@ -1072,6 +1094,8 @@ async def add_question(
             "rate_limit": rate_limit,
             "token_budget": token_budget,
             "created_at": created_at,
+            "holder": holder,
+            "lease_ttl_s": lease_ttl_s,
         },
         prepare=True,
     )

@@ -1,5 +1,6 @@
 """Retention: hard-delete messages soft-deleted more than N days ago (in batches), the
-rate-limit counters of past windows and the token counts of past days.
+rate-limit counters of past windows, the token counts of past days, and update claims older
+than a day (each process's lease tending purges those hourly too, so they never pile up).
 
 Command line (``make db-purge days=N``)::
 
@@ -16,7 +17,7 @@ from contextlib import asynccontextmanager
 
 import psycopg
 
-from services import database
+from services import database, leases
 from services.database import Pool
 
 logger = logging.getLogger(__name__)
@@ -38,13 +39,15 @@ async def purge(pool: Pool, *, days: int | None, batch: int = PURGE_BATCH) -> in
             break
     counters = await database.run(pool, database.purge_rate_limits)
     usage = await database.run(pool, database.purge_token_usage)
+    claims = await database.run(pool, leases.purge_claims)
     logger.info(
-        "purged %d soft-deleted message(s) (older than: %s day(s)), %d expired rate-limit counter(s)"
-        " and %d token count(s) of past days",
+        "purged %d soft-deleted message(s) (older than: %s day(s)), %d expired rate-limit counter(s),"
+        " %d token count(s) of past days and %d update claim(s)",
         purged,
         "off" if days is None else days,
         counters,
         usage,
+        claims,
     )
     return purged
 

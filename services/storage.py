@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import psycopg
@@ -81,6 +81,9 @@ class Question:
     message_id: int | None
     id: int | None = None
     thread_id: int | None = None
+    # Stored with a lease asked for: whether this process holds the chat's lease, its version.
+    leased: bool | None = field(default=None, compare=False)
+    lease_version: int | None = field(default=None, compare=False)
 
     @property
     def dialog(self) -> Dialog:
@@ -212,9 +215,12 @@ class Storage:
         text: str,
         rate_limit: int,
         token_budget: int = 0,
+        holder: str | None = None,
+        lease_ttl_s: int = 0,
     ) -> Question:
-        """Store a question; raises ``RateLimited`` (``OverBudget``), or ``StorageUnavailable``
-        when it cannot be kept. Degraded, neither limit is checked: the question is spooled."""
+        """Store a question (with ``holder``: taking or bumping the chat's lease); raises
+        ``RateLimited`` (``OverBudget``), or ``StorageUnavailable`` when it cannot be kept.
+        Degraded, neither limit is checked: the question is spooled."""
         dialog = (user_id, chat_id)
         added = await self._in_database(
             lambda pool: context.add_question(
@@ -227,12 +233,14 @@ class Storage:
                 text=text,
                 rate_limit_per_minute=rate_limit,
                 daily_token_budget=token_budget,
+                holder=holder,
+                lease_ttl_s=lease_ttl_s,
             )
         )
         if added is not UNAVAILABLE:
             if added.new:
                 self._history.append(dialog, Remembered("user", text, message_id))
-            return Question(chat_id, user_id, message_id, added.id, thread_id)
+            return Question(chat_id, user_id, message_id, added.id, thread_id, added.leased, added.lease_version)
         question = Question(chat_id, user_id, message_id, thread_id=thread_id)
         if self._spool is not None and any(
             i.kind == "question" and i.chat_id == chat_id and i.message_id == message_id for i in self._spool.items

@@ -23,6 +23,7 @@ from services.context import ChatMessage, StorageUnavailable, Usage
 from services.database import ChatSettings, DialogContext, FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
 from services.formatting import Part, render, split
+from services.leases import Handover, Leases, NextQuestion
 from services.llm import LLM, LLMError
 from services.storage import Answer, Question, Storage
 from services.streaming import LiveReply, Shown
@@ -52,6 +53,15 @@ class TurnRequest:
         """The turn of a question recovered after a restart: its answer quotes the question."""
         return cls(question, Address(question.chat_id, question.thread_id, question.message_id))
 
+    @classmethod
+    def handed_over(cls, chat_id: int, found: NextQuestion) -> TurnRequest:
+        """The turn of a question the chat's lease hands this process (stored by any process):
+        answered as a new question is (quoting it in groups only)."""
+        assert found.question_id is not None and found.telegram_user_id is not None
+        message_id = found.telegram_message_id
+        question = Question(chat_id, found.telegram_user_id, message_id, found.question_id, found.telegram_thread_id)
+        return cls(question, Address(chat_id, found.telegram_thread_id, message_id if chat_id < 0 else None))
+
     @property
     def ident(self) -> int:
         """Unique among the chat's turns: Telegram's message id (or, lacking it, the row's)."""
@@ -70,12 +80,19 @@ def with_quote(context: list[ChatMessage], quoted: str | None) -> list[ChatMessa
 class Turns:
     """Stores questions, runs their turns one chat at a time, and clears and recovers them."""
 
-    def __init__(self, storage: Storage, llm: LLM, delivery: Delivery, config: Config) -> None:
+    def __init__(
+        self, storage: Storage, llm: LLM, delivery: Delivery, config: Config, leases: Leases | None = None
+    ) -> None:
         self._storage = storage
         self._llm = llm
         self._delivery = delivery
         self._config = config
-        self._queues: ChatQueues[TurnRequest] = ChatQueues(self._run, limit=config.max_turns_in_flight)
+        self._leases = leases  # None: no database, so no other process to agree with
+        self._left: set[int] = set()  # questions whose turn ended unsettled, until handed over
+        self._handed: dict[int, Handover] = {}  # question -> the hand-over recorded with its delivery
+        self._queues: ChatQueues[TurnRequest] = ChatQueues(
+            self._run, limit=config.max_turns_in_flight, after=self._after if leases is not None else None
+        )
         self._recovery: asyncio.Task[None] | None = None
         self.budget = ContextBudget(
             context_tokens=config.context_tokens,
@@ -116,16 +133,46 @@ class Turns:
             text=text,
             rate_limit=self._config.rate_limit_per_minute,
             token_budget=self._config.daily_token_budget_per_user,
+            holder=self._leases.holder if self._leases is not None else None,
+            lease_ttl_s=self._leases.ttl_s if self._leases is not None else 0,
         )
-        self._submit(TurnRequest(question, address, quoted=quoted))
         logger.info("user %s in chat %s: question %s, %d chars", user_id, address.chat_id, question.id, len(text))
+        if question.leased is not None and self._leases is not None:
+            self._leases.note(address.chat_id, held=question.leased, version=question.lease_version or 0)
+            if not question.leased:  # another process answers the chat now, this question in its turn
+                logger.info("question %s left to the process holding chat %s", question.id, address.chat_id)
+                return
+        self._submit(TurnRequest(question, address, quoted=quoted))
 
     async def register(self, *, user_id: int, first_name: str | None, chat_id: int) -> None:
         """Register the user and the chat on first contact, keeping ``first_name`` current."""
         await self._storage.register(user_id=user_id, first_name=first_name, chat_id=chat_id)
 
-    def _submit(self, turn: TurnRequest) -> asyncio.Future[None]:
-        return self._queues.submit(turn.address.chat_id, turn.ident, turn)
+    def _submit(self, turn: TurnRequest, *, first: bool = False) -> asyncio.Future[None]:
+        return self._queues.submit(turn.address.chat_id, turn.ident, turn, first=first)
+
+    async def _leased(self, chat_id: int, question: Question) -> bool:
+        """Whether this process may run the turn of ``question``, which is not a new question (a
+        /retry, an edit, a recovered turn): it takes the chat's lease when it can; otherwise the
+        process holding it answers the question in its turn."""
+        if self._leases is None or question.id is None:
+            return True
+        if await self._leases.take(chat_id, question.id):
+            return True
+        logger.info("question %s left to the process holding chat %s", question.id, chat_id)
+        return False
+
+    async def _hand_over(self, chat_id: int, finished: int | None) -> None:
+        """The lease's next question for this chat goes first in its queue (stored by this process
+        or another); with none left the lease is released."""
+        assert self._leases is not None
+        try:
+            handover = await self._leases.handover(chat_id, finished=finished)
+        except StorageUnavailable:
+            logger.warning("chat %s: lease not handed over (database unavailable); it expires", chat_id)
+            return
+        if handover.question is not None:
+            self._submit(TurnRequest.handed_over(chat_id, handover.question), first=True)
 
     async def clear(self, *, user_id: int, chat_id: int) -> int:
         """Forget the user's history in the chat (inside the intake); how many messages were cleared.
@@ -144,7 +191,8 @@ class Turns:
         question = await self._storage.retry(user_id=user_id, chat_id=chat_id)
         if question is None:
             return False
-        self._submit(TurnRequest.late(question))
+        if await self._leased(chat_id, question):
+            self._submit(TurnRequest.late(question))
         logger.info("user %s in chat %s: question %s asked again", user_id, chat_id, question.id)
         return True
 
@@ -179,7 +227,8 @@ class Turns:
             return edited is not None
         question = Question(chat_id, user_id, telegram_message_id, edited.id, edited.telegram_thread_id)
         replaces = edited.replaced_message_ids[0] if edited.replaced_message_ids else None
-        self._submit(TurnRequest(question, address, replaces))
+        if await self._leased(chat_id, question):
+            self._submit(TurnRequest(question, address, replaces))
         logger.info("user %s in chat %s: question %s edited, answered again", user_id, chat_id, edited.id)
         return True
 
@@ -191,9 +240,14 @@ class Turns:
         state when it runs, so a turn finished meanwhile is not answered twice.
         """
         done = [self._submit(TurnRequest.late(question)) for question in self._storage.resume_spool()]
+        if self._leases is not None and not self._storage.degraded:
+            # What a previous run of this process held is taken below, or swept, at once.
+            with contextlib.suppress(StorageUnavailable):
+                await self._leases.expire_mine()
         if self._config.pending_reply_max_age_s:
             lock = AsyncExitStack()
             unfinished = await lock.enter_async_context(self._storage.recovery(self._config.pending_reply_max_age_s))
+            refused: set[int] = set()  # chats another process holds: it answers them
             for turn in unfinished:
                 question = Question(
                     turn.telegram_chat_id,
@@ -202,8 +256,21 @@ class Turns:
                     turn.question_id,
                     turn.telegram_thread_id,
                 )
+                if turn.telegram_chat_id in refused:
+                    continue
+                try:
+                    leased = (self._leases is not None and self._leases.holds(turn.telegram_chat_id)) or (
+                        await self._leased(turn.telegram_chat_id, question)
+                    )
+                except StorageUnavailable:
+                    leased = True  # as without leases: the turn reads its state when it runs
+                if not leased:
+                    refused.add(turn.telegram_chat_id)
+                    continue
                 done.append(self._submit(TurnRequest.late(question)))
             self._recovery = asyncio.create_task(self._release_after(lock, done))
+        if self._leases is not None:
+            self._leases.start(lambda chat_id: self._hand_over(chat_id, None))
         logger.info("recovering %d unfinished turn(s)", len(done))
         return len(done)
 
@@ -221,6 +288,10 @@ class Turns:
         left = await self._queues.drain(timeout_s)
         if left:
             logger.warning("%d chat(s) still had turns after %.0fs; they resume at the next start", left, timeout_s)
+        if self._leases is not None:
+            await self._leases.stop()
+            with contextlib.suppress(StorageUnavailable):
+                await self._leases.expire_mine()  # what is left, another process takes at once
         if self._recovery is not None:
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -228,17 +299,52 @@ class Turns:
 
     # -- one turn ---------------------------------------------------------------------------
 
-    @metrics.turn
     async def _run(self, turn: TurnRequest) -> None:
+        chat_id, question_id = turn.address.chat_id, turn.question.id
+        if self._leases is None or question_id is None:
+            await self._run_turn(turn)
+            return
+        if not self._leases.holds(chat_id):
+            logger.info("question %s left to the process holding chat %s", question_id, chat_id)
+            return
+        finished = False
+        try:
+            finished = await self._run_turn(turn)
+        finally:
+            if not finished:  # left for the next start's recovery: the hand-over passes it
+                self._left.add(question_id)
+
+    async def _after(self, turn: TurnRequest) -> None:
+        """After a turn (inside the chat's intake, so a /clear that stopped it has taken effect):
+        the chat's lease hands this process the next question, or is released."""
+        assert self._leases is not None
+        chat_id, question_id = turn.address.chat_id, turn.question.id
+        left = question_id in self._left
+        self._left.discard(question_id)
+        handed = self._handed.pop(question_id, None) if question_id is not None else None
+        if handed is not None:  # taken with the delivery's record; submitted now, in the intake
+            if handed.question is not None and self._leases.holds(chat_id):
+                self._submit(TurnRequest.handed_over(chat_id, handed.question), first=True)
+        elif question_id is not None and self._leases.holds(chat_id):
+            # A settled question is not named: should it be asked again meanwhile (a /retry at
+            # another process), the hand-over finds it open and answers it.
+            await self._hand_over(chat_id, question_id if left else None)
+
+    @metrics.turn
+    async def _run_turn(self, turn: TurnRequest) -> bool:
+        """Run the turn; whether it ended settled (False: it waits for the next start's recovery)."""
         try:
             await self._answer(turn)
         except StorageUnavailable:
             metrics.turn_outcome("db_unavailable")
             logger.warning("turn of question %s stopped: nowhere to keep it", turn.ident)
             await self._say(turn.address, DB_APOLOGY)
+            return False
         except DeliveryFailed as error:
             metrics.turn_outcome("delivery_failed")
             logger.warning("answer to question %s waits for recovery: %s", turn.ident, error)
+            return False
+        return True
 
     def _shared(self, chat_id: int) -> bool:
         """Whether the chat's turns read its whole history (a group, with GROUP_CONTEXT=shared)."""
@@ -412,7 +518,7 @@ class Turns:
                 await self._storage.set_failed(turn.question, answer)
                 return False
             try:
-                await self._storage.record_sent_part(turn.question, answer, sent_message_id=message_id, last=last)
+                await self._record_sent_part(turn, answer, message_id, last=last)
             except StorageUnavailable:
                 # The user has this part; only the record is missing. Recovery may send it again.
                 logger.warning("part %d of the answer to %s sent but not recorded", index + 1, turn.ident)
@@ -421,6 +527,23 @@ class Turns:
             "delivered the answer to %s in chat %s: %d chars", turn.ident, turn.address.chat_id, len(answer.content)
         )
         return True
+
+    async def _record_sent_part(self, turn: TurnRequest, answer: Answer, message_id: int, *, last: bool) -> None:
+        """Record a part Telegram accepted; the last one of a leased chat's turn with the chat's
+        hand-over in the same round trip (its result is used after the turn, in the intake)."""
+        chat_id, question_id = turn.address.chat_id, turn.question.id
+        leases = self._leases
+        ready = leases is not None and leases.holds(chat_id) and not self._storage.degraded
+        if last and ready and leases is not None and answer.id is not None and question_id is not None:
+            try:
+                handed = await leases.record_last_part(chat_id, answer_id=answer.id, telegram_message_id=message_id)
+            except StorageUnavailable:
+                pass  # not known to be recorded: the storage records it, or spools it
+            else:
+                if handed is not None:
+                    self._handed[question_id] = handed
+                return
+        await self._storage.record_sent_part(turn.question, answer, sent_message_id=message_id, last=last)
 
     async def _edit_or_send(self, address: Address, message_id: int, part: Part, *, quote: bool) -> int:
         """Show ``part`` in the message ``message_id``; when Telegram refuses the edit (the message

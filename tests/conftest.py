@@ -86,7 +86,7 @@ async def pool(session_pool: Pool) -> Pool:
     """The shared pool over an emptied database."""
     await session_pool.check()  # drops connections an earlier test's outage left dead
     async with session_pool.connection() as conn:
-        await conn.execute("TRUNCATE messages, chats, users, rate_limits RESTART IDENTITY CASCADE")
+        await conn.execute("TRUNCATE messages, chats, users, rate_limits, update_claims RESTART IDENTITY CASCADE")
     return session_pool
 
 

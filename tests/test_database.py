@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from services import database
+from services import database, leases
 from services.database import Connection, Pool
 from tests.harness import store_question
 
@@ -424,7 +424,7 @@ async def test_purge_of_token_usage_keeps_the_last_three_utc_days(pool: Pool) ->
             database.ADD_QUESTION,
             {"telegram_user_id": 5001, "first_name": None, "telegram_chat_id": 5001, "content": "q", "tokens": 5,
              "telegram_message_id": 1, "telegram_thread_id": None, "rate_limit": 0, "token_budget": 100,
-             "created_at": None},
+             "created_at": None, "holder": None, "lease_ttl_s": 0},
             "Index Scan using token_usage_pkey on token_usage",
         ),
         (
@@ -463,7 +463,7 @@ async def test_token_usage_is_read_and_written_by_its_primary_key(
 
 
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "009"
+    assert await database.run(pool, database.fetch_schema_version) == "010"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
@@ -589,3 +589,60 @@ async def test_waiters_that_time_out_together_share_one_probe_of_the_server(
     monkeypatch.setattr(database, "PROBE_SHARED_S", 0.0)
     await asyncio.sleep(0.01)
     assert await database._server_answers_shared(pool) and probes == 2  # a stale answer is asked again
+
+
+LEASE = {"telegram_chat_id": CHAT_X, "holder": "a", "ttl_s": 30}
+
+
+@pytest.mark.parametrize(
+    ("statement", "params", "indexes"),
+    [
+        (
+            leases.NEXT_QUESTION,
+            {**LEASE, "finished": None},
+            [
+                "chats_telegram_chat_id_key",
+                "chat_leases_pkey",
+                "messages_chat_turn_idx",
+                "_answer_key|messages_reply_to_idx",
+            ],
+        ),
+        (leases.TAKE, {**LEASE, "question_id": 1}, ["chats_telegram_chat_id_key", "chat_leases_pkey"]),
+        (leases.TAKE_EXPIRED, {"holder": "a", "ttl_s": 30, "limit": 100}, ["chat_leases_expired_idx"]),
+        (leases.RENEW, {"telegram_chat_ids": [CHAT_X], "holder": "a", "ttl_s": 30}, ["chat_leases_pkey"]),
+        (leases.EXPIRE_MINE, {"holder": "a"}, []),  # at start-up and shutdown only
+        (
+            database.ADD_QUESTION,
+            {
+                "telegram_user_id": USER_A,
+                "first_name": "Ann",
+                "telegram_chat_id": CHAT_X,
+                "content": "x",
+                "tokens": 5,
+                "telegram_message_id": 2,
+                "telegram_thread_id": None,
+                "rate_limit": 0,
+                "token_budget": 0,
+                "created_at": None,
+                "holder": "a",
+                "lease_ttl_s": 30,
+            },
+            ["messages_chat_turn_idx"],  # the first lease of a chat starts past its history
+        ),
+    ],
+    ids=["next-question", "take", "take-expired", "renew", "expire-mine", "add-question"],
+)
+async def test_lease_statements_read_through_indexes(
+    pool: Pool, statement: str, params: dict[str, object], indexes: list[str]
+) -> None:
+    await store_question(pool, USER_A, CHAT_X, "hello", message_id=1)
+    async with pool.connection() as conn:
+        await conn.execute("SET enable_seqscan = off")  # an empty table would otherwise be seq-scanned
+        try:
+            cur = await conn.execute("EXPLAIN " + statement, params)
+            plan = "\n".join(row[0] for row in await cur.fetchall())
+        finally:
+            await conn.execute("RESET enable_seqscan")
+    assert "Seq Scan on messages" not in plan and "Seq Scan on chat_leases" not in plan, plan
+    for choices in indexes:
+        assert any(index in plan for index in choices.split("|")), plan

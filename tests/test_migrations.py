@@ -10,12 +10,14 @@ from tests.conftest import alembic_config, create_database
 
 ALL_TABLES = [
     "alembic_version",
+    "chat_leases",
     "chat_settings",
     "chats",
     "messages",
     "rate_limits",
     "summaries",
     "token_usage",
+    "update_claims",
     "users",
 ]
 TABLES = "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1"
@@ -37,6 +39,9 @@ def test_upgrade_downgrade_upgrade_round_trip(admin_url: str) -> None:
     command.upgrade(cfg, "head")
     assert tables(url) == ALL_TABLES
     assert {"messages_deleted_idx", "messages_chat_turn_idx"} <= set(indexes(url))
+    command.downgrade(cfg, "009")
+    assert tables(url) == [t for t in ALL_TABLES if t not in ("chat_leases", "update_claims")]
+    command.upgrade(cfg, "head")
     command.downgrade(cfg, "008")
     assert tables(url) == ["alembic_version", "chat_settings", "chats", "messages", "rate_limits", "users"]
     assert "messages_chat_turn_idx" not in indexes(url)

@@ -24,7 +24,7 @@ async def play(url: str, ops: list[tuple[int, int, str, int]]) -> None:
     pool = await database.init_db(url, size=4)
     try:
         async with pool.connection() as conn:
-            await conn.execute("TRUNCATE messages, chats, users, rate_limits RESTART IDENTITY CASCADE")
+            await conn.execute("TRUNCATE messages, chats, users, rate_limits, update_claims RESTART IDENTITY CASCADE")
         expected: dict[tuple[int, int], list[str]] = defaultdict(list)
         per_key: dict[tuple[int, int], list[tuple[str, int, int]]] = defaultdict(list)
         for index, (user, chat, op, pause) in enumerate(ops):
