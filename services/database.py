@@ -1004,6 +1004,19 @@ PURGE_DELETED: Final = """
     ))
 """
 
+# The same for summaries set aside (a /clear, an /undo, a newer summary), through
+# summaries_deleted_idx.
+PURGE_DELETED_SUMMARIES: Final = """
+    DELETE FROM summaries
+    WHERE id = ANY (ARRAY(
+        SELECT id FROM summaries
+        WHERE deleted_at < now() - make_interval(days => %(days)s::integer)
+        ORDER BY deleted_at
+        LIMIT %(limit)s::integer
+        FOR UPDATE SKIP LOCKED
+    ))
+"""
+
 # A chat's settings by its Telegram id: /model, /prompt and /temperature show them (a turn reads
 # them within SELECT_TURN_START). No row: every setting is the default.
 SELECT_CHAT_SETTINGS: Final = """
@@ -1385,6 +1398,13 @@ async def purge_deleted_messages(conn: Connection, *, days: int, limit: int) -> 
     """Hard-delete at most ``limit`` of the messages soft-deleted more than ``days`` days ago,
     oldest first; how many were."""
     cur = await conn.execute(PURGE_DELETED, {"days": days, "limit": limit})
+    return cur.rowcount
+
+
+async def purge_deleted_summaries(conn: Connection, *, days: int, limit: int) -> int:
+    """Hard-delete at most ``limit`` of the summaries set aside more than ``days`` days ago,
+    oldest first; how many were."""
+    cur = await conn.execute(PURGE_DELETED_SUMMARIES, {"days": days, "limit": limit})
     return cur.rowcount
 
 

@@ -28,22 +28,28 @@ CANNOT_CONNECT = "error: cannot connect to the database at DATABASE_URL: is Post
 
 
 async def purge(pool: Pool, *, days: int | None, batch: int = PURGE_BATCH) -> int:
-    """Delete messages soft-deleted more than ``days`` days ago (None: keep them), ``batch`` per
-    statement until a statement finds fewer, the rate-limit counters of past windows and the
-    token counts of past days; how many messages were deleted."""
-    purged = 0
+    """Delete messages and summaries soft-deleted more than ``days`` days ago (None: keep them),
+    ``batch`` per statement until a statement finds fewer, the rate-limit counters of past
+    windows, the token counts of past days and old update claims; how many messages were deleted."""
+    purged = summaries = 0
     while days is not None:
         deleted = await database.run(pool, database.purge_deleted_messages, days=days, limit=batch)
         purged += deleted
+        if deleted < batch:
+            break
+    while days is not None:
+        deleted = await database.run(pool, database.purge_deleted_summaries, days=days, limit=batch)
+        summaries += deleted
         if deleted < batch:
             break
     counters = await database.run(pool, database.purge_rate_limits)
     usage = await database.run(pool, database.purge_token_usage)
     claims = await database.run(pool, leases.purge_claims)
     logger.info(
-        "purged %d soft-deleted message(s) (older than: %s day(s)), %d expired rate-limit counter(s),"
-        " %d token count(s) of past days and %d update claim(s)",
+        "purged %d soft-deleted message(s) and %d summary(ies) (older than: %s day(s)), %d expired rate-limit"
+        " counter(s), %d token count(s) of past days and %d update claim(s)",
         purged,
+        summaries,
         "off" if days is None else days,
         counters,
         usage,

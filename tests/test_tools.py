@@ -24,9 +24,19 @@ async def test_seed_is_idempotent(pool: Pool) -> None:
 
 async def test_purge_deletes_old_soft_deleted_messages(pool: Pool) -> None:
     await database.run(pool, seed.seed)
+    async with pool.connection() as conn:  # a summary for each of Bob's and Ann's private chats
+        await conn.execute(
+            "INSERT INTO summaries (user_id, chat_id, through_id, covered, content, tokens)"
+            " SELECT u.id, c.id, 1, 1, 'notes', 5 FROM users u JOIN chats c ON c.telegram_chat_id = u.telegram_user_id"
+            " WHERE u.telegram_user_id = ANY(%s)",
+            ([seed.ANN, seed.BOB],),
+        )
     await database.run(pool, database.soft_delete_messages, telegram_user_id=seed.BOB, telegram_chat_id=seed.BOB)
     assert await retention.purge(pool, days=1) == 0  # deleted just now: kept
     assert await retention.purge(pool, days=0) == 2
+    async with pool.connection() as conn:  # Bob's summary went with his messages, Ann's stays
+        left = await (await conn.execute("SELECT content, deleted_at IS NULL FROM summaries")).fetchall()
+    assert left == [("notes", True)]
 
 
 async def test_purge_deletes_in_batches_until_none_is_left(pool: Pool) -> None:

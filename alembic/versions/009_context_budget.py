@@ -61,10 +61,8 @@ def upgrade() -> None:
     op.execute("""
     CREATE INDEX summaries_dialog_idx ON summaries (chat_id, user_id, through_id) WHERE deleted_at IS NULL
     """)
-    # /undo of a /clear finds the summaries that clear set aside with its messages.
-    op.execute("""
-    CREATE INDEX summaries_deleted_idx ON summaries (chat_id, user_id, deleted_at) WHERE deleted_at IS NOT NULL
-    """)
+    # The purge takes set-aside summaries oldest first; /undo of a /clear finds those it set aside.
+    op.execute("CREATE INDEX summaries_deleted_idx ON summaries (deleted_at) WHERE deleted_at IS NOT NULL")
     op.execute("""
     CREATE TABLE token_usage (
         user_id bigint NOT NULL REFERENCES users (id),
