@@ -151,8 +151,9 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     delivery = TelegramDelivery(bot)
     # Leases and claims order several processes; in polling mode there is one (Telegram answers
     # a second getUpdates consumer with 409 Conflict), so they would cost a commit per turn for nothing.
-    several = pool is not None and config.bot_mode == "webhook"
-    leases = Leases(pool, holder=config.instance_id, ttl_s=config.lease_ttl_s) if several else None
+    leases = None
+    if pool is not None and config.bot_mode == "webhook":
+        leases = Leases(pool, holder=config.instance_id, ttl_s=config.lease_ttl_s)
     turns = Turns(storage, llm, delivery, config, leases)
     dp = Dispatcher(
         config=config, pool=pool, dialog_store=storage, turns=turns, delivery=delivery, in_flight=InFlight()
