@@ -986,17 +986,20 @@ SELECT_DIALOG: Final = (
 """
 )
 
+
 # Retention, one batch per statement: at most %(limit)s of the oldest rows soft-deleted before
 # the cutoff, found by an ordered range scan of the partial index messages_deleted_idx (it holds
 # soft-deleted rows only, revision 005), then deleted by primary key. ``= ANY (ARRAY(...))``
 # rather than ``IN (...)``: the ids are collected once and looked up in the key's index, where
 # IN may be planned as a join that scans the whole table. A batch is a short transaction: no
 # long lock, no burst of WAL, and the bot's statements run in between. SKIP LOCKED: two
-# processes purging at once take different rows instead of waiting for each other.
-PURGE_DELETED: Final = """
-    DELETE FROM messages
+# processes purging at once take different rows instead of waiting for each other. Summaries
+# set aside (a /clear, an /undo, a newer summary) go the same way, through summaries_deleted_idx.
+def _purge_deleted(table: Literal["messages", "summaries"]) -> str:
+    return f"""
+    DELETE FROM {table}
     WHERE id = ANY (ARRAY(
-        SELECT id FROM messages
+        SELECT id FROM {table}
         WHERE deleted_at < now() - make_interval(days => %(days)s::integer)
         ORDER BY deleted_at
         LIMIT %(limit)s::integer
@@ -1004,18 +1007,9 @@ PURGE_DELETED: Final = """
     ))
 """
 
-# The same for summaries set aside (a /clear, an /undo, a newer summary), through
-# summaries_deleted_idx.
-PURGE_DELETED_SUMMARIES: Final = """
-    DELETE FROM summaries
-    WHERE id = ANY (ARRAY(
-        SELECT id FROM summaries
-        WHERE deleted_at < now() - make_interval(days => %(days)s::integer)
-        ORDER BY deleted_at
-        LIMIT %(limit)s::integer
-        FOR UPDATE SKIP LOCKED
-    ))
-"""
+
+PURGE_DELETED: Final = _purge_deleted("messages")
+PURGE_DELETED_SUMMARIES: Final = _purge_deleted("summaries")
 
 # A chat's settings by its Telegram id: /model, /prompt and /temperature show them (a turn reads
 # them within SELECT_TURN_START). No row: every setting is the default.

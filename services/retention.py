@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import psycopg
@@ -27,21 +27,24 @@ CONNECT_TIMEOUT_S = 10
 CANNOT_CONNECT = "error: cannot connect to the database at DATABASE_URL: is PostgreSQL running? (`make db-up`)"
 
 
+async def _in_batches(pool: Pool, work: Callable[..., Awaitable[int]], *, days: int, batch: int) -> int:
+    """``work`` (a purge of one table) ``batch`` rows per statement until one finds fewer; how many."""
+    total = 0
+    while True:
+        deleted = await database.run(pool, work, days=days, limit=batch)
+        total += deleted
+        if deleted < batch:
+            return total
+
+
 async def purge(pool: Pool, *, days: int | None, batch: int = PURGE_BATCH) -> int:
     """Delete messages and summaries soft-deleted more than ``days`` days ago (None: keep them),
     ``batch`` per statement until a statement finds fewer, the rate-limit counters of past
     windows, the token counts of past days and old update claims; how many messages were deleted."""
     purged = summaries = 0
-    while days is not None:
-        deleted = await database.run(pool, database.purge_deleted_messages, days=days, limit=batch)
-        purged += deleted
-        if deleted < batch:
-            break
-    while days is not None:
-        deleted = await database.run(pool, database.purge_deleted_summaries, days=days, limit=batch)
-        summaries += deleted
-        if deleted < batch:
-            break
+    if days is not None:
+        purged = await _in_batches(pool, database.purge_deleted_messages, days=days, batch=batch)
+        summaries = await _in_batches(pool, database.purge_deleted_summaries, days=days, batch=batch)
     counters = await database.run(pool, database.purge_rate_limits)
     usage = await database.run(pool, database.purge_token_usage)
     claims = await database.run(pool, leases.purge_claims)
