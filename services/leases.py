@@ -291,6 +291,7 @@ class Leases:
         self.ttl_s = ttl_s
         self._held: dict[int, int] = {}  # telegram chat id -> the newest lease version seen
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._conn: Connection | None = None
         self._taking: set[asyncio.Task[None]] = set()
 
@@ -393,12 +394,16 @@ class Leases:
         self._task = asyncio.create_task(self._tend(on_taken), name="chat-leases")
 
     async def stop(self) -> None:
-        """Stop renewing and sweeping (and handing over what a sweep took but has not handed over)."""
-        for task in (self._task, *self._taking):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop renewing and sweeping once the round under way has ended (its statements are
+        not cancelled mid-flight: that would leave the connection to a cancel request), and drop
+        what a sweep took but has not handed over yet (``expire_mine`` lets it go)."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+        for task in list(self._taking):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -407,7 +412,7 @@ class Leases:
         every_s = max(0.2, self.ttl_s / 3)
         loop = asyncio.get_running_loop()
         purged_at = loop.time()
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.tend(on_taken)
                 if loop.time() - purged_at > CLAIM_PURGE_EVERY_S:
@@ -418,14 +423,20 @@ class Leases:
                 if self._conn is not None:
                     await self._conn.close()
                     self._conn = None
-            await asyncio.sleep(every_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), every_s)
 
     async def _connection(self) -> Connection:
         """The tending's own connection: renewal must not wait behind the turns for the pool."""
         if self._conn is None or self._conn.closed:
             assert isinstance(self.pool.conninfo, str)
+            # A round longer than a third of the TTL is failing anyway: it ends, and the next tries again.
+            round_s = max(1, self.ttl_s // 3)
             self._conn = await psycopg.AsyncConnection.connect(
-                self.pool.conninfo, autocommit=True, connect_timeout=max(1, self.ttl_s // 3)
+                self.pool.conninfo,
+                autocommit=True,
+                connect_timeout=round_s,
+                options=f"-c statement_timeout={round_s * 1000}",
             )
         return self._conn
 

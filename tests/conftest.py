@@ -18,8 +18,19 @@ from services import database
 from services.database import Pool
 from services.local_postgres import LocalPostgres, PostgresNotFoundError, throwaway
 from tests.harness import bot_env
+from tests.watchdog import Watchdog
 
 ROOT = Path(__file__).resolve().parent.parent
+WATCHDOG = Watchdog()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    WATCHDOG.entered(item.nodeid)
+    try:
+        return (yield)
+    finally:
+        WATCHDOG.entered(None)
 
 
 def alembic_config(url: str) -> AlembicConfig:
@@ -63,7 +74,9 @@ def cluster(pg_cluster: LocalPostgres | None) -> LocalPostgres:
 
 @pytest.fixture(scope="session")
 def admin_url(pg_cluster: LocalPostgres | None) -> str:
-    return os.environ.get("TEST_DATABASE_URL") or (pg_cluster.url if pg_cluster else "")
+    url = os.environ.get("TEST_DATABASE_URL") or (pg_cluster.url if pg_cluster else "")
+    WATCHDOG.database_url = url
+    return url
 
 
 @pytest.fixture(scope="session")

@@ -42,16 +42,23 @@ async def lease_row(pool: Pool) -> tuple[str | None, int, int]:
         return holder, version, done_through
 
 
+async def lock_waits(pool: Pool) -> int:
+    """How many backends wait for a row lock on chat_leases now."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%%chat_leases%%'"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        count: int = row[0]
+        return count
+
+
 async def wait_for_lock_wait(pool: Pool) -> None:
     """Until some backend waits for a row lock on chat_leases (bounded)."""
     for _ in range(200):
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%%chat_leases%%'"
-            )
-            row = await cur.fetchone()
-            if row is not None and row[0]:
-                return
+        if await lock_waits(pool):
+            return
         await asyncio.sleep(0.05)
     raise AssertionError("the hand-over never waited for the lease row")
 
@@ -186,3 +193,55 @@ async def test_the_last_part_is_recorded_and_the_chat_handed_over_in_one_round_t
             "SELECT sent_message_ids, delivered_at IS NOT NULL FROM messages WHERE id = %s", (answer,)
         )
         assert await cur.fetchone() == ([900], True)
+
+
+async def expires_at(pool: Pool) -> object:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT expires_at FROM chat_leases")
+        row = await cur.fetchone()
+        assert row is not None
+        return row[0]
+
+
+async def test_stop_lets_a_renewal_under_way_commit_instead_of_cancelling_it(pool: Pool) -> None:
+    q1 = await add(pool, "a", 1, ttl_s=6)
+    holder = Leases(pool, holder="a", ttl_s=6)  # a round every 2 s, each statement 2 s at most
+    holder.note(CHAT, held=True, version=q1.lease_version or 0)
+    before = await expires_at(pool)
+    async with pool.connection() as blocker, blocker.transaction():
+        await blocker.execute("SELECT FROM chat_leases FOR UPDATE")  # the renewal waits for this row
+        holder.start(lambda chat_id: asyncio.sleep(0))
+        await wait_for_lock_wait(pool)
+        stopping = asyncio.create_task(holder.stop())
+        await asyncio.sleep(0.2)
+        assert not stopping.done()  # it waits for the round, not cancelling its statement
+    await stopping  # the blocker committed: the renewal went through, then the loop ended
+    assert await expires_at(pool) > before  # type: ignore[operator]
+
+
+async def test_a_round_stuck_behind_a_lock_ends_at_its_statement_timeout_and_the_next_renews(pool: Pool) -> None:
+    q1 = await add(pool, "a", 1, ttl_s=3)
+    holder = Leases(pool, holder="a", ttl_s=3)  # statements end after 1 s
+    holder.note(CHAT, held=True, version=q1.lease_version or 0)
+    holder.start(lambda chat_id: asyncio.sleep(0))
+    try:
+        async with pool.connection() as blocker, blocker.transaction():
+            await blocker.execute("SELECT FROM chat_leases FOR UPDATE")
+            await wait_for_lock_wait(pool)
+            # The stuck renewal is cancelled by the server, not waited for: the lock is released
+            # only once no backend waits for it any more.
+            for _ in range(100):
+                if not await lock_waits(pool):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the renewal kept waiting past its statement timeout")
+            before = await expires_at(pool)
+        for _ in range(100):  # the next round renews
+            if await expires_at(pool) > before:  # type: ignore[operator]
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no later round renewed the lease")
+    finally:
+        await holder.stop()
