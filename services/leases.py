@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -134,7 +135,7 @@ TAKE: Final = """
     RETURNING l.holder = %(holder)s::text AS held, l.version
 """
 
-# Expired leases of chats some process held, oldest expiry first: taken by this process.
+# ChatLease leases of chats some process held, oldest expiry first: taken by this process.
 TAKE_EXPIRED: Final = """
     UPDATE chat_leases l
     SET holder = %(holder)s::text, version = l.version + 1,
@@ -156,6 +157,7 @@ RENEW: Final = """
     FROM chats c
     WHERE c.telegram_chat_id = ANY(%(telegram_chat_ids)s::bigint[]) AND l.chat_id = c.id
       AND l.holder = %(holder)s::text
+    RETURNING c.telegram_chat_id, l.version
 """
 
 # Every lease of this process expires now, so any process's sweeper takes it at once: at
@@ -188,9 +190,16 @@ class Taken:
 
 
 @dataclass(frozen=True, slots=True)
-class Expired:
+class ChatLease:
+    """A chat lease this process holds (``TAKE_EXPIRED``, ``RENEW``), at ``version``."""
+
     telegram_chat_id: int
     version: int
+
+
+class LeaseLost(Exception):
+    """Another process holds the chat now (this one stalled past its lease): the turn stops
+    before storing or sending anything more, and the holder answers the question."""
 
 
 async def claim_update(conn: Connection, *, update_id: int) -> bool:
@@ -242,18 +251,19 @@ async def take(conn: Connection, *, telegram_chat_id: int, holder: str, question
     return await cur.fetchone()
 
 
-async def take_expired(conn: Connection, *, holder: str, ttl_s: int, limit: int = SWEEP_BATCH) -> list[Expired]:
+async def take_expired(conn: Connection, *, holder: str, ttl_s: int, limit: int = SWEEP_BATCH) -> list[ChatLease]:
     """Take up to ``limit`` expired leases; the chats taken."""
-    cur = conn.cursor(row_factory=class_row(Expired))
+    cur = conn.cursor(row_factory=class_row(ChatLease))
     await cur.execute(TAKE_EXPIRED, {"holder": holder, "ttl_s": ttl_s, "limit": limit}, prepare=True)
     return await cur.fetchall()
 
 
-async def renew(conn: Connection, *, telegram_chat_ids: list[int], holder: str, ttl_s: int) -> int:
-    """Push the expiry of this process's leases on ``telegram_chat_ids``; how many it holds."""
+async def renew(conn: Connection, *, telegram_chat_ids: list[int], holder: str, ttl_s: int) -> list[ChatLease]:
+    """Push the expiry of this process's leases on ``telegram_chat_ids``; those it still holds."""
+    cur = conn.cursor(row_factory=class_row(ChatLease))
     params = {"telegram_chat_ids": telegram_chat_ids, "holder": holder, "ttl_s": ttl_s}
-    cur = await conn.execute(RENEW, params, prepare=True)
-    return cur.rowcount
+    await cur.execute(RENEW, params, prepare=True)
+    return await cur.fetchall()
 
 
 async def expire_mine(conn: Connection, *, holder: str) -> int:
@@ -281,15 +291,30 @@ class Handover:
     question: NextQuestion | None
 
 
+@dataclass(slots=True)
+class _Held:
+    version: int  # the newest version seen
+    until: (
+        float  # when (``time.monotonic``) the lease surely ends: the statement setting it was sent then, plus the TTL
+    )
+
+
 class Leases:
     """This process's chat leases: which chats it works on now, the hand-over after a turn,
-    and the background renewal and sweep."""
+    and the background renewal and sweep.
+
+    A process that stalls past its lease (overloaded, paused) may find the chat taken by a
+    sweeper when it wakes. So before it stores or sends an answer, a turn asks ``secure``: the
+    lease must have at least half its TTL to go (by this process's own clock, counted from when
+    the statement that set it was sent, so never later than the database's expiry), or be
+    renewed first; otherwise the turn stops (``LeaseLost``) and the new holder answers.
+    """
 
     def __init__(self, pool: Pool, *, holder: str, ttl_s: int) -> None:
         self.pool = pool
         self.holder = holder
         self.ttl_s = ttl_s
-        self._held: dict[int, int] = {}  # telegram chat id -> the newest lease version seen
+        self._held: dict[int, _Held] = {}  # by telegram chat id
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._conn: Connection | None = None
@@ -303,16 +328,45 @@ class Leases:
     def held(self) -> int:
         return len(self._held)
 
-    def note(self, chat_id: int, *, held: bool, version: int) -> None:
-        """Record what a statement found about the chat's lease. Answers on different
-        connections may be read out of order: an older version never overrides a newer one."""
+    def note(self, chat_id: int, *, held: bool, version: int, sent: float) -> None:
+        """Record what a statement (sent at ``sent``, ``time.monotonic``) found about the chat's
+        lease. Answers on different connections may be read out of order: an older version never
+        overrides a newer one."""
         current = self._held.get(chat_id)
-        if current is not None and current > version:
+        if current is not None and current.version > version:
             return
         if held:
-            self._held[chat_id] = version
+            self._held[chat_id] = _Held(version, sent + self.ttl_s)
         else:
             self._held.pop(chat_id, None)
+
+    async def secure(self, chat_id: int) -> None:
+        """Make sure this process holds the chat's lease for at least half its TTL more,
+        renewing it when less is left. Raises ``LeaseLost`` when another process holds it, and
+        ``StorageUnavailable`` when the database does not answer."""
+        held = self._held.get(chat_id)
+        if held is not None and held.until - time.monotonic() < self.ttl_s / 2:
+            sent = time.monotonic()
+            renewed = await _run(self.pool, renew, telegram_chat_ids=[chat_id], holder=self.holder, ttl_s=self.ttl_s)
+            self._renewed({chat_id: held.version}, renewed, sent)
+        if chat_id not in self._held:
+            raise LeaseLost(chat_id)
+
+    def _renewed(self, asked: dict[int, int], renewed: list[ChatLease], sent: float) -> None:
+        """Record a renewal of the chats ``asked`` (at the versions then seen). A chat let go
+        meanwhile stays let go; one not renewed is another process's now, unless a newer
+        statement said otherwise meanwhile."""
+        for lease in renewed:
+            current = self._held.get(lease.telegram_chat_id)
+            if current is not None:
+                current.version = max(current.version, lease.version)
+                current.until = max(current.until, sent + self.ttl_s)
+        kept = {lease.telegram_chat_id for lease in renewed}
+        for chat_id, version in asked.items():
+            current = self._held.get(chat_id)
+            if chat_id not in kept and current is not None and current.version == version:
+                logger.warning("lease of chat %s expired and was taken by another process", chat_id)
+                del self._held[chat_id]
 
     def forget(self, chat_id: int) -> None:
         """Stop renewing the chat's lease (the database could not be asked): it expires and a
@@ -324,6 +378,7 @@ class Leases:
         Raises ``StorageUnavailable`` when the database does not answer (the lease is then forgotten)."""
         try:
             while True:
+                sent = time.monotonic()
                 found = await _run(
                     self.pool,
                     next_question,
@@ -332,14 +387,14 @@ class Leases:
                     finished=finished,
                     ttl_s=self.ttl_s,
                 )
-                handover = self._settle(chat_id, found)
+                handover = self._settle(chat_id, found, sent)
                 if handover is not None:
                     return handover
         except StorageUnavailable:
             self.forget(chat_id)
             raise
 
-    def _settle(self, chat_id: int, found: NextQuestion) -> Handover | None:
+    def _settle(self, chat_id: int, found: NextQuestion, sent: float) -> Handover | None:
         """What a hand-over's answer means; None: a question was stored after its snapshot (the
         version moved, nothing was written), so the hand-over must look again."""
         if not found.held:
@@ -348,13 +403,14 @@ class Leases:
             return Handover(None)
         if found.version is None:
             return None
-        self.note(chat_id, held=found.question_id is not None, version=found.version)
+        self.note(chat_id, held=found.question_id is not None, version=found.version, sent=sent)
         return Handover(found if found.question_id is not None else None)
 
     async def record_last_part(self, chat_id: int, *, answer_id: int, telegram_message_id: int) -> Handover | None:
         """Record the last part of an answer as delivered and hand the chat over, the two
         statements in one round trip (a pipeline): the hand-over of a turn that ended well costs
         no wait of its own. None when the hand-over must be asked again (``handover``)."""
+        sent = time.monotonic()
         found = await _run(
             self.pool,
             record_last_part,
@@ -364,17 +420,18 @@ class Leases:
             holder=self.holder,
             ttl_s=self.ttl_s,
         )
-        return self._settle(chat_id, found)
+        return self._settle(chat_id, found, sent)
 
     async def take(self, chat_id: int, question_id: int) -> bool:
         """Take the chat's lease for a turn that is not a new question (see ``TAKE``); whether
         this process holds it now. When not, the holder answers ``question_id`` in its turn."""
+        sent = time.monotonic()
         taken = await _run(
             self.pool, take, telegram_chat_id=chat_id, holder=self.holder, question_id=question_id, ttl_s=self.ttl_s
         )
         if taken is None:
             return False
-        self.note(chat_id, held=taken.held, version=taken.version)
+        self.note(chat_id, held=taken.held, version=taken.version, sent=sent)
         return taken.held
 
     async def claim(self, update_id: int) -> bool:
@@ -445,10 +502,14 @@ class Leases:
         taken. Raises ``psycopg.Error`` when the database does not answer."""
         conn = await self._connection()
         if self._held:
-            await renew(conn, telegram_chat_ids=list(self._held), holder=self.holder, ttl_s=self.ttl_s)
+            asked = {chat_id: held.version for chat_id, held in self._held.items()}
+            sent = time.monotonic()
+            renewed = await renew(conn, telegram_chat_ids=list(asked), holder=self.holder, ttl_s=self.ttl_s)
+            self._renewed(asked, renewed, sent)
+        sent = time.monotonic()
         expired = await take_expired(conn, holder=self.holder, ttl_s=self.ttl_s)
         for lease in expired:
-            self.note(lease.telegram_chat_id, held=True, version=lease.version)
+            self.note(lease.telegram_chat_id, held=True, version=lease.version, sent=sent)
         if expired:
             logger.warning("took %d expired chat lease(s)", len(expired))
         for lease in expired:

@@ -35,7 +35,16 @@ R = TypeVar("R")
 
 REGISTRY: Final = CollectorRegistry()
 STAGES: Final = ("database", "llm", "telegram")
-OUTCOMES: Final = ("answered", "llm_failed", "refused", "db_unavailable", "delivery_failed", "skipped", "error")
+OUTCOMES: Final = (
+    "answered",
+    "llm_failed",
+    "refused",
+    "db_unavailable",
+    "delivery_failed",
+    "lease_lost",
+    "skipped",
+    "error",
+)
 # Statements take ~0.2-5 ms, an LLM seconds, a Bot API request tens of ms: one set of buckets spans them.
 STAGE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TURN_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)

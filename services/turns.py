@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, replace
 
@@ -23,7 +24,7 @@ from services.context import ChatMessage, StorageUnavailable, Usage
 from services.database import ChatSettings, DialogContext, FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
 from services.formatting import Part, render, split
-from services.leases import Handover, Leases, NextQuestion
+from services.leases import Handover, LeaseLost, Leases, NextQuestion
 from services.llm import LLM, LLMError
 from services.storage import Answer, Question, Storage
 from services.streaming import LiveReply, Shown
@@ -124,6 +125,7 @@ class Turns:
         A message stored before (a redelivered update, a retried statement) is queued again: its
         turn finds out from the database what, if anything, is still to do.
         """
+        sent = time.monotonic()
         question = await self._storage.add_question(
             user_id=user_id,
             first_name=first_name,
@@ -138,7 +140,7 @@ class Turns:
         )
         logger.info("user %s in chat %s: question %s, %d chars", user_id, address.chat_id, question.id, len(text))
         if question.leased is not None and self._leases is not None:
-            self._leases.note(address.chat_id, held=question.leased, version=question.lease_version or 0)
+            self._leases.note(address.chat_id, held=question.leased, version=question.lease_version or 0, sent=sent)
             if not question.leased:  # another process answers the chat now, this question in its turn
                 logger.info("question %s left to the process holding chat %s", question.id, address.chat_id)
                 return
@@ -344,7 +346,21 @@ class Turns:
             metrics.turn_outcome("delivery_failed")
             logger.warning("answer to question %s waits for recovery: %s", turn.ident, error)
             return False
+        except LeaseLost:
+            metrics.turn_outcome("lease_lost")
+            logger.warning(
+                "turn of question %s stopped: chat %s is another process's now", turn.ident, turn.address.chat_id
+            )
         return True
+
+    async def _secure(self, turn: TurnRequest) -> None:
+        """Before the turn stores or sends anything: raises ``LeaseLost`` when the chat's lease
+        has gone to another process (see ``Leases.secure``). Without leases, for a question kept
+        only in the spool, or during an outage, there is no one to agree with, or no way to."""
+        if self._leases is None or turn.question.id is None or self._storage.degraded:
+            return
+        with contextlib.suppress(StorageUnavailable):  # the store or the send meets the outage its own way
+            await self._leases.secure(turn.address.chat_id)
 
     def _shared(self, chat_id: int) -> bool:
         """Whether the chat's turns read its whole history (a group, with GROUP_CONTEXT=shared)."""
@@ -396,6 +412,7 @@ class Turns:
         text, cut_short, usage = await self._write(turn, context, live, settings)
         self.budget.calibrate(model, estimated=window.used, reported=usage.prompt_tokens)
         shown = await live.finish()
+        await self._secure(turn)
         if cut_short == "cancel":  # cleared meanwhile: nothing from before may stay live
             logger.info("turn of question %s cancelled before its answer", turn.ident)
             return
@@ -503,6 +520,7 @@ class Turns:
         parts = split(render(answer.content))
         for index in range(answer.sent_parts, len(parts)):
             part, last = parts[index], index == len(parts) - 1
+            await self._secure(turn)
             try:
                 if index < len(shown.complete):
                     message_id = shown.complete[index]

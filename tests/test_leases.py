@@ -5,6 +5,7 @@ and its open questions handed over oldest first; an update is claimed once."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import psycopg
 import pytest
@@ -76,7 +77,7 @@ async def test_the_first_to_store_a_question_takes_the_lease_and_others_only_bum
 async def test_handover_gives_the_oldest_open_question_then_releases(pool: Pool) -> None:
     holder = Leases(pool, holder="a", ttl_s=30)
     q1 = await add(pool, "a", 1)
-    holder.note(CHAT, held=True, version=q1.lease_version or 0)
+    holder.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic())
     q2 = await add(pool, "b", 2)  # stored by another process: left to "a"
     handover = await holder.handover(CHAT, finished=q1.id)
     assert handover.question is not None and handover.question.question_id == q2.id
@@ -97,7 +98,7 @@ async def test_a_question_stored_during_the_hand_over_is_never_left_without_a_ho
     again and finds the question."""
     holder = Leases(pool, holder="a", ttl_s=30)
     q1 = await add(pool, "a", 1)
-    holder.note(CHAT, held=True, version=q1.lease_version or 0)
+    holder.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic())
     async with await psycopg.AsyncConnection.connect(database_url) as other, other.transaction():
         q2 = await add(other, "b", 2)
         assert q2.leased is False
@@ -113,7 +114,7 @@ async def test_a_question_stored_during_the_hand_over_is_never_left_without_a_ho
 async def test_a_release_that_commits_first_leaves_the_chat_to_the_next_question(pool: Pool) -> None:
     holder = Leases(pool, holder="a", ttl_s=30)
     q1 = await add(pool, "a", 1)
-    holder.note(CHAT, held=True, version=q1.lease_version or 0)
+    holder.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic())
     assert (await holder.handover(CHAT, finished=q1.id)).question is None
     q2 = await add(pool, "b", 2)
     assert q2.leased  # "b" answers it: the lease was free
@@ -149,7 +150,7 @@ async def test_an_expired_lease_is_swept_and_its_questions_handed_over_oldest_fi
 async def test_a_lease_taken_over_is_lost_by_its_old_holder(pool: Pool) -> None:
     old = Leases(pool, holder="a", ttl_s=30)
     q1 = await add(pool, "a", 1)
-    old.note(CHAT, held=True, version=q1.lease_version or 0)
+    old.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic())
     async with pool.connection() as conn:
         await conn.execute("UPDATE chat_leases SET expires_at = now() - interval '1 second'")
     assert await Leases(pool, holder="b", ttl_s=30).take(CHAT, q1.id or 0)
@@ -162,7 +163,7 @@ async def test_a_lease_taken_over_is_lost_by_its_old_holder(pool: Pool) -> None:
 async def test_take_lowers_the_start_of_the_search_so_the_holder_finds_the_question(pool: Pool, holder: str) -> None:
     q1 = await add(pool, "a", 1)
     a = Leases(pool, holder="a", ttl_s=30)
-    a.note(CHAT, held=True, version=q1.lease_version or 0)
+    a.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic())
     assert (await a.handover(CHAT, finished=q1.id)).question is None  # released past q1
     await add(pool, "a", 2)  # "a" holds the chat again
     # q1 is asked again (a /retry): its answer is set aside, so it is open once more
@@ -182,7 +183,7 @@ async def test_an_update_is_claimed_once(pool: Pool) -> None:
 async def test_the_last_part_is_recorded_and_the_chat_handed_over_in_one_round_trip(pool: Pool) -> None:
     holder = Leases(pool, holder="a", ttl_s=30)
     q1 = await add(pool, "a", 1)
-    holder.note(CHAT, held=True, version=q1.lease_version or 0)
+    holder.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic())
     q2 = await add(pool, "b", 2)
     answer = await database.run(pool, database.add_answer, question_id=q1.id, content="echo")
     assert answer is not None
@@ -206,7 +207,7 @@ async def expires_at(pool: Pool) -> object:
 async def test_stop_lets_a_renewal_under_way_commit_instead_of_cancelling_it(pool: Pool) -> None:
     q1 = await add(pool, "a", 1, ttl_s=6)
     holder = Leases(pool, holder="a", ttl_s=6)  # a round every 2 s, each statement 2 s at most
-    holder.note(CHAT, held=True, version=q1.lease_version or 0)
+    holder.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic())
     before = await expires_at(pool)
     async with pool.connection() as blocker, blocker.transaction():
         await blocker.execute("SELECT FROM chat_leases FOR UPDATE")  # the renewal waits for this row
@@ -222,7 +223,7 @@ async def test_stop_lets_a_renewal_under_way_commit_instead_of_cancelling_it(poo
 async def test_a_round_stuck_behind_a_lock_ends_at_its_statement_timeout_and_the_next_renews(pool: Pool) -> None:
     q1 = await add(pool, "a", 1, ttl_s=3)
     holder = Leases(pool, holder="a", ttl_s=3)  # statements end after 1 s
-    holder.note(CHAT, held=True, version=q1.lease_version or 0)
+    holder.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic())
     holder.start(lambda chat_id: asyncio.sleep(0))
     try:
         async with pool.connection() as blocker, blocker.transaction():
@@ -245,3 +246,25 @@ async def test_a_round_stuck_behind_a_lock_ends_at_its_statement_timeout_and_the
             raise AssertionError("no later round renewed the lease")
     finally:
         await holder.stop()
+
+
+async def test_secure_renews_a_lease_past_half_its_ttl_and_a_renewal_finds_a_lease_taken_over(pool: Pool) -> None:
+    q1 = await add(pool, "a", 1)
+    holder = Leases(pool, holder="a", ttl_s=30)
+    holder.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic() - 20)  # 10 s left
+    before = await expires_at(pool)
+    await holder.secure(CHAT)
+    assert await expires_at(pool) > before  # type: ignore[operator]
+    renewed = await expires_at(pool)
+    await holder.secure(CHAT)  # 30 s left now: nothing asked
+    assert await expires_at(pool) == renewed
+
+    async with pool.connection() as conn:  # "b" swept it, once it had expired
+        await conn.execute("UPDATE chat_leases SET holder = 'b', version = version + 1")
+    try:
+        await holder.tend(lambda chat_id: asyncio.sleep(0))
+    finally:
+        await holder.stop()
+    assert not holder.holds(CHAT)
+    with pytest.raises(leases.LeaseLost):
+        await holder.secure(CHAT)

@@ -3,6 +3,7 @@ secret, sets the webhook once however many instances start, and keeps recovery a
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import signal
 from typing import Any
@@ -151,3 +152,41 @@ def test_webhook_settings_are_read_in_webhook_mode_only() -> None:
     )
     assert (webhook.bot_mode, webhook.webhook_path, webhook.webhook_port) == ("webhook", "/tg/hook", 8080)
     assert "s" * 16 not in repr(webhook)
+
+
+def turns_ended(outcome: str) -> float:
+    return metrics.REGISTRY.get_sample_value("llmbot_turns_total", {"outcome": outcome}) or 0.0
+
+
+async def test_a_process_that_stalled_past_its_chat_lease_neither_stores_nor_sends_the_answer(
+    env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
+) -> None:
+    """The process waits for the LLM while its renewals cannot get through (the lease row is
+    locked); its lease expires and another process takes the chat, as a sweeper would. When the
+    LLM answers, the turn finds the lease gone and stops: the new holder answers the question."""
+    env = webhook_env(env, LEASE_TTL_S="2")
+    lost_before = turns_ended("lease_lost")
+    async with running_webhook_bot(env, telegram):
+        llm.gate.clear()
+        assert await post(webhook_of(env), update(telegram, "held", user_id=1)) == 200
+        await telegram.wait_for(lambda: len(llm.requests) == 1)
+        async with pool.connection() as sweeper, sweeper.transaction():
+            await sweeper.execute("SELECT FROM chat_leases FOR UPDATE")  # no renewal gets through
+            for _ in range(200):
+                cur = await sweeper.execute("SELECT expires_at < clock_timestamp() FROM chat_leases")
+                if (await cur.fetchone()) == (True,):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the lease never expired")
+            await sweeper.execute(
+                "UPDATE chat_leases SET holder = 'other', version = version + 1, expires_at = now() + interval '1 hour'"
+            )
+        llm.gate.set()
+        await telegram.wait_for(lambda: turns_ended("lease_lost") > lost_before)
+    assert telegram.messages_to(1) == []
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT role, content FROM messages ORDER BY id")
+        assert await cur.fetchall() == [("user", "held")]
+        cur = await conn.execute("SELECT holder FROM chat_leases")
+        assert await cur.fetchall() == [("other",)]
