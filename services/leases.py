@@ -135,7 +135,7 @@ TAKE: Final = """
     RETURNING l.holder = %(holder)s::text AS held, l.version
 """
 
-# ChatLease leases of chats some process held, oldest expiry first: taken by this process.
+# Expired leases of chats some process held, oldest expiry first: taken by this process.
 TAKE_EXPIRED: Final = """
     UPDATE chat_leases l
     SET holder = %(holder)s::text, version = l.version + 1,
@@ -294,9 +294,9 @@ class Handover:
 @dataclass(slots=True)
 class _Held:
     version: int  # the newest version seen
-    until: (
-        float  # when (``time.monotonic``) the lease surely ends: the statement setting it was sent then, plus the TTL
-    )
+    # When (``time.monotonic``) the lease surely lasts until: when the statement that set it
+    # was sent, plus the TTL.
+    until: float
 
 
 class Leases:
