@@ -317,12 +317,29 @@ def _conninfo(pool: Pool) -> str:
 
 async def server_answers(pool: Pool) -> bool:
     """Whether the database accepts a new connection now, bypassing the pool."""
+    return await _new_connection_error(pool) is None
+
+
+async def _new_connection_error(pool: Pool) -> str | None:
+    """Why a new connection, bypassing the pool, does not open now (None: it opens)."""
     try:
         conn = await psycopg.AsyncConnection.connect(_conninfo(pool), connect_timeout=max(1, int(pool.timeout)))
-    except psycopg.OperationalError:
-        return False
+    except psycopg.OperationalError as error:
+        return type(error).__name__
     await conn.close()
-    return True
+    return None
+
+
+async def _saturated_pool_probe(pool: Pool) -> bool:
+    """``server_answers`` for a pool that timed out, logged once per probe (not per waiter)."""
+    error = await _new_connection_error(pool)
+    if error is None:
+        logger.warning("every database connection is busy; still waiting (%s)", pool.get_stats())
+        return True
+    logger.warning(
+        "no pooled connection within %gs and a new one fails (%s): database unavailable", pool.timeout, error
+    )
+    return False
 
 
 # One probe per pool at a time, its answer shared for a second: when a saturated pool times out
@@ -335,7 +352,7 @@ async def _server_answers_shared(pool: Pool) -> bool:
     now = asyncio.get_running_loop().time()
     started, probe = _probes.get(pool, (0.0, None))
     if probe is None or (probe.done() and now - started > PROBE_SHARED_S):
-        probe = asyncio.ensure_future(server_answers(pool))
+        probe = asyncio.ensure_future(_saturated_pool_probe(pool))
         _probes[pool] = (now, probe)
     return await asyncio.shield(probe)
 
@@ -356,7 +373,6 @@ async def run(
         except PoolTimeout:
             if not await _server_answers_shared(pool):
                 raise
-            logger.warning("every database connection is busy; still waiting (%s)", pool.get_stats())
 
 
 @asynccontextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -572,20 +573,22 @@ async def test_init_db_fails_fast_when_nothing_listens() -> None:
 
 
 async def test_waiters_that_time_out_together_share_one_probe_of_the_server(
-    pool: Pool, monkeypatch: pytest.MonkeyPatch
+    pool: Pool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     probes = 0
 
-    async def counting_probe(probed: Pool) -> bool:
+    async def counting_probe(probed: Pool) -> str | None:
         nonlocal probes
         probes += 1
         await asyncio.sleep(0.05)
-        return True
+        return None
 
-    monkeypatch.setattr(database, "server_answers", counting_probe)
+    monkeypatch.setattr(database, "_new_connection_error", counting_probe)
     monkeypatch.setattr(database, "_probes", type(database._probes)())
-    answers = await asyncio.gather(*(database._server_answers_shared(pool) for _ in range(50)))
+    with caplog.at_level(logging.WARNING, logger="services.database"):
+        answers = await asyncio.gather(*(database._server_answers_shared(pool) for _ in range(50)))
     assert answers == [True] * 50 and probes == 1
+    assert ["every database connection is busy" in r.message for r in caplog.records] == [True]  # said once
     monkeypatch.setattr(database, "PROBE_SHARED_S", 0.0)
     await asyncio.sleep(0.01)
     assert await database._server_answers_shared(pool) and probes == 2  # a stale answer is asked again
