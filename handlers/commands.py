@@ -64,7 +64,7 @@ async def cmd_clear(message: Message, event_from_user: User, turns: Turns) -> No
 
 async def cmd_cancel(message: Message, event_from_user: User, turns: Turns) -> None:
     # Stopped: what was written so far is delivered as the answer, which is reply enough.
-    if not turns.stop(chat_id=message.chat.id, user_id=event_from_user.id):
+    if not await turns.stop(chat_id=message.chat.id, user_id=event_from_user.id):
         await message.answer("There is no answer being written to stop.")
 
 

@@ -84,7 +84,7 @@ async def on_text(message: Message, event_from_user: User, turns: Turns) -> None
 
 async def on_generation_stopped(event: MessageGenerationStopped, turns: Turns) -> None:
     """The user pressed the draft's stop button: what was written so far becomes the answer."""
-    turns.stop(chat_id=event.chat.id, ident=event.draft_id)
+    await turns.stop(chat_id=event.chat.id, ident=event.draft_id)
 
 
 def create_router() -> Router:

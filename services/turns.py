@@ -20,6 +20,7 @@ from config import Config
 from services import metrics
 from services.budget import ContextBudget, Window
 from services.chat_queue import ChatQueues, Stopped
+from services.chat_signals import ChatSignals, StopSignal
 from services.context import ChatMessage, StorageUnavailable, Usage
 from services.database import ChatSettings, DialogContext, FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
@@ -95,6 +96,9 @@ class Turns:
             self._run, limit=config.max_turns_in_flight, after=self._after if leases is not None else None
         )
         self._recovery: asyncio.Task[None] | None = None
+        self._signals = (
+            ChatSignals(leases.pool, holder=leases.holder, on_stop=self._stop_here) if leases is not None else None
+        )
         self.budget = ContextBudget(
             context_tokens=config.context_tokens,
             max_tokens=config.llm_max_tokens,
@@ -273,6 +277,8 @@ class Turns:
             self._recovery = asyncio.create_task(self._release_after(lock, done))
         if self._leases is not None:
             self._leases.start(lambda chat_id: self._hand_over(chat_id, None))
+        if self._signals is not None:
+            self._signals.start()
         logger.info("recovering %d unfinished turn(s)", len(done))
         return len(done)
 
@@ -290,6 +296,8 @@ class Turns:
         left = await self._queues.drain(timeout_s)
         if left:
             logger.warning("%d chat(s) still had turns after %.0fs; they resume at the next start", left, timeout_s)
+        if self._signals is not None:
+            await self._signals.stop()
         if self._leases is not None:
             await self._leases.stop()
             with contextlib.suppress(StorageUnavailable):
@@ -503,13 +511,26 @@ class Turns:
         async with self._delivery.typing(address):
             await visible.wait()
 
-    def stop(self, *, chat_id: int, user_id: int | None = None, ident: int | None = None) -> bool:
+    async def stop(self, *, chat_id: int, user_id: int | None = None, ident: int | None = None) -> bool:
         """Stop the answer being written in the chat (by ``user_id``, or for question ``ident``):
-        what was written so far becomes the answer. Whether there was one to stop."""
+        what was written so far becomes the answer. Whether there was one to stop: here, or at
+        the process holding the chat (several processes), which is asked to."""
+        signal = StopSignal(chat_id, user_id, ident)
+        if self._stop_here(signal):
+            return True
+        if self._signals is None or self._leases is None or self._leases.holds(chat_id):
+            return False
+        try:
+            return await self._signals.send_stop(chat_id, user_id=user_id, ident=ident)
+        except StorageUnavailable:
+            return False
+
+    def _stop_here(self, signal: StopSignal) -> bool:
         return self._queues.stop(
-            chat_id,
+            signal.chat_id,
             lambda turn: (
-                (user_id is None or turn.question.user_id == user_id) and (ident is None or turn.ident == ident)
+                (signal.user_id is None or turn.question.user_id == signal.user_id)
+                and (signal.ident is None or turn.ident == signal.ident)
             ),
         )
 

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from services import database, leases
+from services import chat_signals, database, leases
 from services.database import Connection, Pool
 from tests.harness import store_question
 
@@ -615,6 +615,11 @@ LEASE = {"telegram_chat_id": CHAT_X, "holder": "a", "ttl_s": 30}
         (leases.RENEW, {"telegram_chat_ids": [CHAT_X], "holder": "a", "ttl_s": 30}, ["chat_leases_pkey"]),
         (leases.EXPIRE_MINE, {"holder": "a"}, []),  # at start-up and shutdown only
         (
+            chat_signals.NOTIFY_HOLDER,
+            {"telegram_chat_id": CHAT_X, "telegram_user_id": USER_A, "ident": None, "holder": "a", "channel": "x"},
+            ["chats_telegram_chat_id_key", "chat_leases_pkey"],
+        ),
+        (
             database.ADD_QUESTION,
             {
                 "telegram_user_id": USER_A,
@@ -633,7 +638,7 @@ LEASE = {"telegram_chat_id": CHAT_X, "holder": "a", "ttl_s": 30}
             ["messages_chat_turn_idx"],  # the first lease of a chat starts past its history
         ),
     ],
-    ids=["next-question", "take", "take-expired", "renew", "expire-mine", "add-question"],
+    ids=["next-question", "take", "take-expired", "renew", "expire-mine", "notify-holder", "add-question"],
 )
 async def test_lease_statements_read_through_indexes(
     pool: Pool, statement: str, params: dict[str, object], indexes: list[str]

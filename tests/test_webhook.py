@@ -190,3 +190,40 @@ async def test_a_process_that_stalled_past_its_chat_lease_neither_stores_nor_sen
         assert await cur.fetchall() == [("user", "held")]
         cur = await conn.execute("SELECT holder FROM chat_leases")
         assert await cur.fetchall() == [("other",)]
+
+
+async def test_a_stop_posted_to_another_process_stops_the_answer_where_it_is_written(
+    env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
+) -> None:
+    """Behind a load balancer the draft's stop button, or /cancel, may reach a process that does
+    not hold the chat: it passes the stop on to the one writing the answer."""
+    long = " ".join(f"word{i}" for i in range(60))
+    llm.reply = lambda messages: long
+    llm.chunk, llm.pace = 5, 0.2
+    writer_env, other_env = webhook_env(env), webhook_env(env)
+
+    def drafts_of(message_id: int) -> list[str]:
+        return [
+            s.params["draft_id"] for s in telegram.calls("sendMessageDraft") if s.params["draft_id"] == str(message_id)
+        ]
+
+    async with running_webhook_bot(writer_env, telegram), running_webhook_bot(other_env, telegram):
+        writer, other = webhook_of(writer_env), webhook_of(other_env)
+        asked = update(telegram, "tell me", user_id=1)
+        assert await post(writer, asked) == 200
+        await telegram.wait_for(lambda: len(drafts_of(asked["message"]["message_id"])) >= 2)
+        button = {"chat": asked["message"]["chat"], "draft_id": drafts_of(asked["message"]["message_id"])[0]}
+        assert await post(other, {"update_id": next(_update_ids), "stopped_message_generation": button}) == 200
+        [first] = await telegram.wait_for_messages(1, 1)
+
+        again = update(telegram, "and again", user_id=1)
+        assert await post(writer, again) == 200
+        await telegram.wait_for(lambda: len(drafts_of(again["message"]["message_id"])) >= 2)
+        assert await post(other, update(telegram, "/cancel", user_id=1)) == 200
+        replies = await telegram.wait_for_messages(1, 2)
+    assert replies[0] == first
+    for partial in replies:  # and no "There is no answer being written to stop." from the other process
+        assert long.startswith(partial) and 0 < len(partial) < len(long)
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT finish_reason FROM messages WHERE role = 'assistant' ORDER BY id")
+        assert await cur.fetchall() == [("stopped",), ("stopped",)]
