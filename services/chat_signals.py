@@ -1,12 +1,13 @@
-"""A stop across processes: the draft's stop button or /cancel, handled by a process that does not
-hold the chat, reaches the process that does, through PostgreSQL's LISTEN/NOTIFY.
+"""Stops across processes: the draft's stop button or /cancel (stop the answer, keep what was
+written), and /clear (cancel the user's turns), handled by a process that does not hold the chat,
+reach the process that does, through PostgreSQL's LISTEN/NOTIFY.
 
-In webhook mode a load balancer hands the stop to any process, while the answer is being written
-by the chat's lease holder (ADR-07). The process that got the stop sends one notification, only
-if another process holds the chat's lease now, naming that process; every process listens on a
-connection of its own and stops the answer when it is the one named. A notification is delivered
-when the statement sending it commits, within milliseconds, and is lost (like the stop itself)
-if the holder dies meanwhile.
+In webhook mode a load balancer hands these to any process, while the answer is being written by
+the chat's lease holder (ADR-07). The process that got one sends one notification, only if
+another process holds the chat's lease now, naming that process; every process listens on a
+connection of its own and acts when it is the one named. A notification is delivered when the
+statement sending it commits, within milliseconds, and is lost (like the answer in progress) if
+the holder dies meanwhile.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 import psycopg
 from psycopg import sql
@@ -29,14 +30,14 @@ from services.database import Connection, Pool
 
 logger = logging.getLogger(__name__)
 
-CHANNEL: Final = "llmbot_stop"
+CHANNEL: Final = "llmbot_chat_signals"
 RECONNECT_S: Final = 1.0
 WAIT_S: Final = 1.0  # how long one wait for notifications lasts: the listener's reaction to ``stop``
 
 # The notification goes out only when another live process holds the chat, and names it.
 NOTIFY_HOLDER: Final = """
     SELECT pg_notify(%(channel)s::text, json_build_object(
-               'to', l.holder, 'chat', %(telegram_chat_id)s::bigint,
+               'to', l.holder, 'kind', %(kind)s::text, 'chat', %(telegram_chat_id)s::bigint,
                'user', %(telegram_user_id)s::bigint, 'ident', %(ident)s::bigint
            )::text) IS NOT NULL
     FROM chats c JOIN chat_leases l ON l.chat_id = c.id
@@ -46,52 +47,52 @@ NOTIFY_HOLDER: Final = """
 
 
 @dataclass(frozen=True, slots=True)
-class StopSignal:
-    """Stop the answer being written in ``chat_id`` (by ``user_id``, or for question ``ident``)."""
+class ChatSignal:
+    """``stop`` the answer being written in ``chat_id`` (by ``user_id``, or for question
+    ``ident``), keeping what was written; or ``cancel`` the turns of ``user_id`` there."""
 
+    kind: Literal["stop", "cancel"]
     chat_id: int
     user_id: int | None
-    ident: int | None
+    ident: int | None = None
 
 
-async def notify_holder(
-    conn: Connection, *, telegram_chat_id: int, telegram_user_id: int | None, ident: int | None, holder: str
-) -> bool:
-    """Send the stop to the process holding the chat, if it is not ``holder``; whether one did."""
+async def notify_holder(conn: Connection, *, signal: ChatSignal, holder: str) -> bool:
+    """Send ``signal`` to the process holding its chat, if that is not ``holder``; whether one did."""
     cur = conn.cursor(row_factory=scalar_row)
-    params = {"telegram_chat_id": telegram_chat_id, "telegram_user_id": telegram_user_id, "ident": ident}
-    await cur.execute(NOTIFY_HOLDER, {**params, "holder": holder, "channel": CHANNEL})
+    params = {
+        "kind": signal.kind,
+        "telegram_chat_id": signal.chat_id,
+        "telegram_user_id": signal.user_id,
+        "ident": signal.ident,
+        "holder": holder,
+        "channel": CHANNEL,
+    }
+    await cur.execute(NOTIFY_HOLDER, params)
     return bool(await cur.fetchone())
 
 
 class ChatSignals:
-    """This process's end of the channel: sends stops to other processes and passes those
-    naming it to ``on_stop``."""
+    """This process's end of the channel: sends signals to other processes and passes those
+    naming it to ``on_signal``."""
 
-    def __init__(self, pool: Pool, *, holder: str, on_stop: Callable[[StopSignal], object]) -> None:
+    def __init__(self, pool: Pool, *, holder: str, on_signal: Callable[[ChatSignal], object]) -> None:
         self.pool = pool
         self.holder = holder
-        self._on_stop = on_stop
+        self._on_signal = on_signal
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def send_stop(self, chat_id: int, *, user_id: int | None = None, ident: int | None = None) -> bool:
-        """Ask the process holding the chat (if another one does) to stop its answer; whether one
-        was asked. Raises ``StorageUnavailable`` when the database does not answer."""
+    async def send(self, signal: ChatSignal) -> bool:
+        """Pass ``signal`` to the process holding its chat (if another one does); whether one was
+        told. Raises ``StorageUnavailable`` when the database does not answer."""
         try:
-            return await database.run(
-                self.pool,
-                notify_holder,
-                telegram_chat_id=chat_id,
-                telegram_user_id=user_id,
-                ident=ident,
-                holder=self.holder,
-            )
+            return await database.run(self.pool, notify_holder, signal=signal, holder=self.holder)
         except psycopg.Error as error:
             raise StorageUnavailable(type(error).__name__) from error
 
     def start(self) -> None:
-        """Listen for stops naming this process, until ``stop``."""
+        """Listen for signals naming this process, until ``stop``."""
         self._task = asyncio.create_task(self._listen(), name="chat-signals")
 
     async def stop(self) -> None:
@@ -110,7 +111,7 @@ class ChatSignals:
                         async for notify in conn.notifies(timeout=WAIT_S):
                             self._received(notify.payload)
             except psycopg.Error as error:
-                logger.warning("not listening for stops from other processes: %s", type(error).__name__)
+                logger.warning("not listening for other processes' signals: %s", type(error).__name__)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), RECONNECT_S)
 
@@ -118,5 +119,5 @@ class ChatSignals:
         signal = json.loads(payload)
         if signal["to"] != self.holder:
             return
-        logger.info("stop for chat %s from another process", signal["chat"])
-        self._on_stop(StopSignal(signal["chat"], signal["user"], signal["ident"]))
+        logger.info("%s for chat %s from another process", signal["kind"], signal["chat"])
+        self._on_signal(ChatSignal(signal["kind"], signal["chat"], signal["user"], signal["ident"]))

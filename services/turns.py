@@ -20,7 +20,7 @@ from config import Config
 from services import metrics
 from services.budget import ContextBudget, Window
 from services.chat_queue import ChatQueues, Stopped
-from services.chat_signals import ChatSignals, StopSignal
+from services.chat_signals import ChatSignal, ChatSignals
 from services.context import ChatMessage, StorageUnavailable, Usage
 from services.database import ChatSettings, DialogContext, FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
@@ -97,8 +97,9 @@ class Turns:
         )
         self._recovery: asyncio.Task[None] | None = None
         self._signals = (
-            ChatSignals(leases.pool, holder=leases.holder, on_stop=self._stop_here) if leases is not None else None
+            ChatSignals(leases.pool, holder=leases.holder, on_signal=self._signalled) if leases is not None else None
         )
+        self._cancelling: set[asyncio.Task[None]] = set()
         self.budget = ContextBudget(
             context_tokens=config.context_tokens,
             max_tokens=config.llm_max_tokens,
@@ -187,7 +188,9 @@ class Turns:
         delivering, waited for), so no answer from before arrives after the clear.
         """
         await self._queues.cancel(chat_id, lambda turn: turn.question.user_id == user_id)
-        return await self._storage.clear(user_id=user_id, chat_id=chat_id)
+        cleared = await self._storage.clear(user_id=user_id, chat_id=chat_id)
+        await self._to_holder(ChatSignal("cancel", chat_id, user_id))  # its answer to what was cleared stops
+        return cleared
 
     async def retry(self, *, user_id: int, chat_id: int) -> bool:
         """Ask the user's last question in the chat again (inside the intake): its answer is set
@@ -515,17 +518,10 @@ class Turns:
         """Stop the answer being written in the chat (by ``user_id``, or for question ``ident``):
         what was written so far becomes the answer. Whether there was one to stop: here, or at
         the process holding the chat (several processes), which is asked to."""
-        signal = StopSignal(chat_id, user_id, ident)
-        if self._stop_here(signal):
-            return True
-        if self._signals is None or self._leases is None or self._leases.holds(chat_id):
-            return False
-        try:
-            return await self._signals.send_stop(chat_id, user_id=user_id, ident=ident)
-        except StorageUnavailable:
-            return False
+        signal = ChatSignal("stop", chat_id, user_id, ident)
+        return self._stop_here(signal) or await self._to_holder(signal)
 
-    def _stop_here(self, signal: StopSignal) -> bool:
+    def _stop_here(self, signal: ChatSignal) -> bool:
         return self._queues.stop(
             signal.chat_id,
             lambda turn: (
@@ -533,6 +529,32 @@ class Turns:
                 and (signal.ident is None or turn.ident == signal.ident)
             ),
         )
+
+    async def _to_holder(self, signal: ChatSignal) -> bool:
+        """Pass ``signal`` to the process holding its chat, when that is another one (several
+        processes); whether one was told."""
+        if (
+            self._signals is None
+            or self._leases is None
+            or self._leases.holds(signal.chat_id)
+            or self._storage.degraded
+        ):
+            return False
+        try:
+            return await self._signals.send(signal)
+        except StorageUnavailable:
+            return False
+
+    def _signalled(self, signal: ChatSignal) -> None:
+        """Act on a signal another process passed on: a stop, or a /clear's cancel of the user's turns."""
+        if signal.kind == "stop":
+            self._stop_here(signal)
+            return
+        task = asyncio.create_task(
+            self._queues.cancel(signal.chat_id, lambda turn: turn.question.user_id == signal.user_id)
+        )
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
 
     async def _deliver(self, turn: TurnRequest, answer: Answer, shown: Shown) -> bool:
         """Make every part of the stored answer final on Telegram, part by part, recording each:

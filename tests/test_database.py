@@ -616,7 +616,14 @@ LEASE = {"telegram_chat_id": CHAT_X, "holder": "a", "ttl_s": 30}
         (leases.EXPIRE_MINE, {"holder": "a"}, []),  # at start-up and shutdown only
         (
             chat_signals.NOTIFY_HOLDER,
-            {"telegram_chat_id": CHAT_X, "telegram_user_id": USER_A, "ident": None, "holder": "a", "channel": "x"},
+            {
+                "kind": "stop",
+                "telegram_chat_id": CHAT_X,
+                "telegram_user_id": USER_A,
+                "ident": None,
+                "holder": "a",
+                "channel": "x",
+            },
             ["chats_telegram_chat_id_key", "chat_leases_pkey"],
         ),
         (

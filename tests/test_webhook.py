@@ -227,3 +227,23 @@ async def test_a_stop_posted_to_another_process_stops_the_answer_where_it_is_wri
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT finish_reason FROM messages WHERE role = 'assistant' ORDER BY id")
         assert await cur.fetchall() == [("stopped",), ("stopped",)]
+
+
+async def test_a_clear_posted_to_another_process_cancels_the_answer_being_written(
+    env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
+) -> None:
+    long = " ".join(f"word{i}" for i in range(60))
+    llm.reply = lambda messages: long if messages[-1]["content"] == "tell me" else "short"
+    llm.chunk, llm.pace = 5, 0.2
+    writer_env, other_env = webhook_env(env), webhook_env(env)
+    async with running_webhook_bot(writer_env, telegram), running_webhook_bot(other_env, telegram):
+        writer, other = webhook_of(writer_env), webhook_of(other_env)
+        assert await post(writer, update(telegram, "tell me", user_id=1)) == 200
+        await telegram.wait_for(lambda: len(telegram.calls("sendMessageDraft")) >= 2)
+        assert await post(other, update(telegram, "/clear", user_id=1)) == 200
+        assert await telegram.wait_for_messages(1, 1) == ["Done: I forgot 1 message(s). Let's start over."]
+        assert await post(other, update(telegram, "next", user_id=1)) == 200  # the marker
+        replies = await telegram.wait_for_messages(1, 2)
+    assert replies == ["Done: I forgot 1 message(s). Let's start over.", "short"]
+    assert len(llm.stream_ended_at) == 1  # only "next" was read to its end: the long one was closed
+    assert [m["content"] for m in llm.conversations[-1][1:]] == ["next"]
