@@ -157,13 +157,14 @@ class ChatQueues(Generic[T]):
             self._stop(chat, "cancel")
             await asyncio.wait({running.done})
 
-    def stop(self, chat_id: int, matches: Callable[[T], bool]) -> bool:
+    def stop(self, chat_id: int, matches: Callable[[T], bool], *, reason: str = "stop") -> bool:
         """Stop what the chat's running item awaits through ``stoppable``, if it ``matches``;
-        whether there was something to stop. The item goes on with what it has."""
+        whether there was something to stop. The item goes on with what it has, told ``reason``
+        (``Stopped``); queued items are left alone."""
         chat = self._chats.get(chat_id)
         if chat is None or chat.running is None or not matches(chat.running.item) or chat.stoppable is None:
             return False
-        self._stop(chat, "stop")
+        self._stop(chat, reason)
         return True
 
     @staticmethod

@@ -99,7 +99,6 @@ class Turns:
         self._signals = (
             ChatSignals(leases.pool, holder=leases.holder, on_signal=self._signalled) if leases is not None else None
         )
-        self._cancelling: set[asyncio.Task[None]] = set()
         self.budget = ContextBudget(
             context_tokens=config.context_tokens,
             max_tokens=config.llm_max_tokens,
@@ -546,15 +545,15 @@ class Turns:
             return False
 
     def _signalled(self, signal: ChatSignal) -> None:
-        """Act on a signal another process passed on: a stop, or a /clear's cancel of the user's turns."""
+        """Act on a signal another process passed on: a stop, or a /clear's cancel of the user's
+        running turn. Not of the user's queued turns: they may be questions sent after the clear
+        (the notification can come after them), and those before it find nothing left to do. A
+        question asked after the clear whose turn was cancelled all the same is still open, and
+        the chat's hand-over gives it back to this process."""
         if signal.kind == "stop":
             self._stop_here(signal)
-            return
-        task = asyncio.create_task(
-            self._queues.cancel(signal.chat_id, lambda turn: turn.question.user_id == signal.user_id)
-        )
-        self._cancelling.add(task)
-        task.add_done_callback(self._cancelling.discard)
+        else:
+            self._queues.stop(signal.chat_id, lambda turn: turn.question.user_id == signal.user_id, reason="cancel")
 
     async def _deliver(self, turn: TurnRequest, answer: Answer, shown: Shown) -> bool:
         """Make every part of the stored answer final on Telegram, part by part, recording each:
