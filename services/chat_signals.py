@@ -1,5 +1,5 @@
 """Stops across processes: the draft's stop button or /cancel (stop the answer, keep what was
-written), and /clear (cancel the user's turns), handled by a process that does not hold the chat,
+written), and /clear (cancel the user's running turn), handled by a process that does not hold the chat,
 reach the process that does, through PostgreSQL's LISTEN/NOTIFY.
 
 In webhook mode a load balancer hands these to any process, while the answer is being written by
@@ -49,7 +49,7 @@ NOTIFY_HOLDER: Final = """
 @dataclass(frozen=True, slots=True)
 class ChatSignal:
     """``stop`` the answer being written in ``chat_id`` (by ``user_id``, or for question
-    ``ident``), keeping what was written; or ``cancel`` the turns of ``user_id`` there."""
+    ``ident``), keeping what was written; or ``cancel`` the running turn of ``user_id`` there."""
 
     kind: Literal["stop", "cancel"]
     chat_id: int
@@ -109,7 +109,10 @@ class ChatSignals:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                     while not self._stopping.is_set():
                         async for notify in conn.notifies(timeout=WAIT_S):
-                            self._received(notify.payload)
+                            try:
+                                self._received(notify.payload)
+                            except Exception:  # one signal that cannot be acted on must not stop the listening
+                                logger.exception("signal on %s not acted on", CHANNEL)
             except psycopg.Error as error:
                 logger.warning("not listening for other processes' signals: %s", type(error).__name__)
                 with contextlib.suppress(TimeoutError):

@@ -184,7 +184,8 @@ class Turns:
         """Forget the user's history in the chat (inside the intake); how many messages were cleared.
 
         The user's queued turns are dropped and a running one is stopped (or, when it is already
-        delivering, waited for), so no answer from before arrives after the clear.
+        delivering, waited for), so no answer from before arrives after the clear. When another
+        process holds the chat, it is told to stop the user's running turn as well.
         """
         await self._queues.cancel(chat_id, lambda turn: turn.question.user_id == user_id)
         cleared = await self._storage.clear(user_id=user_id, chat_id=chat_id)

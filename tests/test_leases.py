@@ -10,7 +10,8 @@ import time
 import psycopg
 import pytest
 
-from services import database, leases
+from services import chat_signals, database, leases
+from services.chat_signals import ChatSignal, ChatSignals
 from services.database import AddedQuestion, Connection, Pool
 from services.leases import Leases
 
@@ -268,3 +269,32 @@ async def test_secure_renews_a_lease_past_half_its_ttl_and_a_renewal_finds_a_lea
     assert not holder.holds(CHAT)
     with pytest.raises(leases.LeaseLost):
         await holder.secure(CHAT)
+
+
+async def test_the_signal_listener_acts_on_signals_naming_it_and_outlives_a_broken_one(pool: Pool) -> None:
+    await add(pool, "b", 1)  # "b" holds the chat
+    received: list[ChatSignal] = []
+    listener = ChatSignals(pool, holder="b", on_signal=received.append)
+    sender = ChatSignals(pool, holder="a", on_signal=received.append)
+    listener.start()
+
+    async def until_received(kind: str, send: ChatSignal | None = None) -> None:
+        for _ in range(200):
+            if any(signal.kind == kind for signal in received):
+                return
+            if send is not None:
+                assert await sender.send(send)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the listener got {received}")
+
+    try:
+        # Sent until it listens: a notification sent before that is not kept for it.
+        await until_received("stop", send=ChatSignal("stop", CHAT, CHAT, 7))
+        async with pool.connection() as conn:  # a payload it cannot read, then one it can
+            await conn.execute("SELECT pg_notify(%s, 'not json')", (chat_signals.CHANNEL,))
+        assert await sender.send(ChatSignal("cancel", CHAT, CHAT))
+        await until_received("cancel")
+        assert not await listener.send(ChatSignal("stop", CHAT, CHAT))  # it holds the chat: no one to tell
+    finally:
+        await listener.stop()
+    assert received[0] == ChatSignal("stop", CHAT, CHAT, 7) and received[-1] == ChatSignal("cancel", CHAT, CHAT)
