@@ -25,6 +25,7 @@ from tests.harness import (
 )
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+LONG = " ".join(f"word{i}" for i in range(60))  # streamed over seconds at the stand-in's pace below
 _update_ids = itertools.count(1)
 
 
@@ -197,8 +198,7 @@ async def test_a_stop_posted_to_another_process_stops_the_answer_where_it_is_wri
 ) -> None:
     """Behind a load balancer the draft's stop button, or /cancel, may reach a process that does
     not hold the chat: it passes the stop on to the one writing the answer."""
-    long = " ".join(f"word{i}" for i in range(60))
-    llm.reply = lambda messages: long
+    llm.reply = lambda messages: LONG
     llm.chunk, llm.pace = 5, 0.2
     writer_env, other_env = webhook_env(env), webhook_env(env)
 
@@ -223,7 +223,7 @@ async def test_a_stop_posted_to_another_process_stops_the_answer_where_it_is_wri
         replies = await telegram.wait_for_messages(1, 2)
     assert replies[0] == first
     for partial in replies:  # and no "There is no answer being written to stop." from the other process
-        assert long.startswith(partial) and 0 < len(partial) < len(long)
+        assert LONG.startswith(partial) and 0 < len(partial) < len(LONG)
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT finish_reason FROM messages WHERE role = 'assistant' ORDER BY id")
         assert await cur.fetchall() == [("stopped",), ("stopped",)]
@@ -232,8 +232,7 @@ async def test_a_stop_posted_to_another_process_stops_the_answer_where_it_is_wri
 async def test_a_clear_posted_to_another_process_cancels_the_answer_being_written(
     env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:
-    long = " ".join(f"word{i}" for i in range(60))
-    llm.reply = lambda messages: long if messages[-1]["content"] == "tell me" else "short"
+    llm.reply = lambda messages: LONG if messages[-1]["content"] == "tell me" else "short"
     llm.chunk, llm.pace = 5, 0.2
     writer_env, other_env = webhook_env(env), webhook_env(env)
     async with running_webhook_bot(writer_env, telegram), running_webhook_bot(other_env, telegram):
