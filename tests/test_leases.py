@@ -206,8 +206,8 @@ async def expires_at(pool: Pool) -> object:
 
 
 async def test_stop_lets_a_renewal_under_way_commit_instead_of_cancelling_it(pool: Pool) -> None:
-    q1 = await add(pool, "a", 1, ttl_s=6)
-    holder = Leases(pool, holder="a", ttl_s=6)  # a round every 2 s, each statement 2 s at most
+    q1 = await add(pool, "a", 1, ttl_s=15)
+    holder = Leases(pool, holder="a", ttl_s=15)  # a round every 5 s, each statement 5 s at most
     holder.note(CHAT, held=True, version=q1.lease_version or 0, sent=time.monotonic())
     before = await expires_at(pool)
     async with pool.connection() as blocker, blocker.transaction():
