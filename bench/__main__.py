@@ -299,6 +299,7 @@ def pgbench_script() -> str:
             "\\set token_budget 0",
             pgbench_sql(
                 database.ADD_QUESTION.replace("%(telegram_thread_id)s", "NULL")
+                .replace("%(quoted)s", "NULL")
                 .replace("%(created_at)s", "NULL")
                 .replace("%(content)s", "'q'")
             ),

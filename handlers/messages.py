@@ -51,8 +51,8 @@ def address_of(message: Message) -> Address:
 
 
 def quoted_in(message: Message) -> str | None:
-    """The text the user replies to (the part they quoted, else the whole message), for the
-    context of this turn only."""
+    """The text the user replies to (the part they quoted, else the whole message): stored with
+    the question, its turn's context shows it before the question."""
     if message.quote is not None:
         return storable(message.quote.text)[:QUOTE_CHARS]
     replied = replied_to(message)

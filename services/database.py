@@ -145,6 +145,7 @@ class TurnStart:
     dialog: DialogContext
     answer: StoredAnswer | None
     settings: ChatSettings = DEFAULT_SETTINGS
+    quoted: str | None = None  # the text the question replies to
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +242,7 @@ class _ReadHead(NamedTuple):
     summary_covered: int | None
     summary: str | None
     summary_tokens: int | None
+    quoted: str | None  # the text the question replies to (a turn's read)
 
     def summary_read(self) -> Summary | None:
         if self.summary is None or self.summary_through is None or self.summary_covered is None:
@@ -494,10 +496,10 @@ ADD_QUESTION: Final = (
         RETURNING l.holder = %(holder)s::text AS leased, l.version
     )
     INSERT INTO messages AS m
-        (user_id, chat_id, role, content, tokens, telegram_message_id, telegram_thread_id, created_at, deleted_at,
-         deleted_reason)
+        (user_id, chat_id, role, content, tokens, quoted, telegram_message_id, telegram_thread_id, created_at,
+         deleted_at, deleted_reason)
     SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row), 'user', %(content)s::text, %(tokens)s::integer,
-           %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
+           %(quoted)s::text, %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
            coalesce(%(created_at)s::timestamptz, now()),
            CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer OR EXISTS (SELECT FROM over_budget)
                 THEN now() END,
@@ -570,7 +572,7 @@ def _context_read(question: str, *, shared: bool) -> str:
            coalesce(cardinality(r.sent_message_ids), 0) AS sent_parts,
            cs.model, cs.system_prompt, cs.temperature::numeric::float8 AS temperature,
            sm.through_id AS summary_through, sm.covered AS summary_covered, sm.content AS summary,
-           sm.tokens AS summary_tokens
+           sm.tokens AS summary_tokens, CASE WHEN r.n = 1 THEN (SELECT quoted FROM q) END AS quoted
     FROM r
     LEFT JOIN LATERAL (
         SELECT model, system_prompt, temperature FROM chat_settings
@@ -587,7 +589,7 @@ def _context_read(question: str, *, shared: bool) -> str:
 # fully delivered (then it comes first). Nothing comes back for a question that is cleared or
 # failed.
 _TURN_QUESTION: Final = """
-        SELECT id, user_id, chat_id FROM messages
+        SELECT id, user_id, chat_id, quoted FROM messages
         WHERE id = %(question_id)s::bigint AND role = 'user' AND deleted_at IS NULL AND failed_at IS NULL"""
 SELECT_TURN_START: Final = _context_read(_TURN_QUESTION, shared=False)
 SELECT_TURN_START_SHARED: Final = _context_read(_TURN_QUESTION, shared=True)
@@ -596,7 +598,8 @@ SELECT_TURN_START_SHARED: Final = _context_read(_TURN_QUESTION, shared=True)
 _NEXT_QUESTION: Final = """
         SELECT 9223372036854775807::bigint AS id,
                (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint) AS user_id,
-               (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint) AS chat_id"""
+               (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint) AS chat_id,
+               NULL::text AS quoted"""
 SELECT_NEXT_CONTEXT: Final = _context_read(_NEXT_QUESTION, shared=False)
 SELECT_NEXT_CONTEXT_SHARED: Final = _context_read(_NEXT_QUESTION, shared=True)
 
@@ -1089,6 +1092,7 @@ async def add_question(
     content: str,
     telegram_message_id: int | None = None,
     telegram_thread_id: int | None = None,
+    quoted: str | None = None,
     rate_limit: int = 0,
     token_budget: int = 0,
     created_at: datetime | None = None,
@@ -1099,7 +1103,8 @@ async def add_question(
 
     With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
     minute's hits exceed the limit; with ``token_budget`` > 0, also when the user's tokens
-    today (UTC) have reached it. ``created_at`` defaults to now. With ``holder``, the chat's
+    today (UTC) have reached it. ``quoted``: the text it replies to. ``created_at`` defaults to
+    now. With ``holder``, the chat's
     lease is taken for it when free or held by it already, and bumped in any case
     (``services/leases.py``); a question set aside neither takes nor bumps it.
     """
@@ -1112,6 +1117,7 @@ async def add_question(
             "telegram_chat_id": telegram_chat_id,
             "content": content,
             "tokens": estimate_tokens(content),
+            "quoted": quoted,
             "telegram_message_id": telegram_message_id,
             "telegram_thread_id": telegram_thread_id,
             "rate_limit": rate_limit,
@@ -1149,7 +1155,10 @@ async def fetch_turn_start(
             return None
         answer = StoredAnswer(id=rows[0][0], content=rows[0][2], sent_parts=head.sent_parts)
     return TurnStart(
-        dialog=_dialog_context(rows, history_limit, answered=answer is not None), answer=answer, settings=settings
+        dialog=_dialog_context(rows, history_limit, answered=answer is not None),
+        answer=answer,
+        settings=settings,
+        quoted=head.quoted,
     )
 
 

@@ -38,6 +38,7 @@ class Spooled:
     first_name: str | None = None
     thread_id: int | None = None
     text: str = ""
+    quoted: str | None = None  # a question's: the text it replies to
     sent_message_id: int = 0
     last: bool = False
     answer: bool = False
@@ -118,6 +119,7 @@ async def write_back(conn: Connection, item: Spooled) -> None:
             content=item.text,
             telegram_message_id=item.message_id,
             telegram_thread_id=item.thread_id,
+            quoted=item.quoted,
             created_at=item.at,
         )
     elif item.kind == "answer":

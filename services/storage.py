@@ -110,6 +110,7 @@ class TurnStart:
     history_missing: bool = False
     settings: ChatSettings = DEFAULT_SETTINGS
     from_database: bool = True  # False: read from memory while degraded (no summary there)
+    quoted: str | None = None  # the text the question replies to, as stored with it
 
 
 @dataclass
@@ -214,6 +215,7 @@ class Storage:
         thread_id: int | None,
         text: str,
         rate_limit: int,
+        quoted: str | None = None,
         token_budget: int = 0,
         holder: str | None = None,
         lease_ttl_s: int = 0,
@@ -231,6 +233,7 @@ class Storage:
                 telegram_message_id=message_id,
                 telegram_thread_id=thread_id,
                 text=text,
+                quoted=quoted,
                 rate_limit_per_minute=rate_limit,
                 daily_token_budget=token_budget,
                 holder=holder,
@@ -248,7 +251,7 @@ class Storage:
             return question  # a redelivered update: its turn finds what is left to do
         if dialog not in self._history and self._pool is not None:
             self._history_missing.add(dialog)
-        self._keep(Spooled("question", chat_id, user_id, spool.now(), message_id, first_name, thread_id, text))
+        self._keep(Spooled("question", chat_id, user_id, spool.now(), message_id, first_name, thread_id, text, quoted))
         self._history.append(dialog, Remembered("user", text, message_id))
         return question
 
@@ -268,7 +271,7 @@ class Storage:
                 return None
             if start is not UNAVAILABLE:
                 self._remember(question, start.dialog)
-                return TurnStart(start.dialog, _answer(start), settings=start.settings)
+                return TurnStart(start.dialog, _answer(start), settings=start.settings, quoted=start.quoted)
         state = self._spooled_turn(question)
         if state.settled or question.message_id is None:
             return None

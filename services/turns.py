@@ -48,7 +48,7 @@ class TurnRequest:
     question: Question
     address: Address
     replaces: int | None = None
-    quoted: str | None = None  # the text the question replies to, for this turn's context only
+    quoted: str | None = None  # the text the question replies to, from its update (stored with it too)
 
     @classmethod
     def late(cls, question: Question) -> TurnRequest:
@@ -137,6 +137,7 @@ class Turns:
             message_id=telegram_message_id,
             thread_id=address.thread_id,
             text=text,
+            quoted=quoted,
             rate_limit=self._config.rate_limit_per_minute,
             token_budget=self._config.daily_token_budget_per_user,
             holder=self._leases.holder if self._leases is not None else None,
@@ -418,8 +419,11 @@ class Turns:
         )
         settings = self._chosen(start.settings)
         model = settings.model or self._config.llm_model
-        window = await self._window(start.dialog, settings, turn.quoted)
-        context = with_quote(window.messages, turn.quoted)
+        # Stored with the question: a turn that did not start from its update (handed over from
+        # another process, recovered, retried, edited) quotes what the update did.
+        quoted = turn.quoted or start.quoted
+        window = await self._window(start.dialog, settings, quoted)
+        context = with_quote(window.messages, quoted)
         text, cut_short, usage = await self._write(turn, context, live, settings)
         self.budget.calibrate(model, estimated=window.used, reported=usage.prompt_tokens)
         shown = await live.finish()

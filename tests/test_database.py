@@ -424,7 +424,7 @@ async def test_purge_of_token_usage_keeps_the_last_three_utc_days(pool: Pool) ->
         (
             database.ADD_QUESTION,
             {"telegram_user_id": 5001, "first_name": None, "telegram_chat_id": 5001, "content": "q", "tokens": 5,
-             "telegram_message_id": 1, "telegram_thread_id": None, "rate_limit": 0, "token_budget": 100,
+             "quoted": None, "telegram_message_id": 1, "telegram_thread_id": None, "rate_limit": 0, "token_budget": 100,
              "created_at": None, "holder": None, "lease_ttl_s": 0},
             "Index Scan using token_usage_pkey on token_usage",
         ),
@@ -464,7 +464,7 @@ async def test_token_usage_is_read_and_written_by_its_primary_key(
 
 
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "010"
+    assert await database.run(pool, database.fetch_schema_version) == "011"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
@@ -634,6 +634,7 @@ LEASE = {"telegram_chat_id": CHAT_X, "holder": "a", "ttl_s": 30}
                 "telegram_chat_id": CHAT_X,
                 "content": "x",
                 "tokens": 5,
+                "quoted": None,
                 "telegram_message_id": 2,
                 "telegram_thread_id": None,
                 "rate_limit": 0,

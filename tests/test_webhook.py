@@ -246,3 +246,26 @@ async def test_a_clear_posted_to_another_process_cancels_the_answer_being_writte
     assert replies == ["Done: I forgot 1 message(s). Let's start over.", "short"]
     assert len(llm.stream_ended_at) == 1  # only "next" was read to its end: the long one was closed
     assert [m["content"] for m in llm.conversations[-1][1:]] == ["next"]
+
+
+async def test_a_question_answered_by_another_process_keeps_the_text_it_replies_to(
+    env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
+) -> None:
+    """The reply's quoted text comes only with the update, at the process that stored the
+    question; the process holding the chat answers it from what was stored."""
+    writer_env, other_env = webhook_env(env), webhook_env(env)
+    async with running_webhook_bot(writer_env, telegram), running_webhook_bot(other_env, telegram):
+        llm.gate.clear()
+        assert await post(webhook_of(writer_env), update(telegram, "first", user_id=1)) == 200
+        await telegram.wait_for(lambda: len(llm.requests) == 1)
+        reply = update(telegram, "what about this?", user_id=1)
+        reply["message"]["reply_to_message"] = telegram.message("the line it replies to", user_id=1, message_id=3)
+        assert await post(webhook_of(other_env), reply) == 200  # stored there, left to the writer
+        llm.gate.set()
+        await telegram.wait_for_messages(1, 2)
+    quoting = "[Replying to: the line it replies to]\n\nwhat about this?"
+    assert llm.conversations[-1][-1]["content"] == quoting
+    assert telegram.messages_to(1) == ["echo: first", f"echo: {quoting}"]
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT quoted FROM messages WHERE role = 'user' ORDER BY id")
+        assert await cur.fetchall() == [(None,), ("the line it replies to",)]
