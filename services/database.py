@@ -519,8 +519,9 @@ ADD_QUESTION: Final = (
 # newest is always kept), so a long dialog costs the wire only what the LLM can take;
 # ``read`` counts what the index scan found (HISTORY_LIMIT + 2 at most: more than that means
 # older history lies beyond the limit). A row from before revision 009 has no estimate and
-# counts one token per character. The summary and the chat's settings ride on one row only
-# (LIMIT 1 keeps the planner from flattening the lateral subqueries into sorting joins).
+# counts one token per character. The summary, the chat's settings and the text the question
+# replies to ride on one row only (LIMIT 1 keeps the planner from flattening the lateral
+# subqueries into sorting joins).
 #
 # Two shapes, spliced from constant fragments: a dialog is one user's turns in the chat
 # (messages_turn_idx), or, for a group with GROUP_CONTEXT=shared, every user's turns in it
@@ -1104,9 +1105,8 @@ async def add_question(
     With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
     minute's hits exceed the limit; with ``token_budget`` > 0, also when the user's tokens
     today (UTC) have reached it. ``quoted``: the text it replies to. ``created_at`` defaults to
-    now. With ``holder``, the chat's
-    lease is taken for it when free or held by it already, and bumped in any case
-    (``services/leases.py``); a question set aside neither takes nor bumps it.
+    now. With ``holder``, the chat's lease is taken for it when free or held by it already, and
+    bumped in any case (``services/leases.py``); a question set aside neither takes nor bumps it.
     """
     cur = conn.cursor(row_factory=class_row(AddedQuestion))
     await cur.execute(
