@@ -24,8 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import scalar_row
 
-from services import database
-from services.context import StorageUnavailable
+from services.context import call
 from services.database import Connection, Pool
 
 logger = logging.getLogger(__name__)
@@ -86,10 +85,7 @@ class ChatSignals:
     async def send(self, signal: ChatSignal) -> bool:
         """Pass ``signal`` to the process holding its chat (if another one does); whether one was
         told. Raises ``StorageUnavailable`` when the database does not answer."""
-        try:
-            return await database.run(self.pool, notify_holder, signal=signal, holder=self.holder)
-        except psycopg.Error as error:
-            raise StorageUnavailable(type(error).__name__) from error
+        return await call(self.pool, notify_holder, signal=signal, holder=self.holder)
 
     def start(self) -> None:
         """Listen for signals naming this process, until ``stop``."""

@@ -72,9 +72,11 @@ class OverBudget(RateLimited):
     over a rate limit, until the day ends."""
 
 
-async def _call(
+async def call(
     pool: Pool, query: Callable[Concatenate[Connection, P], Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
 ) -> T:
+    """``query(conn, ...)`` on a pooled connection (``database.run``); any database failure is
+    logged by its class and raised as ``StorageUnavailable``."""
     try:
         return await database.run(pool, query, *args, **kwargs)
     except psycopg.Error as error:
@@ -85,7 +87,7 @@ async def _call(
 
 async def register(pool: Pool, *, telegram_user_id: int, first_name: str | None, telegram_chat_id: int) -> None:
     """Register the user and the chat on first contact, keeping ``first_name`` current."""
-    await _call(
+    await call(
         pool,
         database.upsert_user_and_chat,
         telegram_user_id=telegram_user_id,
@@ -117,7 +119,7 @@ async def add_question(
     the message is then stored set aside, so it neither enters the history nor awaits an
     answer. A message stored before raises nothing: it was told once.
     """
-    added = await _call(
+    added = await call(
         pool,
         database.add_question,
         telegram_user_id=telegram_user_id,
@@ -144,7 +146,7 @@ async def start_turn(
 ) -> TurnStart | None:
     """The context of a question's turn (``database.fetch_turn_start``), its stored answer and
     the chat's settings; None when nothing is left to do."""
-    return await _call(
+    return await call(
         pool,
         database.fetch_turn_start,
         question_id=question_id,
@@ -158,7 +160,7 @@ async def next_context(
     pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, history_limit: int, budget: int, shared: bool
 ) -> DialogContext:
     """What the dialog's next turn would read."""
-    return await _call(
+    return await call(
         pool,
         database.fetch_next_context,
         telegram_user_id=telegram_user_id,
@@ -174,7 +176,7 @@ async def summary_source(
 ) -> SummarySource:
     """The previous summary of the question's dialog and the live messages after it, before
     turn ``before``, oldest first, up to ``limit`` and about ``budget`` estimated tokens."""
-    return await _call(
+    return await call(
         pool,
         database.fetch_summary_source,
         question_id=question_id,
@@ -188,7 +190,7 @@ async def summary_source(
 async def add_summary(pool: Pool, *, question_id: int, through_id: int, covered: int, text: str, shared: bool) -> bool:
     """Store a summary of the question's dialog up to turn ``through_id``; False when the
     question was cleared or undone meanwhile."""
-    return await _call(
+    return await call(
         pool,
         database.add_summary,
         question_id=question_id,
@@ -215,7 +217,7 @@ async def add_answer(
 ) -> int | None:
     """Store the assistant's answer (``finish_reason``: cut short, and why; ``usage``: its
     tokens); its id, or None when the question was cleared or answered."""
-    return await _call(
+    return await call(
         pool,
         database.add_answer,
         question_id=question_id,
@@ -228,33 +230,31 @@ async def add_answer(
 
 async def record_sent_part(pool: Pool, *, answer_id: int, telegram_message_id: int, last: bool) -> None:
     """Record one part of an answer accepted by Telegram; the last one makes it delivered."""
-    await _call(
-        pool, database.record_sent_part, answer_id=answer_id, telegram_message_id=telegram_message_id, last=last
-    )
+    await call(pool, database.record_sent_part, answer_id=answer_id, telegram_message_id=telegram_message_id, last=last)
 
 
 async def set_failed(pool: Pool, *, message_id: int) -> None:
     """End a turn for good: its question got no answer, or Telegram refused its answer."""
-    await _call(pool, database.set_failed, message_id=message_id)
+    await call(pool, database.set_failed, message_id=message_id)
 
 
 async def clear_context(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> int:
     """Soft-delete the history of (user, chat); how many messages were cleared."""
-    return await _call(
+    return await call(
         pool, database.soft_delete_messages, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id
     )
 
 
 async def retry(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> RetriedQuestion | None:
     """Set aside the answer to the dialog's last question, to ask it again; None if there is none."""
-    return await _call(
+    return await call(
         pool, database.retry_last_turn, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id
     )
 
 
 async def undo(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> Undone:
     """Bring back the last /clear if nothing was said since, else take back the last turn."""
-    return await _call(
+    return await call(
         pool, database.undo_last_turn, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id
     )
 
@@ -263,7 +263,7 @@ async def edit_question(
     pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, telegram_message_id: int, text: str
 ) -> EditedQuestion | None:
     """Store the edited text of a question; None when the message is not a stored question."""
-    return await _call(
+    return await call(
         pool,
         database.edit_question,
         telegram_user_id=telegram_user_id,
@@ -277,7 +277,7 @@ async def search(
     pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, query: str, everything: bool, limit: int, options: str
 ) -> list[SearchHit]:
     """The dialog's best matches for ``query`` (``everything``: cleared messages too)."""
-    return await _call(
+    return await call(
         pool,
         database.search_messages,
         telegram_user_id=telegram_user_id,
@@ -291,7 +291,7 @@ async def search(
 
 async def stats(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> DialogStats:
     """The user's message, character and token counts, in this chat and in all."""
-    return await _call(pool, database.fetch_stats, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id)
+    return await call(pool, database.fetch_stats, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id)
 
 
 async def export(
@@ -308,19 +308,19 @@ async def export(
         async for message in messages:
             await write(message)
 
-    await _call(pool, read)
+    await call(pool, read)
 
 
 async def chat_settings(pool: Pool, *, telegram_chat_id: int) -> ChatSettings:
     """The chat's settings (None in a field: the configuration's default)."""
-    return await _call(pool, database.get_chat_settings, telegram_chat_id=telegram_chat_id)
+    return await call(pool, database.get_chat_settings, telegram_chat_id=telegram_chat_id)
 
 
 async def set_chat_setting(
     pool: Pool, *, telegram_chat_id: int, name: SettingName, value: str | float | None, telegram_user_id: int
 ) -> ChatSettings:
     """Set one of the chat's settings (None: back to the default); the settings now."""
-    return await _call(
+    return await call(
         pool,
         database.set_chat_setting,
         telegram_chat_id=telegram_chat_id,
@@ -332,7 +332,7 @@ async def set_chat_setting(
 
 async def unfinished_turns(pool: Pool, *, max_age_s: int) -> list[UnfinishedTurn]:
     """Turns younger than ``max_age_s`` a crash or an outage left unanswered or undelivered."""
-    return await _call(pool, database.fetch_unfinished_turns, max_age_s=max_age_s)
+    return await call(pool, database.fetch_unfinished_turns, max_age_s=max_age_s)
 
 
 @asynccontextmanager

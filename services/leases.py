@@ -34,19 +34,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import psycopg
 from psycopg.rows import class_row, scalar_row
 
 from services import database
-from services.context import StorageUnavailable
+from services.context import StorageUnavailable, call
 from services.database import Connection, Pool
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CLAIM_KEEP_S: Final = 86_400  # Telegram stops redelivering an update within a day
 CLAIM_PURGE_EVERY_S: Final = 3600.0
@@ -272,14 +271,6 @@ async def expire_mine(conn: Connection, *, holder: str) -> int:
     return cur.rowcount
 
 
-async def _run(pool: Pool, work: Callable[..., Awaitable[T]], **params: object) -> T:
-    try:
-        return await database.run(pool, work, **params)
-    except psycopg.Error as error:
-        logger.warning("lease statement %s failed: %s", work.__name__, type(error).__name__)
-        raise StorageUnavailable(type(error).__name__) from error
-
-
 # -- the process's side ---------------------------------------------------------------------
 
 
@@ -347,7 +338,7 @@ class Leases:
         held = self._held.get(chat_id)
         if held is not None and held.until - time.monotonic() < self.ttl_s / 2:
             sent = time.monotonic()
-            renewed = await _run(self.pool, renew, telegram_chat_ids=[chat_id], holder=self.holder, ttl_s=self.ttl_s)
+            renewed = await call(self.pool, renew, telegram_chat_ids=[chat_id], holder=self.holder, ttl_s=self.ttl_s)
             self._renewed({chat_id: held.version}, renewed, sent)
         if chat_id not in self._held:
             raise LeaseLost(chat_id)
@@ -379,7 +370,7 @@ class Leases:
         try:
             while True:
                 sent = time.monotonic()
-                found = await _run(
+                found = await call(
                     self.pool,
                     next_question,
                     telegram_chat_id=chat_id,
@@ -411,7 +402,7 @@ class Leases:
         statements in one round trip (a pipeline): the hand-over of a turn that ended well costs
         no wait of its own. None when the hand-over must be asked again (``handover``)."""
         sent = time.monotonic()
-        found = await _run(
+        found = await call(
             self.pool,
             record_last_part,
             answer_id=answer_id,
@@ -426,7 +417,7 @@ class Leases:
         """Take the chat's lease for a turn that is not a new question (see ``TAKE``); whether
         this process holds it now. When not, the holder answers ``question_id`` in its turn."""
         sent = time.monotonic()
-        taken = await _run(
+        taken = await call(
             self.pool, take, telegram_chat_id=chat_id, holder=self.holder, question_id=question_id, ttl_s=self.ttl_s
         )
         if taken is None:
@@ -436,11 +427,11 @@ class Leases:
 
     async def claim(self, update_id: int) -> bool:
         """Whether this process is the first to claim the update (see ``CLAIM_UPDATE``)."""
-        return await _run(self.pool, claim_update, update_id=update_id)
+        return await call(self.pool, claim_update, update_id=update_id)
 
     async def expire_mine(self) -> None:
         """Let every lease of this process expire now, for any sweeper to take."""
-        expired = await _run(self.pool, expire_mine, holder=self.holder)
+        expired = await call(self.pool, expire_mine, holder=self.holder)
         self._held.clear()
         if expired:
             logger.info("%d chat lease(s) of this process expired for others to take", expired)
