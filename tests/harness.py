@@ -135,6 +135,18 @@ async def running_webhook_bot(env: dict[str, str], telegram: TelegramStandIn) ->
             await database.close_db(pool)
 
 
+# 49 more users in the chat of user 1 (user and chat ids 1, as the first stored question leaves them),
+# 100 messages each, and 1000 of user 1's: a busy group, where a dialog's index must win over
+# the chat's. SQL to run after that first question.
+BUSY_CHAT = (
+    "INSERT INTO users (telegram_user_id) SELECT 5000 + n FROM generate_series(1, 49) n;"
+    " INSERT INTO messages (user_id, chat_id, role, content)"
+    " SELECT u.id, 1, 'user', 'hello ' || n FROM users u, generate_series(1, 100) n WHERE u.id > 1;"
+    " INSERT INTO messages (user_id, chat_id, role, content) SELECT 1, 1, 'user', 'x' || n"
+    " FROM generate_series(1, 1000) n;"
+)
+
+
 async def store_question(pool: Pool, user: int, chat: int, text: str, message_id: int | None = None) -> int:
     """Store a question as the bot would (user "Ann"); its id."""
     added = await database.run(

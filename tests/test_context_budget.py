@@ -16,7 +16,7 @@ from services.database import DialogContext, Pool
 from services.summaries import INSTRUCTIONS
 from services.tokens import estimate_tokens
 from services.turns import SUMMARY_NOTICE
-from tests.harness import running_bot
+from tests.harness import BUSY_CHAT, running_bot
 from tests.test_settings import buttons, fetch, keyboard_of, press, reply
 
 GROUP = -100555
@@ -210,12 +210,7 @@ async def test_context_statements_read_through_indexes(
     await store(pool, 1, GROUP, ["q", "a"])
     await fetch(
         pool,
-        "INSERT INTO users (telegram_user_id) SELECT 5000 + n FROM generate_series(1, 49) n;"
-        " INSERT INTO messages (user_id, chat_id, role, content)"
-        " SELECT u.id, 1, 'user', 'hello ' || n FROM users u, generate_series(1, 100) n WHERE u.id > 1;"
-        " INSERT INTO messages (user_id, chat_id, role, content) SELECT 1, 1, 'user', 'x' || n"
-        " FROM generate_series(1, 1000) n;"
-        " INSERT INTO chats (telegram_chat_id) SELECT -n FROM generate_series(2, 3000) n;"
+        BUSY_CHAT + " INSERT INTO chats (telegram_chat_id) SELECT -n FROM generate_series(2, 3000) n;"
         " INSERT INTO summaries (user_id, chat_id, through_id, covered, content, tokens)"
         " SELECT owner, c.id, 1, 1, 's', 5 FROM chats c, (VALUES (1), (NULL)) AS o (owner);"
         " ANALYZE messages; ANALYZE summaries",

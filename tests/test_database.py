@@ -12,7 +12,7 @@ import pytest
 
 from services import chat_signals, database, leases
 from services.database import Connection, Pool
-from tests.harness import store_question
+from tests.harness import BUSY_CHAT, store_question
 
 USER_A, USER_B = 111, 222
 CHAT_X, CHAT_Y = 111, -1001234567890  # a private chat and a supergroup (beyond 32 bits)
@@ -489,15 +489,7 @@ async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement:
     # 50 users in one chat, the question the newest of its user's 1000 messages: the dialog's
     # index (user, chat, turn) must win over the chat's, read backwards with no sort
     await store_question(pool, USER_A, CHAT_X, "x")
-    await rows(
-        pool,
-        "INSERT INTO users (telegram_user_id) SELECT 5000 + n FROM generate_series(1, 49) n;"
-        " INSERT INTO messages (user_id, chat_id, role, content)"
-        " SELECT u.id, 1, 'user', 'hello ' || n FROM users u, generate_series(1, 100) n WHERE u.id > 1;"
-        " INSERT INTO messages (user_id, chat_id, role, content) SELECT 1, 1, 'user', 'x' || n"
-        " FROM generate_series(1, 1000) n;"
-        " ANALYZE messages",
-    )
+    await rows(pool, BUSY_CHAT + " ANALYZE messages")
     if "question_id" in params:
         params = {**params, "question_id": (await rows(pool, "SELECT max(id) FROM messages"))[0][0]}
     async with pool.connection() as conn:
