@@ -5,12 +5,18 @@ message fail to parse. Offsets and lengths count UTF-16 code units, as Telegram 
 follow Telegram's nesting rules: two entities either nest or do not touch; ``code`` and ``pre``
 contain nothing and sit at most inside a ``blockquote``; a ``text_link`` holds only bold, italic and
 strikethrough; blockquotes do not nest; no entity covers only whitespace.
+
+Rendering and splitting never raise on what a model writes: an answer nested deeper than
+``MAX_DEPTH``, or one the renderer fails on, goes as plain text, and a complete answer always
+shows something.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import re
+import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -18,12 +24,24 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from markdown_it.tree import SyntaxTreeNode
 
-from services.text import TELEGRAM_MESSAGE_LIMIT
+from services.text import TELEGRAM_MESSAGE_LIMIT, storable
+
+logger = logging.getLogger(__name__)
 
 TELEGRAM_ENTITY_LIMIT = 100
 """Telegram shows at most this many entities of one message."""
 
 HORIZONTAL_RULE = "———"
+
+MAX_DEPTH = 16
+"""Deepest Markdown nesting (block levels plus inline levels) rendered as formatting; deeper, the
+answer goes as plain text. A real answer stays far below (four nested lists holding bold italic
+link text: 12). It bounds the recursion of building the syntax tree, which otherwise overflows
+the stack on ``"*" * 500 + "x" + "*" * 500``, and stays below markdown-it's own limit of 20 block
+levels, past which it drops the rest of the text without a word."""
+
+EMPTY_ANSWER = "(empty answer)"
+"""What a complete answer that shows nothing at all is sent as: a turn always ends in a message."""
 
 _SPLITTABLE = frozenset({"bold", "italic", "strikethrough", "underline"})
 # Of entities with the same range, the one Telegram lets contain the other comes first.
@@ -59,13 +77,25 @@ class Part:
     entities: tuple[Entity, ...] = ()
 
 
-def render(markdown: str) -> Part:
-    """``markdown`` (complete or still being streamed) as plain text and entities; never raises on
-    odd input. The text may exceed one message: pass the result to :func:`split`."""
-    renderer = _Renderer()
-    renderer.blocks(SyntaxTreeNode(_MARKDOWN.parse(markdown)).children, 2)
-    text = renderer.text()
-    return _piece(text, _units(text), renderer.spans, 0, len(text), None) or Part("")
+def render(markdown: str, *, partial: bool = False) -> Part:
+    """``markdown`` as plain text and entities; never raises. Nested deeper than ``MAX_DEPTH``,
+    or when rendering fails, it is the text as written. A complete answer always shows something:
+    the text as written when its formatting shows nothing (an empty code block, a lone reference
+    definition), else ``EMPTY_ANSWER``; a ``partial`` one, still being streamed, may show nothing
+    yet (a code block just opened). The text may exceed one message: pass the result to
+    :func:`split`."""
+    # Drafts and edits are cleaned as the stored answer is: a lone surrogate cannot be sent as UTF-8.
+    markdown = storable(markdown)
+    try:
+        part = _formatted(markdown)
+    except Exception as error:  # a renderer bug must not cost the user the answer
+        _log_failure("rendering", error)
+        part = None
+    if part is None:
+        part = _as_written(markdown)
+    if partial or visible(part.text):
+        return part
+    return _as_written(markdown) if visible(markdown) else Part(EMPTY_ANSWER)
 
 
 def split(part: Part, *, limit: int = TELEGRAM_MESSAGE_LIMIT, max_entities: int = TELEGRAM_ENTITY_LIMIT) -> list[Part]:
@@ -77,6 +107,14 @@ def split(part: Part, *, limit: int = TELEGRAM_MESSAGE_LIMIT, max_entities: int 
         raise ValueError("limit must be at least 2 UTF-16 units (one character outside the BMP)")
     if max_entities < 0:
         raise ValueError("max_entities must not be negative")
+    try:
+        return _split(part, limit, max_entities)
+    except Exception as error:  # a splitter bug must not cost the user the answer
+        _log_failure("splitting", error)
+        return _chunks(part.text, limit)
+
+
+def _split(part: Part, limit: int, max_entities: int) -> list[Part]:
     text = part.text
     units = _units(text)
     spans = sorted(
@@ -133,6 +171,47 @@ def utf16_slice(text: str, offset: int, length: int) -> str:
     """The characters of ``text`` an entity at ``offset`` with ``length`` (UTF-16 units) covers."""
     return text.encode("utf-16-le", "surrogatepass")[2 * offset : 2 * (offset + length)].decode(
         "utf-16-le", "surrogatepass"
+    )
+
+
+def _formatted(markdown: str) -> Part | None:
+    """``markdown`` rendered with its formatting, or None when it nests deeper than ``MAX_DEPTH``."""
+    tokens = _MARKDOWN.parse(markdown)
+    depth = max(
+        (token.level + max((child.level for child in token.children or ()), default=0) for token in tokens), default=0
+    )
+    if depth > MAX_DEPTH:
+        return None
+    renderer = _Renderer()
+    renderer.blocks(SyntaxTreeNode(tokens).children, 2)
+    text = renderer.text()
+    return _piece(text, _units(text), renderer.spans, 0, len(text), None) or Part("")
+
+
+def _as_written(markdown: str) -> Part:
+    """``markdown`` as plain text, without blank ends."""
+    return _piece(markdown, _units(markdown), (), 0, len(markdown), None) or Part("")
+
+
+def _chunks(text: str, limit: int) -> list[Part]:
+    """``text`` as plain messages of at most ``limit`` UTF-16 units: the last resort when
+    :func:`split` fails, simple enough not to."""
+    units = _units(text)
+    chunks: list[Part] = []
+    start = 0
+    while start < len(text):
+        end = max(bisect.bisect_right(units, units[start] + limit) - 1, start + 1)
+        if visible(chunk := text[start:end].strip()):
+            chunks.append(Part(chunk))
+        start = end
+    return chunks
+
+
+def _log_failure(step: str, error: Exception) -> None:
+    # Where it failed, not the exception's message or traceback text: those may quote the answer.
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    logger.error(
+        "%s failed (%s at %s:%d): sending plain text", step, type(error).__name__, frame.filename, frame.lineno or 0
     )
 
 

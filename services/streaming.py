@@ -81,7 +81,7 @@ class LiveReply:
             markdown = self._latest
             self._calling = True
             try:
-                await self._show(split(render(markdown)))
+                await self._show(split(render(markdown, partial=True)))
             except DraftsUnavailable:
                 logger.info("drafts refused in chat %s: editing a message instead", self._address.chat_id)
                 self._draft_id = None

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services import formatting
 from services.formatting import (
+    EMPTY_ANSWER,
     HORIZONTAL_RULE,
+    MAX_DEPTH,
     Entity,
     Part,
     plain,
@@ -225,12 +230,23 @@ def test_tables_stay_text() -> None:
     assert render("| a | b |\n|---|---|\n| 1 | 2 |") == Part("| a | b |\n|---|---|\n| 1 | 2 |")
 
 
-def test_empty_and_blank_answers_render_nothing() -> None:
-    assert render("") == Part("")
-    assert render(" \n\t\n  ") == Part("")
-    assert render("`   `") == Part("")
-    assert split(render("")) == []
-    assert split(render("  \n ")) == []
+def test_a_streamed_answer_may_show_nothing_yet() -> None:
+    assert render("", partial=True) == Part("")
+    assert render(" \n\t\n  ", partial=True) == Part("")
+    assert render("`   `", partial=True) == Part("")
+    assert split(render("", partial=True)) == []
+    assert split(render("  \n ", partial=True)) == []
+
+
+def test_a_complete_answer_always_shows_something() -> None:
+    # Nothing visible at all: a notice, so the turn still ends in a message.
+    for blank in ("", " \n\t\n  ", "\u200b\u200b", "\ufeff\n\u2800"):
+        assert split(render(blank)) == [Part(EMPTY_ANSWER)], repr(blank)
+    # Formatting that shows nothing: the answer as the model wrote it.
+    assert render("`   `") == Part("`   `")
+    assert render("**\u200b**") == Part("**\u200b**")
+    assert render("```python\n```") == Part("```python\n```")
+    assert render("[ref]: https://example.com") == Part("[ref]: https://example.com")
 
 
 # --- UTF-16 offsets -----------------------------------------------------------------------------
@@ -277,7 +293,7 @@ def test_emoji_only_entity() -> None:
     ],
 )
 def test_half_written_markdown_renders_sensibly(markdown: str, expected: Part) -> None:
-    assert render(markdown) == expected
+    assert render(markdown, partial=True) == expected
 
 
 # --- split ---------------------------------------------------------------------------------------
@@ -374,6 +390,48 @@ def test_split_rejects_a_limit_below_one_astral_character() -> None:
 
 # --- hostile inputs ------------------------------------------------------------------------------
 
+
+def test_nesting_past_the_depth_bound_is_sent_as_written() -> None:
+    stars = "*" * 500 + "x" + "*" * 500  # once a RecursionError: the answer was never sent
+    assert split(render(stars)) == [Part(stars)]
+    quotes = "> " * 25 + "deep text"  # once rendered to nothing: markdown-it drops what lies past 20 levels
+    assert split(render(quotes)) == [Part(quotes)]
+    # at the bound it is formatting still (a quote in a quote is one blockquote), past it plain text
+    assert render("> " * (MAX_DEPTH - 1) + "x") == Part("x", (Entity("blockquote", 0, 1),))
+    assert render("> " * MAX_DEPTH + "x") == Part("> " * MAX_DEPTH + "x")
+
+
+def test_a_lone_surrogate_is_cleaned_as_the_stored_text_is() -> None:
+    # a streamed chunk may end inside a surrogate pair; UTF-8 cannot carry half of one
+    assert render("a \ud83d b **\udc00**", partial=True) == Part("a \ufffd b \ufffd", (Entity("bold", 6, 1),))
+    assert render("nul\x00") == Part("nul\ufffd")
+
+
+def test_a_renderer_bug_sends_the_answer_as_plain_text(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object) -> None:
+        raise ValueError("a secret the answer holds")
+
+    monkeypatch.setattr(formatting._Renderer, "blocks", broken)
+    with caplog.at_level(logging.ERROR, "services.formatting"):
+        assert render("some **private** words") == Part("some **private** words")
+    assert "ValueError" in caplog.text and "secret" not in caplog.text and "private" not in caplog.text
+
+
+def test_a_splitter_bug_sends_plain_messages_within_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> int:
+        raise IndexError("a secret the answer holds")
+
+    monkeypatch.setattr(formatting, "_cut", broken)
+    part = render("**" + "😀 word " * 2000 + "**")
+    parts = split(part)
+    assert len(parts) >= 4 and all(p.entities == () for p in parts)
+    for piece in parts:
+        check_telegram_rules(piece)
+    assert visible("".join(p.text for p in parts)) == visible(part.text)
+
+
 HOSTILE = [
     "Some **bold te",
     "[x](y",
@@ -396,15 +454,20 @@ HOSTILE = [
     "a\x00b\r\nc\u2028d",
     "# " + "x" * 5000 + " **tail**",
     ("word **bold** " * 400) + "\n\n" + ("🙂" * 3000),
+    "*" * 500 + "x" + "*" * 500,
+    "> " * 25 + "deep quote",
+    "_" * 300 + "x" + "_" * 300,
+    "~~" * 300 + "x" + "~~" * 300,
+    "broken \ud800 half \udfff",
 ]
 
 
 @pytest.mark.parametrize("markdown", HOSTILE, ids=range(len(HOSTILE)))
 def test_hostile_input_gives_valid_messages(markdown: str) -> None:
     rendered = render(markdown)
-    if visible(rendered.text):
-        check_telegram_rules(rendered, limit=None, max_entities=None)
+    check_telegram_rules(rendered, limit=None, max_entities=None)
     parts = split(rendered)
+    assert parts
     check_parts(parts, rendered)
     small = split(rendered, limit=50, max_entities=3)
     check_parts(small, rendered, limit=50, max_entities=3)
@@ -428,12 +491,46 @@ markdownish = st.one_of(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(markdown=markdownish, limit=st.integers(min_value=2, max_value=300), max_entities=st.integers(0, 8))
 def test_random_markdown_always_gives_valid_messages(markdown: str, limit: int, max_entities: int) -> None:
-    rendered = render(markdown)
-    if visible(rendered.text):
-        check_telegram_rules(rendered, limit=None, max_entities=None)
+    streamed = render(markdown, partial=True)
+    if visible(streamed.text):
+        check_telegram_rules(streamed, limit=None, max_entities=None)
     else:
-        assert rendered == Part("")
+        assert streamed == Part("")
+    rendered = render(markdown)
+    check_telegram_rules(rendered, limit=None, max_entities=None)
+    assert split(rendered)
     check_parts(split(rendered), rendered)
     check_parts(
         split(rendered, limit=limit, max_entities=max_entities), rendered, limit=limit, max_entities=max_entities
     )
+
+
+# --- property: Markdown built to break the renderer ------------------------------------------------
+
+# Openers and closers repeated far past any depth bound (``"*" * 500 + "x" + "*" * 500`` once
+# overflowed the stack), lone surrogates (a chunk may end inside a pair), invisible characters.
+PAIRS = [("*", "*"), ("**", "**"), ("_", "_"), ("~~", "~~"), ("`", "`"), ("[", "](http://x.io)"), ("![", "](x)"),
+         ("> ", ""), ("- ", ""), ("1. ", ""), ("  ", ""), ("#", "")]  # fmt: skip
+SURROGATES = st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff", "\ud83d"])
+nested = st.builds(
+    lambda pair, depth, inner: pair[0] * depth + inner + pair[1] * depth,
+    st.sampled_from(PAIRS),
+    st.one_of(st.integers(0, 30), st.integers(200, 1000)),  # around the bounds, and far past them
+    st.one_of(st.sampled_from(["x", "слово", "😀"]), SURROGATES, st.text(max_size=5)),
+)
+hostile = st.lists(st.one_of(nested, st.sampled_from(FRAGMENTS), SURROGATES, st.text(max_size=8)), max_size=8).map(
+    "".join
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(markdown=hostile)
+def test_hostile_markdown_always_gives_messages_telegram_accepts(markdown: str) -> None:
+    parts = split(render(markdown))
+    assert parts, "zero parts: the user would get nothing"
+    for part in parts:
+        check_telegram_rules(part)  # 4096 UTF-16 units, at most 100 entities, each inside its text
+        part.text.encode("utf-8")  # what the Bot API is sent: no lone surrogate
+    for piece in split(render(markdown, partial=True)):
+        check_telegram_rules(piece)
+        piece.text.encode("utf-8")
