@@ -18,10 +18,11 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
     && pip install -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The code, owned by root and read-only for the bot; only the spool directory is writable
-# (mount a volume there so an outage's writes survive a restart of the container).
+# The code, owned by root and read-only for the bot; only the spool directory is writable, and
+# readable by the bot alone: it holds message text (mount a volume there so an outage's writes
+# survive a restart of the container; a new volume takes this directory's owner and mode).
 COPY . .
-RUN mkdir -p .spool && chown bot:bot .spool
+RUN mkdir -p -m 700 .spool && chown bot:bot .spool
 USER bot
 
 # The webhook's port (BOT_MODE=webhook); METRICS_PORT, when set, is another.

@@ -31,7 +31,7 @@ COMMANDS = [
     BotCommand(command="stats", description="How much we have talked"),
     BotCommand(command="context", description="How much of our conversation I can take in now"),
     BotCommand(command="model", description="Show or switch the model of this chat (/model name)"),
-    BotCommand(command="prompt", description="Show or set the system prompt here (/prompt reset)"),
+    BotCommand(command="prompt", description="Show or set this chat's own prompt (/prompt reset)"),
     BotCommand(command="temperature", description="Show or set the temperature here, 0 to 2"),
 ]
 HELP = (

@@ -14,7 +14,7 @@ from aiogram.enums import ChatType, MessageEntityType
 from aiogram.types import CallbackQuery, Message, TelegramObject, Update
 
 from services import metrics
-from services.context import StorageUnavailable
+from services.failures import StorageUnavailable
 from services.leases import Leases
 from services.storage import Storage
 from services.turns import Turns
@@ -27,8 +27,9 @@ NOT_ALLOWED = "Sorry, this bot is private."
 
 class AccessMiddleware(BaseMiddleware):
     """Lets through messages and button presses from people; drops other bots' messages and
-    anonymous senders (channels), and refuses users outside ``allowed_user_ids`` when it is set.
-    Nothing is stored for a message dropped here."""
+    anonymous senders (channels), and refuses users outside ``allowed_user_ids`` when it is set
+    (in a group, aloud only what they address to the bot). Nothing is stored for a message
+    dropped here."""
 
     def __init__(self, allowed_user_ids: frozenset[int]) -> None:
         self.allowed_user_ids = allowed_user_ids
@@ -46,16 +47,19 @@ class AccessMiddleware(BaseMiddleware):
             logger.info("ignored message %s in chat %s: not from a person", event.message_id, event.chat.id)
             return None
         if self.allowed_user_ids and user.id not in self.allowed_user_ids:
-            logger.info("refused user %s: not in ALLOWED_USER_IDS", user.id)
-            await event.answer(NOT_ALLOWED)
+            # In a group, what is not addressed to the bot is not a request: refusing each of
+            # a member's messages would be spam, paid from the group's send quota.
+            if event.chat.type == ChatType.PRIVATE or await addressed(event, data["bot"]):
+                logger.info("refused user %s: not in ALLOWED_USER_IDS", user.id)
+                await event.answer(NOT_ALLOWED)
             return None
         return await handler(event, data)
 
 
 class GroupTrigger(BaseMiddleware):
     """In groups with GROUP_TRIGGER=mention, lets through only what is addressed to the bot: a
-    command (the command routers tell whose), a mention of the bot, a reply to one of its
-    messages. The rest of the group's talk is not the bot's business: nothing is stored or said."""
+    command for it, a mention of the bot, a reply to one of its messages. The rest of the group's
+    talk is not the bot's business: nothing is stored or said."""
 
     def __init__(self, trigger: str) -> None:
         self.trigger = trigger
@@ -68,7 +72,8 @@ class GroupTrigger(BaseMiddleware):
 
 
 async def addressed(message: Message, bot: Bot) -> bool:
-    """Whether a group message starts with a command, mentions the bot or replies to it."""
+    """Whether a group message starts with a command (``/x``, ``/x@this_bot``, not
+    ``/x@other_bot``), mentions the bot or replies to it."""
     me = await bot.me()  # cached by aiogram after the first call
     replied = replied_to(message)
     if replied is not None and replied.from_user is not None and replied.from_user.id == me.id:
@@ -77,7 +82,11 @@ async def addressed(message: Message, bot: Bot) -> bool:
     mention = f"@{me.username}".lower()
     for entity in message.entities or message.caption_entities or ():
         if (
-            (entity.type == MessageEntityType.BOT_COMMAND and entity.offset == 0)
+            (
+                entity.type == MessageEntityType.BOT_COMMAND
+                and entity.offset == 0
+                and entity.extract_from(text).partition("@")[2].lower() in ("", mention[1:])
+            )
             or (entity.type == MessageEntityType.MENTION and entity.extract_from(text).lower() == mention)
             or (entity.type == MessageEntityType.TEXT_MENTION and entity.user is not None and entity.user.id == me.id)
         ):

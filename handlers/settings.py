@@ -1,5 +1,5 @@
 """A chat's settings: /model (an inline keyboard of ALLOWED_MODELS, or /model <name>), /prompt
-and /temperature.
+(the chat's instructions, sent after the operator's SYSTEM_PROMPT) and /temperature.
 
 Anyone may see them; in a group only its administrators may change them (Telegram's
 ``getChatMember``, remembered for a minute), in a private chat the user always may. A change
@@ -23,7 +23,6 @@ from aiogram.types import CallbackQuery, Chat, InlineKeyboardButton, InlineKeybo
 from config import Config
 from services.database import ChatSettings, SettingName
 from services.storage import Storage
-from services.text import storable
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,8 @@ ADMIN_STATUSES = (ChatMemberStatus.CREATOR, ChatMemberStatus.ADMINISTRATOR)
 ADMINS_ONLY = "Only this group's administrators can change its settings."
 CANNOT_CHECK = "I couldn't check whether you are an administrator here. Please try again in a moment."
 STALE_CHOICE = "That choice is not offered any more: nothing changed. Send /model for the current list."
-PROMPT_USAGE = "/prompt <text> sets the system prompt for this chat; /prompt reset goes back to the default."
+PROMPT_USAGE = "/prompt <text> sets this chat's prompt, added after the bot's own; /prompt reset removes it."
+NO_PROMPT = "This chat has no prompt of its own."
 TEMPERATURE_USAGE = "/temperature 0.3 sets it (0 to 2) for this chat; /temperature reset goes back to the default."
 
 
@@ -94,10 +94,12 @@ def model_report(config: Config, settings: ChatSettings) -> str:
     return f"Model in this chat: {model}{default}. Choose another:"
 
 
-def prompt_report(config: Config, settings: ChatSettings) -> str:
+def prompt_report(settings: ChatSettings) -> str:
+    """The chat's own prompt, never the operator's SYSTEM_PROMPT before it: that one is the
+    operator's to share, and anyone in the chat may ask."""
     if settings.system_prompt is None:
-        return f"System prompt in this chat (the default):\n\n{config.system_prompt}\n\n{PROMPT_USAGE}"
-    return f"System prompt in this chat:\n\n{settings.system_prompt}\n\n{PROMPT_USAGE}"
+        return f"{NO_PROMPT} {PROMPT_USAGE}"
+    return f"This chat's prompt:\n\n{settings.system_prompt}\n\n{PROMPT_USAGE}"
 
 
 def temperature_shown(config: Config, settings: ChatSettings) -> str:
@@ -153,7 +155,7 @@ async def cmd_model(
     chat_admins: ChatAdmins,
 ) -> None:
     """/model shows the keyboard; /model <name> switches at once, by the keyboard's rules."""
-    name = storable(command.args or "").strip()
+    name = (command.args or "").strip()
     if not name:
         settings = await dialog_store.chat_settings(chat_id=message.chat.id)
         await message.answer(
@@ -214,13 +216,12 @@ async def cmd_prompt(
     message: Message,
     command: CommandObject,
     event_from_user: User,
-    config: Config,
     dialog_store: Storage,
     chat_admins: ChatAdmins,
 ) -> None:
-    text = storable(command.args or "").strip()
+    text = (command.args or "").strip()
     if not text:
-        await message.answer(prompt_report(config, await dialog_store.chat_settings(chat_id=message.chat.id)))
+        await message.answer(prompt_report(await dialog_store.chat_settings(chat_id=message.chat.id)))
         return
     if len(text) > PROMPT_MAX_CHARS:
         await message.answer(f"That prompt is {len(text):,} characters; at most {PROMPT_MAX_CHARS:,} fit.")
@@ -229,10 +230,10 @@ async def cmd_prompt(
         return
     if text.lower() == "reset":
         await _set(dialog_store, message, event_from_user, "system_prompt", None)
-        await message.answer("System prompt reset to the default. It applies from your next message.")
+        await message.answer("This chat's prompt removed. It applies from your next message.")
         return
     await _set(dialog_store, message, event_from_user, "system_prompt", text)
-    await message.answer("System prompt set. It applies from your next message.")
+    await message.answer("This chat's prompt set. It applies from your next message.")
 
 
 async def cmd_temperature(
@@ -250,7 +251,8 @@ async def cmd_temperature(
     value: float | None = None
     if arg != "reset":
         try:
-            value = float(arg.replace(",", "."))
+            # To what a model tells apart; 1e-50 would underflow the column's real.
+            value = round(float(arg.replace(",", ".")), 2)
         except ValueError:
             value = -1.0  # refused below
         if not 0 <= value <= 2:  # also NaN

@@ -12,17 +12,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Final
+from typing import Any, Final
 
 from aiogram import Bot, Dispatcher
 from aiogram.exceptions import TelegramBadRequest
+from aiogram.methods import TelegramMethod
+from aiogram.types import Update
 from aiogram.webhook.aiohttp_server import SimpleRequestHandler, setup_application
 from aiohttp import web
 
 from config import Config
 from services import context, metrics
-from services.context import StorageUnavailable
 from services.database import Pool
+from services.failures import StorageUnavailable
 
 logger = logging.getLogger(__name__)
 WEBHOOK_LOCK: Final = "llmbot.webhook"
@@ -33,13 +35,30 @@ class WebhookRefused(Exception):
 
 
 class CheckedWebhook(SimpleRequestHandler):
-    """aiogram's handler (which refuses a missing or wrong secret with 401), counting refusals."""
+    """aiogram's handler (which refuses a missing or wrong secret with 401), counting refusals,
+    and refusing a body that is not an update with 400: a client's mistake, not the bot's."""
 
     def verify_secret(self, telegram_secret_token: str, bot: Bot) -> bool:
-        if super().verify_secret(telegram_secret_token, bot):
+        # compare_digest raises TypeError on non-ASCII text (a 500 per request); ours is ASCII.
+        if telegram_secret_token.isascii() and super().verify_secret(telegram_secret_token, bot):
             return True
         metrics.WEBHOOK_REFUSED.inc()  # not logged one by one: anyone on the internet can send these
         return False
+
+    async def _handle_request(self, bot: Bot, request: web.Request) -> web.Response:
+        # aiogram's, with the update parsed and validated first: there, a bad body raises from
+        # the handler (a 500 and a traceback whose pydantic text echoes the body's values).
+        raw: Any = None
+        try:
+            raw = await request.json(loads=bot.session.json_loads)
+            update = Update.model_validate(raw, context={"bot": bot})
+        except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deep, not an update
+            ident = raw.get("update_id") if isinstance(raw, dict) else None
+            shown = ident if isinstance(ident, int) else "unknown"  # never a value of the body
+            logger.warning("webhook: refused a body that is not an update (update %s): %s", shown, type(error).__name__)
+            return web.Response(status=400, text="Bad Request")
+        result: TelegramMethod[Any] | None = await self.dispatcher.feed_webhook_update(bot, update, **self.data)
+        return web.Response(body=self._build_response_writer(bot=bot, result=result))
 
 
 def create_webhook_app(dp: Dispatcher, bot: Bot, config: Config) -> web.Application:

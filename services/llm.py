@@ -27,6 +27,13 @@ class LLMError(Exception):
 REFUSES_STREAMING = (400, 404, 415, 422, 501)
 
 
+def system_prompt_of(operator: str, chat: str | None) -> str:
+    """A chat's system prompt: the operator's SYSTEM_PROMPT, then the chat's own (/prompt) after
+    it, so a chat adds instructions but cannot take the operator's away. One text: what the
+    context budget estimates is what is sent."""
+    return operator if chat is None else f"{operator}\n\n{chat}"
+
+
 @dataclass(frozen=True, slots=True)
 class _Request:
     """What one call asks: the model, the messages (system prompt first), the temperature."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +63,14 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def _private(path: str, flags: int) -> int:
+    """Opens a spool file readable by the bot's user alone: it holds message text. Also a file
+    an older version created with the umask's mode."""
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 class Spool:
     """At most ``max_items`` writes, oldest first; ``path`` (None: memory only) mirrors them."""
 
@@ -86,8 +95,8 @@ class Spool:
         if len(self.items) >= self.max_items:
             raise SpoolFull
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as file:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8", opener=_private) as file:
                 file.write(item.to_json() + "\n")
         self.items.append(item)
 
@@ -100,8 +109,16 @@ class Spool:
             self.path.unlink(missing_ok=True)
             return
         partial = self.path.with_suffix(".tmp")
-        partial.write_text("".join(item.to_json() + "\n" for item in self.items), encoding="utf-8")
+        with open(partial, "w", encoding="utf-8", opener=_private) as file:
+            file.write("".join(item.to_json() + "\n" for item in self.items))
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename: a power cut leaves the old file or the new
         partial.replace(self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself, so a power cut cannot bring back what was written back
+        finally:
+            os.close(folder)
 
     def __len__(self) -> int:
         return len(self.items)

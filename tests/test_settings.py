@@ -12,7 +12,7 @@ import pytest
 
 from bench.standins import BOT_USER, LLMStandIn, Sent, TelegramStandIn
 from config import ConfigError, load_config
-from handlers.settings import ADMINS_ONLY, PROMPT_MAX_CHARS, STALE_CHOICE, TEMPERATURE_USAGE, model_key
+from handlers.settings import ADMINS_ONLY, NO_PROMPT, PROMPT_MAX_CHARS, STALE_CHOICE, TEMPERATURE_USAGE, model_key
 from services.database import Pool
 from services.local_postgres import LocalPostgres
 from services.turns import DB_APOLOGY
@@ -21,6 +21,7 @@ from tests.harness import ROOT, TOKEN, outage, running_bot
 GROUP = -100777
 ADMIN, MEMBER = 7, 8
 MODELS = "stand-in,other/model-b,third-model"
+PIRATE = "You are a test.\n\nBe a pirate."  # SYSTEM_PROMPT, then the chat's prompt
 
 
 @pytest.fixture
@@ -133,7 +134,7 @@ async def test_settings_survive_a_restart(
     assert (request["model"], request["temperature"], system_prompt(request)) == (
         "third-model",
         0.5,
-        "Answer like a pirate.",
+        "You are a test.\n\nAnswer like a pirate.",
     )
 
 
@@ -141,21 +142,19 @@ async def test_prompt_is_shown_set_and_reset(
     env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:
     async with running_bot(env, telegram):
-        assert (await reply(telegram, 1, "/prompt")).startswith(
-            "System prompt in this chat (the default):\n\nYou are a test."
-        )
+        assert (await reply(telegram, 1, "/prompt")).startswith(NO_PROMPT)
         assert await reply(telegram, 1, "/prompt Be brief.\nVery brief.") == (
-            "System prompt set. It applies from your next message."
+            "This chat's prompt set. It applies from your next message."
         )
-        assert (await reply(telegram, 1, "/prompt")).startswith("System prompt in this chat:\n\nBe brief.\nVery brief.")
+        assert (await reply(telegram, 1, "/prompt")).startswith("This chat's prompt:\n\nBe brief.\nVery brief.")
         await reply(telegram, 1, "one")
-        assert system_prompt(llm.requests[-1]) == "Be brief.\nVery brief."
+        assert system_prompt(llm.requests[-1]) == "You are a test.\n\nBe brief.\nVery brief."
         too_long = await reply(telegram, 1, "/prompt " + "x" * (PROMPT_MAX_CHARS + 1))
         assert too_long == f"That prompt is {PROMPT_MAX_CHARS + 1:,} characters; at most {PROMPT_MAX_CHARS:,} fit."
         assert await reply(telegram, 1, "/temperature 2.5") == TEMPERATURE_USAGE
         assert await reply(telegram, 1, "/temperature warm") == TEMPERATURE_USAGE
         assert await reply(telegram, 1, "/prompt reset") == (
-            "System prompt reset to the default. It applies from your next message."
+            "This chat's prompt removed. It applies from your next message."
         )
         await reply(telegram, 1, "two")
     assert system_prompt(llm.requests[-1]) == "You are a test."
@@ -178,14 +177,14 @@ async def test_in_a_group_only_administrators_change_settings(
         assert (refused.params["text"], refused.params["show_alert"]) == (ADMINS_ONLY, "true")
         # an administrator may, and Telegram is asked once for both changes
         assert await reply(telegram, GROUP, "/prompt Talk like a dog.", user_id=ADMIN) == (
-            "System prompt set. It applies from your next message."
+            "This chat's prompt set. It applies from your next message."
         )
         chosen = await press(telegram, keyboard, buttons(keyboard)["other/model-b"], user_id=ADMIN)
         assert chosen.params["text"] == "Model: other/model-b"
         # the group's settings apply to everyone's next turn there
         assert await reply(telegram, GROUP, "woof?", user_id=MEMBER) == "echo: woof?"
     request = llm.requests[-1]
-    assert (request["model"], system_prompt(request)) == ("other/model-b", "Talk like a dog.")
+    assert (request["model"], system_prompt(request)) == ("other/model-b", "You are a test.\n\nTalk like a dog.")
     asked = [(int(c.params["chat_id"]), int(c.params["user_id"])) for c in telegram.calls("getChatMember")]
     assert sorted(asked) == [(GROUP, ADMIN), (GROUP, MEMBER)]  # each remembered after the first question
     assert await fetch(pool, "SELECT updated_by FROM chat_settings") == [(ADMIN,)]
@@ -287,7 +286,7 @@ async def test_during_an_outage_turns_use_the_defaults(
         await reply(telegram, 1, "/prompt Be a pirate.")
         await reply(telegram, 1, "/temperature 1.2")
         assert await reply(telegram, 1, "before") == "echo: before"  # the dialog is in memory now
-        assert (llm.requests[-1]["temperature"], system_prompt(llm.requests[-1])) == (1.2, "Be a pirate.")
+        assert (llm.requests[-1]["temperature"], system_prompt(llm.requests[-1])) == (1.2, PIRATE)
         with outage(cluster):
             assert await reply(telegram, 1, "during") == "echo: during"
             request = llm.requests[-1]
@@ -301,7 +300,7 @@ async def test_during_an_outage_turns_use_the_defaults(
         await telegram.wait_for(lambda: not store.degraded, timeout=30)
         assert await reply(telegram, 1, "after") == "echo: after"
     request = llm.requests[-1]
-    assert (request["temperature"], system_prompt(request)) == (1.2, "Be a pirate.")
+    assert (request["temperature"], system_prompt(request)) == (1.2, PIRATE)
 
 
 async def test_without_a_database_turns_use_the_defaults(
