@@ -108,14 +108,14 @@ def create_bot(config: Config) -> Bot:
     from aiogram import Bot
     from aiogram.client.default import DefaultBotProperties
     from aiogram.client.session.aiohttp import AiohttpSession
-    from aiogram.client.telegram import TelegramAPIServer
+    from aiogram.client.telegram import PRODUCTION, TelegramAPIServer
 
     from handlers.flood import FloodControl
     from handlers.monitoring import BotApiMonitor
+    from services.text import storable_json
 
-    session = (
-        AiohttpSession(api=TelegramAPIServer.from_base(config.telegram_api_url)) if config.telegram_api_url else None
-    )
+    api = TelegramAPIServer.from_base(config.telegram_api_url) if config.telegram_api_url else PRODUCTION
+    session = AiohttpSession(api=api, json_loads=storable_json)  # input cleaned at the edge, once
     bot = Bot(config.telegram_bot_token, session=session, default=DefaultBotProperties(link_preview_is_disabled=True))
     bot.session.middleware(FloodControl())
     bot.session.middleware(BotApiMonitor())  # inside FloodControl: sees each attempt, 429s included

@@ -43,13 +43,12 @@ from bench.instances import instances
 from bench.whole_bot import whole_bot
 from bot import create_dispatcher
 from config import load_config
-from handlers.errors import APOLOGY
 from handlers.messages import SLOW_DOWN
 from services import context, database, leases
 from services.database import Pool
 from services.llm import LLM
 from services.local_postgres import LocalPostgres, throwaway
-from services.turns import DB_APOLOGY, LLM_APOLOGY
+from services.turns import APOLOGY, DB_APOLOGY, LLM_APOLOGY
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parent.parent

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from datetime import UTC, datetime
 
 from aiogram import Router
 from aiogram.exceptions import TelegramAPIError
 from aiogram.filters import ExceptionTypeFilter
 from aiogram.types import ErrorEvent
 
-from services.context import StorageUnavailable
+from handlers.messages import SLOW_DOWN, over_budget_reply
+from services.context import OverBudget, RateLimited
+from services.failures import BadRequest, StorageUnavailable
 from services.storage import HistoryDisabled
-from services.turns import DB_APOLOGY
+from services.turns import APOLOGY, BAD_INPUT, DB_APOLOGY
 
 logger = logging.getLogger(__name__)
-APOLOGY = "Sorry, something went wrong on my side. Please try again."
 NO_HISTORY = "This bot runs without a database, so there is no stored history to work with."
 
 
@@ -40,6 +42,26 @@ async def on_storage_unavailable(event: ErrorEvent) -> None:
     await _answer(event, DB_APOLOGY)
 
 
+async def on_bad_request(event: ErrorEvent) -> None:
+    """The database refused what this update asked of it: a line to its sender, nothing else."""
+    logger.warning("update %s: the database refused its input (%s)", event.update.update_id, event.exception)
+    await _answer(event, BAD_INPUT)
+
+
+async def on_over_budget(event: ErrorEvent) -> None:
+    """The user has spent today's token budget: a new question, a /retry or an edit of the last
+    question was refused by the statement that would have stored or re-opened it."""
+    logger.info("update %s: its user has spent today's token budget", event.update.update_id)
+    await _answer(event, over_budget_reply(datetime.now(UTC)))
+
+
+async def on_rate_limited(event: ErrorEvent) -> None:
+    """The user is over the rate limit: a new question, a /retry, an edit, a /clear or an /undo
+    was refused by its statement, which changed nothing."""
+    logger.info("update %s: its user is over the rate limit", event.update.update_id)
+    await _answer(event, SLOW_DOWN)
+
+
 async def on_error(event: ErrorEvent) -> None:
     """Last resort: log the traceback (no message text) and apologise."""
     update = event.update
@@ -51,5 +73,8 @@ def create_router() -> Router:
     router = Router(name=__name__)
     router.errors.register(on_history_disabled, ExceptionTypeFilter(HistoryDisabled))
     router.errors.register(on_storage_unavailable, ExceptionTypeFilter(StorageUnavailable))
+    router.errors.register(on_bad_request, ExceptionTypeFilter(BadRequest))
+    router.errors.register(on_over_budget, ExceptionTypeFilter(OverBudget))  # before its base class
+    router.errors.register(on_rate_limited, ExceptionTypeFilter(RateLimited))
     router.errors.register(on_error)
     return router

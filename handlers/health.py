@@ -2,13 +2,15 @@
 
 ``/healthz`` answers 200 when every check passes, 503 when one fails, with the checks as JSON:
 the database answers (a fresh connection, so a busy pool is not an outage) and its schema is at
-the head this code expects; the bot is not answering from memory; Telegram answered a request
-within the last minute (else ``getMe`` is asked). The age of the last update is reported, not
-judged: a quiet hour is not a fault. ``/metrics`` is Prometheus' text format.
+the head this code expects; a turn gets a pooled connection within two seconds; the bot is not
+answering from memory; Telegram answered a request within the last minute (else ``getMe`` is
+asked). The age of the last update is reported, not judged: a quiet hour is not a fault.
+``/metrics`` is Prometheus' text format.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from aiogram import Bot
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services import metrics
+from services import database, metrics
 from services.database import Pool
 from services.storage import Storage
 
@@ -70,8 +72,20 @@ class Health:
         return {
             "database": {"ok": True, "answered_in_ms": round((time.perf_counter() - started) * 1000, 1)},
             "schema": {"ok": version == self.schema_head, "version": version, "head": self.schema_head},
+            "pool": await self._pool(self.pool),
             "storage": self._storage(),
         }
+
+    async def _pool(self, pool: Pool) -> Check:
+        """Whether a turn gets a pooled connection now (the server answering a new one is not
+        enough: after a restart the pool's may all be dead)."""
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(database.run(pool, database.fetch_schema_version), CHECK_TIMEOUT_S)
+        except (TimeoutError, psycopg.Error) as error:
+            logger.warning("health: no pooled database connection: %s", type(error).__name__)
+            return {"ok": False, "detail": type(error).__name__}
+        return {"ok": True, "answered_in_ms": round((time.perf_counter() - started) * 1000, 1)}
 
     def _storage(self) -> Check:
         return {"ok": not self.storage.degraded, "degraded": self.storage.degraded, "spooled": self.storage.spooled}

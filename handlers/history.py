@@ -24,7 +24,6 @@ from services.delivery import Delivery
 from services.export import Format, export_dialog
 from services.formatting import Part, compose, split
 from services.storage import Storage
-from services.text import storable
 from services.turns import Turns
 
 logger = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ def undo_report(undone: Undone) -> str:
 async def on_edited_text(message: Message, event_from_user: User, turns: Turns) -> None:
     """The user edited a message: a stored question takes the new text; the last one is
     answered again. Edits of anything else are ignored."""
-    text = storable(message.text or "")
+    text = message.text or ""
     if not text.strip():
         return
     stored = await turns.edit(
@@ -91,7 +90,7 @@ async def on_edited_text(message: Message, event_from_user: User, turns: Turns) 
 async def cmd_search(
     message: Message, command: CommandObject, event_from_user: User, dialog_store: Storage, delivery: Delivery
 ) -> None:
-    words = storable(command.args or "").strip()
+    words = (command.args or "").strip()
     everything = words == "all" or words.startswith("all ")
     if everything:
         words = words[3:].strip()

@@ -11,9 +11,7 @@ from aiogram.enums import ChatType
 from aiogram.types import Message, MessageGenerationStopped, User
 
 from handlers.middlewares import replied_to
-from services.context import OverBudget, RateLimited
 from services.delivery import Address
-from services.text import storable
 from services.turns import Turns
 
 logger = logging.getLogger(__name__)
@@ -54,32 +52,26 @@ def quoted_in(message: Message) -> str | None:
     """The text the user replies to (the part they quoted, else the whole message): stored with
     the question, its turn's context shows it before the question."""
     if message.quote is not None:
-        return storable(message.quote.text)[:QUOTE_CHARS]
+        return message.quote.text[:QUOTE_CHARS]
     replied = replied_to(message)
     text = replied.text or replied.caption if replied is not None else None
-    return storable(text)[:QUOTE_CHARS] if text else None
+    return text[:QUOTE_CHARS] if text else None
 
 
 async def on_text(message: Message, event_from_user: User, turns: Turns) -> None:
-    text = storable(message.text or "")
+    text = message.text or ""  # made storable at the edge (services.text.storable_json)
     if not text.strip():
         await message.answer(EMPTY)
         return
-    try:
-        await turns.ask(
-            user_id=event_from_user.id,
-            first_name=event_from_user.first_name,
-            address=address_of(message),
-            telegram_message_id=message.message_id,
-            text=text,
-            quoted=quoted_in(message),
-        )
-    except OverBudget:
-        logger.info("user %s has spent today's token budget", event_from_user.id)
-        await message.answer(over_budget_reply(datetime.now(UTC)))
-    except RateLimited:
-        logger.info("user %s is over the rate limit", event_from_user.id)
-        await message.answer(SLOW_DOWN)
+    # Refused (RateLimited, OverBudget): the reply comes from handlers.errors, as for every door.
+    await turns.ask(
+        user_id=event_from_user.id,
+        first_name=event_from_user.first_name,
+        address=address_of(message),
+        telegram_message_id=message.message_id,
+        text=text,
+        quoted=quoted_in(message),
+    )
 
 
 async def on_generation_stopped(event: MessageGenerationStopped, turns: Turns) -> None:

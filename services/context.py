@@ -1,8 +1,9 @@
 """The dialog context service: what the turn pipeline calls to remember and recall a conversation.
 
 Functional and stateless: every function takes the pool and Telegram ids, runs its SQL through
-``services.database`` and returns plain values. Database failures surface as one exception,
-``StorageUnavailable``, so callers need not know the driver.
+``services.database`` and returns plain values. Database failures surface by their class
+(``services.failures``): ``StorageUnavailable`` (the database is out) or ``BadRequest`` (it
+refused this request's input), so callers need not know the driver.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from services.database import (
     Undone,
     UnfinishedTurn,
 )
+from services.failures import BadRequest, Failure, StorageUnavailable, classify, reason
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -59,10 +61,6 @@ def as_sent(content: str, finish_reason: FinishReason | None) -> str:
     return content + CUT_SHORT[finish_reason] if finish_reason else content
 
 
-class StorageUnavailable(Exception):
-    """The database could not be reached or refused the operation."""
-
-
 class RateLimited(Exception):
     """The user sent more messages this minute than allowed; the message was set aside."""
 
@@ -75,14 +73,20 @@ class OverBudget(RateLimited):
 async def call(
     pool: Pool, query: Callable[Concatenate[Connection, P], Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
 ) -> T:
-    """``query(conn, ...)`` on a pooled connection (``database.run``); any database failure is
-    logged by its class and raised as ``StorageUnavailable``."""
+    """``query(conn, ...)`` on a pooled connection (``database.run``, which runs it again on a
+    fresh connection when one breaks), its failure routed by class (``services.failures``): an
+    outage, or connections that keep breaking, raise ``StorageUnavailable``; input the database
+    refused raises ``BadRequest``; anything else (a bug) is raised as it is."""
     try:
         return await database.run(pool, query, *args, **kwargs)
     except psycopg.Error as error:
-        # The class only: a driver message can quote the text of the row it failed on.
-        logger.warning("database call %s failed: %s", query.__name__, type(error).__name__)
-        raise StorageUnavailable(type(error).__name__) from error
+        failure = classify(error)
+        logger.warning("database call %s failed: %s, %s", query.__name__, failure.value, reason(error))
+        if failure in (Failure.OUTAGE, Failure.BROKEN):
+            raise StorageUnavailable(type(error).__name__) from error
+        if failure is Failure.BAD_REQUEST:
+            raise BadRequest(error.sqlstate or type(error).__name__) from error
+        raise
 
 
 async def register(pool: Pool, *, telegram_user_id: int, first_name: str | None, telegram_chat_id: int) -> None:
@@ -134,11 +138,18 @@ async def add_question(
         holder=holder,
         lease_ttl_s=lease_ttl_s,
     )
-    if added.over_budget:
-        raise OverBudget
-    if added.new and added.set_aside:
-        raise RateLimited
+    refuse(rate_limited=added.new and added.set_aside, over_budget=added.over_budget)
     return added
+
+
+def refuse(*, rate_limited: bool, over_budget: bool) -> None:
+    """The admission's verdict, as the statement that stored or re-opened a question (or that
+    would have cleared or undone) decided it: ``OverBudget`` before ``RateLimited``, as for a new
+    question, so every refused door gets the same reply."""
+    if over_budget:
+        raise OverBudget
+    if rate_limited:
+        raise RateLimited
 
 
 async def start_turn(
@@ -187,9 +198,12 @@ async def summary_source(
     )
 
 
-async def add_summary(pool: Pool, *, question_id: int, through_id: int, covered: int, text: str, shared: bool) -> bool:
+async def add_summary(
+    pool: Pool, *, question_id: int, through_id: int, covered: int, text: str, shared: bool, usage: Usage | None = None
+) -> bool:
     """Store a summary of the question's dialog up to turn ``through_id``; False when the
-    question was cleared or undone meanwhile."""
+    question was cleared or undone meanwhile. ``usage``: the tokens its LLM call was reported to
+    take, counted for the question's user (the one whose turn made it) either way."""
     return await call(
         pool,
         database.add_summary,
@@ -198,6 +212,8 @@ async def add_summary(pool: Pool, *, question_id: int, through_id: int, covered:
         covered=covered,
         content=text,
         shared=shared,
+        prompt_tokens=usage.prompt_tokens if usage is not None else None,
+        completion_tokens=usage.completion_tokens if usage is not None else None,
     )
 
 
@@ -238,39 +254,84 @@ async def set_failed(pool: Pool, *, message_id: int) -> None:
     await call(pool, database.set_failed, message_id=message_id)
 
 
-async def clear_context(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> int:
-    """Soft-delete the history of (user, chat); how many messages were cleared."""
-    return await call(
-        pool, database.soft_delete_messages, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id
+async def clear_context(
+    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit_per_minute: int = 0
+) -> int:
+    """Soft-delete the history of (user, chat); how many messages were cleared. Raises
+    ``RateLimited`` (nothing cleared) when the hit it counts is over ``rate_limit_per_minute``."""
+    cleared = await call(
+        pool,
+        database.soft_delete_messages,
+        telegram_user_id=telegram_user_id,
+        telegram_chat_id=telegram_chat_id,
+        rate_limit=rate_limit_per_minute,
     )
+    refuse(rate_limited=cleared.rate_limited, over_budget=False)
+    return cleared.cleared
 
 
-async def retry(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> RetriedQuestion | None:
-    """Set aside the answer to the dialog's last question, to ask it again; None if there is none."""
-    return await call(
-        pool, database.retry_last_turn, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id
+async def retry(
+    pool: Pool,
+    *,
+    telegram_user_id: int,
+    telegram_chat_id: int,
+    rate_limit_per_minute: int = 0,
+    daily_token_budget: int = 0,
+) -> RetriedQuestion | None:
+    """Set aside the answer to the dialog's last question, to ask it again; None if there is
+    none. Raises ``RateLimited`` or ``OverBudget`` as a new question would (nothing changed)."""
+    retried = await call(
+        pool,
+        database.retry_last_turn,
+        telegram_user_id=telegram_user_id,
+        telegram_chat_id=telegram_chat_id,
+        rate_limit=rate_limit_per_minute,
+        token_budget=daily_token_budget,
     )
+    refuse(rate_limited=retried.rate_limited, over_budget=retried.over_budget)
+    return retried if retried.id is not None else None
 
 
-async def undo(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> Undone:
-    """Bring back the last /clear if nothing was said since, else take back the last turn."""
-    return await call(
-        pool, database.undo_last_turn, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id
+async def undo(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit_per_minute: int = 0) -> Undone:
+    """Bring back the last /clear if nothing was said since, else take back the last turn.
+    Raises ``RateLimited`` (nothing changed) when the hit it counts is over the limit."""
+    undone = await call(
+        pool,
+        database.undo_last_turn,
+        telegram_user_id=telegram_user_id,
+        telegram_chat_id=telegram_chat_id,
+        rate_limit=rate_limit_per_minute,
     )
+    refuse(rate_limited=undone.rate_limited, over_budget=False)
+    return undone
 
 
 async def edit_question(
-    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, telegram_message_id: int, text: str
+    pool: Pool,
+    *,
+    telegram_user_id: int,
+    telegram_chat_id: int,
+    telegram_message_id: int,
+    text: str,
+    rate_limit_per_minute: int = 0,
+    daily_token_budget: int = 0,
 ) -> EditedQuestion | None:
-    """Store the edited text of a question; None when the message is not a stored question."""
-    return await call(
+    """Store the edited text of a question; None when the message is not a stored question.
+    Raises ``RateLimited``, or (the last question, answered again) ``OverBudget``, as a new
+    question would: nothing changed."""
+    edited = await call(
         pool,
         database.edit_question,
         telegram_user_id=telegram_user_id,
         telegram_chat_id=telegram_chat_id,
         telegram_message_id=telegram_message_id,
         content=text,
+        rate_limit=rate_limit_per_minute,
+        token_budget=daily_token_budget,
     )
+    if edited is not None:
+        refuse(rate_limited=edited.rate_limited, over_budget=edited.over_budget)
+    return edited
 
 
 async def search(

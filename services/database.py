@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import args_row, class_row, dict_row, scalar_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from services import metrics
+from services import failures, metrics
+from services.failures import Failure
 from services.tokens import estimate_tokens
 
 logger = logging.getLogger(__name__)
@@ -161,11 +163,14 @@ class UnfinishedTurn:
 
 @dataclass(frozen=True, slots=True)
 class RetriedQuestion:
-    """The question /retry asks again."""
+    """The question /retry asks again (``id`` None: there is none), unless it was refused: the
+    user is over the rate limit or the daily token budget (then nothing changed)."""
 
-    id: int
+    id: int | None
     telegram_message_id: int | None
     telegram_thread_id: int | None
+    rate_limited: bool = False
+    over_budget: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +181,15 @@ class Undone:
     restored: int
     undone: int
     question: str | None
+    rate_limited: bool = False  # over the rate limit: nothing changed
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """What /clear did: how many messages it ``cleared``; ``rate_limited``: none, refused."""
+
+    cleared: int
+    rate_limited: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +201,8 @@ class EditedQuestion:
     telegram_thread_id: int | None
     last: bool
     replaced_message_ids: list[int]
+    rate_limited: bool = False  # refused (nothing changed): over the rate limit,
+    over_budget: bool = False  # or over the daily token budget (the last turn only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,9 +297,10 @@ class SummarySource:
 async def init_db(url: str, *, size: int = 10, timeout_s: float = 5.0) -> Pool:
     """Open a pool of ``size`` autocommit connections; raise ``PoolTimeout`` if none connects.
 
-    Each connection is checked as it is handed out, so after a server restart the dead ones are
-    replaced before a caller sees them. ``timeout_s`` bounds the wait for a connection before
-    ``run`` asks whether the server answers at all.
+    Connections are not checked as they are handed out (that would cost every statement a round
+    trip, and psycopg-pool's back-off between failed checks stalls a turn for seconds after a
+    server restart): ``run`` finds a broken one by its error, drops the pool's stale ones at once
+    and runs the statement again. ``timeout_s`` bounds the wait for a connection.
     """
     pool: Pool = AsyncConnectionPool(
         url,
@@ -291,7 +308,6 @@ async def init_db(url: str, *, size: int = 10, timeout_s: float = 5.0) -> Pool:
         max_size=size,
         open=False,
         timeout=timeout_s,
-        check=AsyncConnectionPool.check_connection,
         # Give up background reconnection quickly: its backoff doubles up to this bound, which
         # would delay recovery long after the server is back. A waiting caller regrows the pool
         # at once instead.
@@ -325,6 +341,8 @@ async def server_answers(pool: Pool) -> bool:
 async def _new_connection_error(pool: Pool) -> str | None:
     """Why a new connection, bypassing the pool, does not open now (None: it opens)."""
     try:
+        # As long as the pool's own wait: a loaded server slow to accept is not an outage; one that
+        # refuses (it is down) answers at once.
         conn = await psycopg.AsyncConnection.connect(_conninfo(pool), connect_timeout=max(1, int(pool.timeout)))
     except psycopg.OperationalError as error:
         return type(error).__name__
@@ -332,31 +350,64 @@ async def _new_connection_error(pool: Pool) -> str | None:
     return None
 
 
-async def _saturated_pool_probe(pool: Pool) -> bool:
-    """``server_answers`` for a pool that timed out, logged once per probe (not per waiter)."""
+async def _waiting_pool_probe(pool: Pool) -> bool:
+    """``server_answers`` for a pool that keeps a caller waiting, logged once per probe (not per
+    waiter)."""
     error = await _new_connection_error(pool)
     if error is None:
-        logger.warning("every database connection is busy; still waiting (%s)", pool.get_stats())
+        logger.info("every database connection is busy; still waiting (%s)", pool.get_stats())
         return True
-    logger.warning(
-        "no pooled connection within %gs and a new one fails (%s): database unavailable", pool.timeout, error
-    )
+    logger.warning("no pooled connection and a new one fails (%s): database unavailable", error)
     return False
 
 
-# One probe per pool at a time, its answer shared for a second: when a saturated pool times out
-# many waiters at once, they must not each open a connection to ask (that feeds the saturation).
+# Shared per pool: when a saturated pool keeps many callers waiting, they must not each open a
+# connection to ask (that feeds the saturation), and a broken connection found by many at once
+# drops the stale ones once. A probe's answer is shared for a second.
 _probes: WeakKeyDictionary[Pool, tuple[float, asyncio.Task[bool]]] = WeakKeyDictionary()
+_checks: WeakKeyDictionary[Pool, asyncio.Task[None]] = WeakKeyDictionary()
 PROBE_SHARED_S = 1.0
+PROBE_AFTER_S = 1.0  # a caller kept waiting this long for a connection asks the server directly
 
 
 async def _server_answers_shared(pool: Pool) -> bool:
     now = asyncio.get_running_loop().time()
     started, probe = _probes.get(pool, (0.0, None))
     if probe is None or (probe.done() and now - started > PROBE_SHARED_S):
-        probe = asyncio.ensure_future(_saturated_pool_probe(pool))
+        probe = asyncio.ensure_future(_waiting_pool_probe(pool))
         _probes[pool] = (now, probe)
     return await asyncio.shield(probe)
+
+
+async def _drop_stale(pool: Pool) -> None:
+    """Check the pool's idle connections now and replace the broken ones (after a server restart
+    they all are), once for every caller that found one."""
+    check = _checks.get(pool)
+    if check is None or check.done():
+        check = _checks[pool] = asyncio.ensure_future(pool.check())
+    await asyncio.shield(check)
+
+
+async def _connection(pool: Pool) -> Connection:
+    """A pooled connection, waiting as long as the server answers (a busy pool is not an outage);
+    ``PoolTimeout`` as soon as a caller has waited ``PROBE_AFTER_S`` and a new connection fails."""
+    while True:
+        getting = asyncio.ensure_future(pool.getconn())  # its place in the pool's queue is kept
+        try:
+            done, _ = await asyncio.wait({getting}, timeout=PROBE_AFTER_S)
+            if not done and not await _server_answers_shared(pool):
+                raise PoolTimeout("no pooled connection, and the server refuses a new one")
+            try:
+                return await getting
+            except PoolTimeout:  # the pool's whole timeout: busy, or out?
+                if not await _server_answers_shared(pool):
+                    raise
+        except BaseException:
+            if not getting.done():
+                getting.cancel()  # the pool takes back a connection it hands to a cancelled wait
+            elif not getting.cancelled() and getting.exception() is None:
+                await pool.putconn(getting.result())  # handed over while the probe was asked
+            raise
 
 
 async def run(
@@ -364,17 +415,34 @@ async def run(
 ) -> T:
     """``work(conn, ...)`` on a pooled connection.
 
-    A full pool means *wait*: when no connection frees up within the pool's timeout, the
-    server is asked directly; only when it does not answer does ``PoolTimeout`` reach the
-    caller, as an outage.
+    A full pool means *wait*: ``PoolTimeout`` reaches the caller only when a new connection fails
+    too (an outage). A connection that breaks under ``work`` (``failures.Failure.BROKEN``: the
+    server restarted, or ended the backend) is replaced and ``work`` runs again on a fresh one,
+    for as long as the pool's timeout. A statement whose reply was lost with its connection may
+    have committed: the writes are keyed (a question by its Telegram id, an answer by its
+    question, a part by its message id), so running one again finds it done.
     """
+    deadline = asyncio.get_running_loop().time() + pool.timeout
     while True:
-        try:
-            async with metrics.stage("database"), pool.connection() as conn:  # the wait for a connection counts
+        async with metrics.stage("database"):  # the wait for a connection counts
+            conn = await _connection(pool)
+            try:
                 return await work(conn, *args, **kwargs)
-        except PoolTimeout:
-            if not await _server_answers_shared(pool):
-                raise
+            except psycopg.Error as error:
+                failure = failures.classify(error)
+                metrics.DATABASE_FAILURES.labels(failure.value).inc()
+                if failure is not Failure.BROKEN or asyncio.get_running_loop().time() > deadline:
+                    raise
+                logger.info(
+                    "database connection broke under %s (%s): running it again", _name(work), failures.reason(error)
+                )
+            finally:
+                await pool.putconn(conn)  # a broken one is discarded, and replaced
+        await _drop_stale(pool)
+
+
+def _name(work: Callable[..., object]) -> str:
+    return getattr(work, "__name__", type(work).__name__)
 
 
 @asynccontextmanager
@@ -435,50 +503,77 @@ REGISTER: Final = (
     "WITH" + _REGISTER_CTES + "SELECT (SELECT id FROM user_row) AS user_id, (SELECT id FROM chat_row) AS chat_id"
 )
 
-# Daily token budgets. A day is a UTC date, whatever the server's TimeZone. Every stored answer
-# adds the tokens its endpoint reported to (its user, the UTC day it was made) in token_usage,
-# budget or not (cheap, and right when a budget is turned on mid-day), from the RETURNING of
-# the statement that stored it: an answer not stored (its question cleared, or written back
-# before) counts nothing. A question finds today's row by primary key: a user at or past
-# %(token_budget)s (0: no budget) has that question set aside like one over the rate limit.
-_OVER_BUDGET_CTE: Final = """
+
+# -- admission: the rate limit and the daily token budget --------------------------------------
+# One admission for every way a turn can call the LLM: the statement that stores a question
+# (ADD_QUESTION) or re-opens one (/retry, an edit of the last question) decides it itself, in
+# the same transaction as the change it allows, so there is no check to skip and no window
+# between a check and the change. /clear and /undo count against the rate limit the same way.
+# A turn recovered after a restart or handed over by a chat's lease runs a question admitted
+# when it was stored (or re-opened), and is not charged again; a summary is part of the turn
+# that made it (its tokens are counted, INSERT_SUMMARY).
+#
+# ``rate``: a hit for the user in a fixed one-minute window, when %(rate_limit)s > 0 and the
+# statement's ``counted`` condition holds (an edit counts only when it edits a stored question).
+# ``over_budget``: the user's tokens today (a UTC date, whatever the server's TimeZone), found
+# by token_usage's primary key, have reached %(token_budget)s (0: no budget). ``admission``:
+# both verdicts in one row (``refused``: either); ``verdicts`` is MATERIALIZED, so each is
+# decided once (inlined, ``refused`` would probe them again).
+def _admission(counted: str = "true") -> str:
+    return f"""
+    rate AS (
+        INSERT INTO rate_limits AS r (telegram_user_id, window_start, hits)
+        SELECT %(telegram_user_id)s::bigint, date_trunc('minute', now()), 1
+        WHERE %(rate_limit)s::integer > 0 AND {counted}
+        ON CONFLICT (telegram_user_id) DO UPDATE
+        SET hits = CASE WHEN r.window_start = EXCLUDED.window_start THEN r.hits + 1 ELSE 1 END,
+            window_start = EXCLUDED.window_start
+        RETURNING hits
+    ),
     over_budget AS (
         SELECT FROM token_usage
         WHERE %(token_budget)s::bigint > 0
-          AND user_id = (SELECT id FROM known_user) AND day = (now() AT TIME ZONE 'UTC')::date
+          AND user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
+          AND day = (now() AT TIME ZONE 'UTC')::date
           AND tokens >= %(token_budget)s::bigint
+    ),
+    verdicts AS MATERIALIZED (
+        SELECT coalesce((SELECT hits FROM rate), 0) > %(rate_limit)s::integer AS rate_limited,
+               EXISTS (SELECT FROM over_budget) AS over_budget
+    ),
+    admission AS (
+        SELECT rate_limited, over_budget, rate_limited OR over_budget AS refused FROM verdicts
     )"""
+
+
+# Every LLM call's reported tokens go to (a user, a UTC day) in token_usage, budget or not
+# (cheap, and right when a budget is turned on mid-day), from the RETURNING of the statement
+# that stores what the call made: each statement names its ``spent`` rows (user_id,
+# created_at, prompt_tokens, completion_tokens). An answer counts for its question's user on the
+# day it was made, once (a write-back repeated after a crash, or an answer to a question
+# answered already, counts nothing); so does one dropped because its question was cleared or
+# undone meanwhile; a summary counts for the user whose turn made it.
 _COUNT_TOKENS_CTE: Final = """
     counted AS (
         INSERT INTO token_usage AS t (user_id, day, tokens)
         SELECT user_id, (created_at AT TIME ZONE 'UTC')::date,
                coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)
-        FROM answer
+        FROM spent
         WHERE prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL
         ON CONFLICT (user_id, day) DO UPDATE SET tokens = t.tokens + EXCLUDED.tokens
     )"""
 
-# A question, stored in one statement: register, count a rate-limit hit (a fixed one-minute
-# window per user, when a limit is set), check the daily token budget (when one is set) and
-# store the message, set aside (soft-deleted) at once when it is over either limit, so no crash
-# can leave a refused question awaiting an answer. A Telegram message stored before is not
-# stored again; its row is returned with new = false (xmax is 0 only on a freshly inserted
-# row), so the caller can still see it answered. ``created_at`` is given only when a question
-# spooled during an outage is written back (with no budget: it was answered meanwhile).
+# A question, stored in one statement: register, decide its admission and store the message,
+# set aside (soft-deleted) at once when it is refused, so no crash can leave a refused question
+# awaiting an answer. A Telegram message stored before is not stored again; its row is returned
+# with new = false (xmax is 0 only on a freshly inserted row), so the caller can still see it
+# answered. ``created_at`` is given only when a question spooled during an outage is written
+# back (with no limits: it was answered meanwhile).
 ADD_QUESTION: Final = (
     "WITH"
     + _REGISTER_CTES
-    + """,
-    rate AS (
-        INSERT INTO rate_limits AS r (telegram_user_id, window_start, hits)
-        SELECT %(telegram_user_id)s::bigint, date_trunc('minute', now()), 1
-        WHERE %(rate_limit)s::integer > 0
-        ON CONFLICT (telegram_user_id) DO UPDATE
-        SET hits = CASE WHEN r.window_start = EXCLUDED.window_start THEN r.hits + 1 ELSE 1 END,
-            window_start = EXCLUDED.window_start
-        RETURNING hits
-    ),"""
-    + _OVER_BUDGET_CTE
+    + ","
+    + _admission()
     + """,
     lease AS (
         INSERT INTO chat_leases AS l (chat_id, holder, expires_at, done_through)
@@ -486,8 +581,7 @@ ADD_QUESTION: Final = (
                coalesce((SELECT coalesce(reply_to_id, id) FROM messages
                          WHERE chat_id = (SELECT id FROM chat_row) AND deleted_at IS NULL
                          ORDER BY coalesce(reply_to_id, id) DESC, id DESC LIMIT 1), 0)
-        WHERE %(holder)s::text IS NOT NULL AND coalesce((SELECT hits FROM rate), 0) <= %(rate_limit)s::integer
-          AND NOT EXISTS (SELECT FROM over_budget)
+        WHERE %(holder)s::text IS NOT NULL AND NOT (SELECT refused FROM admission)
         ON CONFLICT (chat_id) DO UPDATE
         SET holder = CASE WHEN l.holder IS NULL OR l.holder = EXCLUDED.holder THEN EXCLUDED.holder ELSE l.holder END,
             expires_at = CASE WHEN l.holder IS NULL OR l.holder = EXCLUDED.holder
@@ -501,14 +595,12 @@ ADD_QUESTION: Final = (
     SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row), 'user', %(content)s::text, %(tokens)s::integer,
            %(quoted)s::text, %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
            coalesce(%(created_at)s::timestamptz, now()),
-           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer OR EXISTS (SELECT FROM over_budget)
-                THEN now() END,
-           CASE WHEN (SELECT hits FROM rate) > %(rate_limit)s::integer OR EXISTS (SELECT FROM over_budget)
-                THEN 'rate_limit' END
+           CASE WHEN (SELECT refused FROM admission) THEN now() END,
+           CASE WHEN (SELECT refused FROM admission) THEN 'rate_limit' END
     ON CONFLICT ON CONSTRAINT messages_telegram_message_key
         DO UPDATE SET telegram_message_id = m.telegram_message_id
     RETURNING id, xmax = 0 AS new, deleted_at IS NOT NULL AS set_aside,
-              xmax = 0 AND EXISTS (SELECT FROM over_budget) AS over_budget,
+              xmax = 0 AND (SELECT over_budget FROM admission) AS over_budget,
               (SELECT leased FROM lease) AS leased, (SELECT version FROM lease) AS lease_version
 """
 )
@@ -641,20 +733,33 @@ SELECT_SUMMARY_SOURCE_SHARED: Final = _summary_source(shared=True)
 
 # A new summary replaces the dialog's live one, in one statement. It is written only while the
 # turn that made it is still live: a /clear or /undo that came first wins, and nothing is stored.
+# Nor is an empty one (the LLM wrote nothing). Its tokens count either way, for the user whose
+# turn made it (in a shared group too: the summary is part of that turn, which was admitted when
+# its question was stored).
 def _insert_summary(*, shared: bool) -> str:
     owner = "NULL::bigint" if shared else "q.user_id"
     return f"""
     WITH q AS (
-        SELECT user_id, chat_id FROM messages WHERE id = %(question_id)s::bigint AND deleted_at IS NULL
+        SELECT user_id, chat_id FROM messages
+        WHERE id = %(question_id)s::bigint AND deleted_at IS NULL AND %(content)s::text <> ''
     ),
     replaced AS (
         UPDATE summaries SET deleted_at = now(), deleted_reason = 'replaced'
         WHERE chat_id = (SELECT chat_id FROM q) AND {_SUMMARY_OWNER[shared]} AND deleted_at IS NULL
-    )
-    INSERT INTO summaries (user_id, chat_id, through_id, covered, content, tokens)
-    SELECT {owner}, q.chat_id, %(through_id)s::bigint, %(covered)s::integer, %(content)s::text, %(tokens)s::integer
-    FROM q
-    RETURNING id
+    ),
+    stored AS (
+        INSERT INTO summaries (user_id, chat_id, through_id, covered, content, tokens)
+        SELECT {owner}, q.chat_id, %(through_id)s::bigint, %(covered)s::integer, %(content)s::text,
+               %(tokens)s::integer
+        FROM q
+        RETURNING id
+    ),
+    spent AS (
+        SELECT user_id, now() AS created_at, %(prompt_tokens)s::integer AS prompt_tokens,
+               %(completion_tokens)s::integer AS completion_tokens
+        FROM messages WHERE id = %(question_id)s::bigint
+    ),{_COUNT_TOKENS_CTE}
+    SELECT id FROM stored
 """
 
 
@@ -662,19 +767,29 @@ INSERT_SUMMARY: Final = _insert_summary(shared=False)
 INSERT_SUMMARY_SHARED: Final = _insert_summary(shared=True)
 
 # Only a live question gets an answer, and only one live answer (messages_live_answer_key): a
-# /clear that came first wins, and nothing is stored (nor counted).
+# /clear that came first wins, and nothing is stored; the call's tokens count all the same. An
+# answer to a question answered already (the statement run again) counts nothing.
 INSERT_ANSWER: Final = (
     """
-    WITH answer AS (
+    WITH question AS (
+        SELECT id, user_id, chat_id, telegram_thread_id, deleted_at IS NULL AS live
+        FROM messages WHERE id = %(question_id)s::bigint
+    ),
+    answer AS (
     INSERT INTO messages
         (user_id, chat_id, role, content, tokens, reply_to_id, telegram_thread_id, finish_reason, prompt_tokens,
          completion_tokens)
     SELECT user_id, chat_id, 'assistant', %(content)s::text, %(tokens)s::integer, id, telegram_thread_id,
            %(finish_reason)s::text, %(prompt_tokens)s::integer, %(completion_tokens)s::integer
-    FROM messages
-    WHERE id = %(question_id)s::bigint AND deleted_at IS NULL
+    FROM question
+    WHERE live
     ON CONFLICT (reply_to_id) WHERE deleted_at IS NULL DO NOTHING
     RETURNING id, user_id, created_at, prompt_tokens, completion_tokens
+    ),
+    spent AS (
+        SELECT user_id, created_at, prompt_tokens, completion_tokens FROM answer
+        UNION ALL
+        SELECT user_id, now(), %(prompt_tokens)s::integer, %(completion_tokens)s::integer FROM question WHERE NOT live
     ),"""
     + _COUNT_TOKENS_CTE
     + """
@@ -682,11 +797,13 @@ INSERT_ANSWER: Final = (
 """
 )
 
+# A part already recorded is not recorded again: the statement may run twice (database.run).
 RECORD_SENT_PART: Final = """
     UPDATE messages
     SET sent_message_ids = coalesce(sent_message_ids, '{}') || %(telegram_message_id)s::bigint,
         delivered_at = CASE WHEN %(last)s::boolean THEN now() END
     WHERE id = %(answer_id)s::bigint
+      AND NOT coalesce(sent_message_ids @> ARRAY[%(telegram_message_id)s::bigint], false)
 """
 
 SET_FAILED: Final = """
@@ -704,12 +821,29 @@ SELECT_HISTORY: Final = """
     LIMIT %(limit)s::integer
 """
 
-# ``before`` is given only for a /clear spooled during an outage: it clears what was said
+
+# A group's shared summary that one user's /clear set aside holds the other members' words too.
+# When one of them takes back words it holds (their /clear, or their /undo of a turn it covers:
+# ``taken_back`` names the statement's rows, by ``turn``), it is withheld (revision 012): no
+# /undo brings it back, whatever the order of the clears. Found by summaries_cleared_idx.
+def _withhold(taken_back: str) -> str:
+    return f"""
+    withheld AS (
+        UPDATE summaries s SET deleted_reason = 'withheld'
+        WHERE s.chat_id = (SELECT chat_id FROM dialog) AND s.user_id IS NULL AND s.deleted_reason = 'clear'
+          AND s.through_id >= (SELECT min(turn) FROM {taken_back})
+    )"""
+
+
+# /clear: one hit against the rate limit; over it, nothing is cleared. ``before`` is given only
+# for a /clear spooled during an outage (then no limit is checked): it clears what was said
 # before it, and nothing written back after it, however often the write-back is repeated.
 # The dialog's summaries go with it, and so does the group's shared one: it may quote the user.
 SOFT_DELETE_MESSAGES: Final = (
     "WITH"
     + _DIALOG
+    + ","
+    + _admission()
     + """,
     summaries_cleared AS (
         UPDATE summaries SET deleted_at = coalesce(%(before)s::timestamptz, now()), deleted_reason = 'clear'
@@ -717,11 +851,19 @@ SOFT_DELETE_MESSAGES: Final = (
           AND (user_id = (SELECT user_id FROM dialog) OR user_id IS NULL)
           AND deleted_at IS NULL
           AND created_at <= coalesce(%(before)s::timestamptz, now())
-    )
-    UPDATE messages SET deleted_at = coalesce(%(before)s::timestamptz, now()), deleted_reason = 'clear'
-    WHERE user_id = (SELECT user_id FROM dialog) AND chat_id = (SELECT chat_id FROM dialog)
-      AND deleted_at IS NULL
-      AND created_at <= coalesce(%(before)s::timestamptz, now())
+          AND NOT (SELECT refused FROM admission)
+    ),
+    cleared AS (
+        UPDATE messages SET deleted_at = coalesce(%(before)s::timestamptz, now()), deleted_reason = 'clear'
+        WHERE user_id = (SELECT user_id FROM dialog) AND chat_id = (SELECT chat_id FROM dialog)
+          AND deleted_at IS NULL
+          AND created_at <= coalesce(%(before)s::timestamptz, now())
+          AND NOT (SELECT refused FROM admission)
+        RETURNING coalesce(reply_to_id, id) AS turn
+    ),"""
+    + _withhold("cleared")
+    + """
+    SELECT (SELECT count(*) FROM cleared) AS cleared, (SELECT rate_limited FROM admission) AS rate_limited
 """
 )
 
@@ -780,7 +922,8 @@ WRITE_BACK_ANSWER: Final = (
     )
     ON CONFLICT (reply_to_id) WHERE deleted_at IS NULL DO NOTHING
     RETURNING user_id, created_at, prompt_tokens, completion_tokens
-    ),"""
+    ),
+    spent AS (SELECT user_id, created_at, prompt_tokens, completion_tokens FROM answer),"""
     + _COUNT_TOKENS_CTE
     + """
     SELECT FROM answer
@@ -825,18 +968,23 @@ _LAST_TURN: Final = """
     )
 """
 
-# /retry: the last question is asked again. Its live answer is set aside ('retry'), so the new
-# answer takes its place in every later context; a question that had failed may run again.
+# /retry: the last question is asked again, when admitted (a hit, and the budget, as for a new
+# question; refused, nothing changes). Its live answer is set aside ('retry'), so the new answer
+# takes its place in every later context; a question that had failed may run again. One row
+# always: the question re-opened (id NULL: none) and the admission's verdicts.
 RETRY_LAST_TURN: Final = (
     "WITH"
     + _DIALOG
     + ","
     + _LAST_TURN
+    + ","
+    + _admission()
     + """,
     question AS (
         UPDATE messages q SET failed_at = NULL
         FROM last_turn t
         WHERE q.id = t.question_id AND q.role = 'user' AND q.deleted_at IS NULL
+          AND NOT (SELECT refused FROM admission)
         RETURNING q.id, q.telegram_message_id, q.telegram_thread_id
     ),
     replaced AS (
@@ -845,19 +993,24 @@ RETRY_LAST_TURN: Final = (
         WHERE a.reply_to_id = q.id AND a.deleted_at IS NULL
         RETURNING a.id
     )
-    SELECT id, telegram_message_id, telegram_thread_id FROM question
+    SELECT q.id, q.telegram_message_id, q.telegram_thread_id, a.rate_limited, a.over_budget
+    FROM admission a LEFT JOIN question q ON true
 """
 )
 
-# /undo: when the dialog's latest deletion is a /clear and nothing was said since, that clear's
-# rows come back; otherwise the newest live turn (question and answer) is set aside ('undo').
-# A clear is restored only while it is the latest deletion, so only the last one can be.
-# last_deletion is MATERIALIZED: inlined, it would be looked up again for every cleared row.
+# /undo: one hit against the rate limit; over it, nothing changes. When the dialog's latest
+# deletion is a /clear and nothing was said since, that clear's rows come back, with the
+# summaries it set aside (not those withheld since); otherwise the newest live turn (question
+# and answer) is set aside ('undo'), with the summaries that cover it. A clear is restored only
+# while it is the latest deletion, so only the last one can be. last_deletion is MATERIALIZED:
+# inlined, it would be looked up again for every cleared row.
 UNDO_LAST_TURN: Final = (
     "WITH"
     + _DIALOG
     + ","
     + _LAST_TURN
+    + ","
+    + _admission()
     + """,
     last_deletion AS MATERIALIZED (
         SELECT m.deleted_at, m.deleted_reason
@@ -870,7 +1023,7 @@ UNDO_LAST_TURN: Final = (
     restored AS (
         UPDATE messages m SET deleted_at = NULL, deleted_reason = NULL
         FROM last_deletion l
-        WHERE l.deleted_reason = 'clear'
+        WHERE l.deleted_reason = 'clear' AND NOT (SELECT refused FROM admission)
           AND NOT EXISTS (SELECT FROM last_turn t WHERE t.created_at > l.deleted_at)
           AND m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
           AND m.deleted_at = l.deleted_at AND m.deleted_reason = 'clear'
@@ -879,10 +1032,10 @@ UNDO_LAST_TURN: Final = (
     undone AS (
         UPDATE messages m SET deleted_at = now(), deleted_reason = 'undo'
         FROM last_turn t
-        WHERE NOT EXISTS (SELECT FROM restored)
+        WHERE NOT EXISTS (SELECT FROM restored) AND NOT (SELECT refused FROM admission)
           AND m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
           AND m.deleted_at IS NULL AND coalesce(m.reply_to_id, m.id) = t.question_id
-        RETURNING m.role, m.content
+        RETURNING m.role, m.content, coalesce(m.reply_to_id, m.id) AS turn
     ),
     summaries_restored AS (
         UPDATE summaries s SET deleted_at = NULL, deleted_reason = NULL
@@ -895,36 +1048,51 @@ UNDO_LAST_TURN: Final = (
     summaries_undone AS (
         UPDATE summaries s SET deleted_at = now(), deleted_reason = 'undo'
         FROM last_turn t
-        WHERE NOT EXISTS (SELECT FROM restored)
+        WHERE EXISTS (SELECT FROM undone)
           AND s.chat_id = (SELECT chat_id FROM dialog)
           AND (s.user_id = (SELECT user_id FROM dialog) OR s.user_id IS NULL)
           AND s.deleted_at IS NULL AND s.through_id >= t.question_id
-    )
+    ),"""
+    + _withhold("undone")
+    + """
     SELECT (SELECT count(*) FROM restored) AS restored,
            (SELECT count(*) FROM undone) AS undone,
-           (SELECT content FROM undone WHERE role = 'user') AS question
+           (SELECT content FROM undone WHERE role = 'user') AS question,
+           (SELECT rate_limited FROM admission) AS rate_limited
 """
 )
 
 # An edited question takes the new text (found by its Telegram key). When it is the dialog's
 # newest live turn, its live answer is set aside ('edit') for a new one, and the ids of the
-# messages that showed the old answer come back, to be edited in place.
+# messages that showed the old answer come back, to be edited in place. Only an edit that
+# changes a stored question of the user counts a hit; over the rate limit (or, for the newest
+# turn, which is answered again, over the budget) nothing changes.
 EDIT_QUESTION: Final = (
     "WITH"
     + _DIALOG
     + ","
     + _LAST_TURN
     + """,
-    question AS (
-        UPDATE messages q
-        SET content = %(content)s::text, tokens = %(tokens)s::integer, edited_at = now(),
-            failed_at = CASE WHEN q.deleted_at IS NULL AND q.id = (SELECT question_id FROM last_turn)
-                             THEN NULL ELSE q.failed_at END
+    target AS (
+        SELECT q.id, q.telegram_thread_id, q.deleted_at IS NULL AND q.id = (SELECT question_id FROM last_turn) AS last
+        FROM messages q
         WHERE q.chat_id = (SELECT chat_id FROM dialog) AND q.telegram_message_id = %(telegram_message_id)s::bigint
           AND q.user_id = (SELECT user_id FROM dialog) AND q.role = 'user'
           AND q.content IS DISTINCT FROM %(content)s::text
-        RETURNING q.id, q.telegram_thread_id,
-                  q.deleted_at IS NULL AND q.id = (SELECT question_id FROM last_turn) AS last
+    ),"""
+    + _admission("EXISTS (SELECT FROM target)")
+    + """,
+    verdict AS (
+        SELECT t.id, t.telegram_thread_id, t.last, a.rate_limited, t.last AND a.over_budget AS over_budget
+        FROM target t, admission a
+    ),
+    question AS (
+        UPDATE messages q
+        SET content = %(content)s::text, tokens = %(tokens)s::integer, edited_at = now(),
+            failed_at = CASE WHEN v.last THEN NULL ELSE q.failed_at END
+        FROM verdict v
+        WHERE q.id = v.id AND NOT v.rate_limited AND NOT v.over_budget
+        RETURNING q.id, v.last
     ),
     replaced AS (
         UPDATE messages a SET deleted_at = now(), deleted_reason = 'edit'
@@ -932,9 +1100,10 @@ EDIT_QUESTION: Final = (
         WHERE q.last AND a.reply_to_id = q.id AND a.deleted_at IS NULL
         RETURNING a.sent_message_ids
     )
-    SELECT q.id, q.telegram_thread_id, q.last,
-           coalesce((SELECT sent_message_ids FROM replaced), '{}') AS replaced_message_ids
-    FROM question q
+    SELECT v.id, v.telegram_thread_id, v.last,
+           coalesce((SELECT sent_message_ids FROM replaced), '{}') AS replaced_message_ids,
+           v.rate_limited, v.over_budget
+    FROM verdict v
 """
 )
 
@@ -1190,16 +1359,27 @@ async def fetch_summary_source(
 
 
 async def add_summary(
-    conn: Connection, *, question_id: int, through_id: int, covered: int, content: str, shared: bool
+    conn: Connection,
+    *,
+    question_id: int,
+    through_id: int,
+    covered: int,
+    content: str,
+    shared: bool,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
 ) -> bool:
     """Store a summary of the question's dialog up to turn ``through_id`` in place of its live
-    one; False when the question was cleared or undone meanwhile (nothing stored)."""
+    one; False when the question was cleared or undone meanwhile, or ``content`` is empty (nothing
+    stored). The tokens the endpoint reported for it count for the question's user either way."""
     params = {
         "question_id": question_id,
         "through_id": through_id,
         "covered": covered,
         "content": content,
         "tokens": estimate_tokens(content),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
     }
     cur = await conn.execute(INSERT_SUMMARY_SHARED if shared else INSERT_SUMMARY, params)
     return await cur.fetchone() is not None
@@ -1252,16 +1432,21 @@ async def fetch_history(
 
 
 async def soft_delete_messages(
-    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, before: datetime | None = None
-) -> int:
-    """Mark every live message of (user, chat) created up to ``before`` (default: now) deleted;
-    how many were."""
-    cur = await conn.execute(
-        SOFT_DELETE_MESSAGES,
-        {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, "before": before},
-        prepare=True,
-    )
-    return cur.rowcount
+    conn: Connection,
+    *,
+    telegram_user_id: int,
+    telegram_chat_id: int,
+    before: datetime | None = None,
+    rate_limit: int = 0,
+) -> Cleared:
+    """Mark every live message of (user, chat) created up to ``before`` (default: now) deleted,
+    counting a hit against ``rate_limit`` (0: no limit): nothing, when that is over it."""
+    cur = conn.cursor(row_factory=class_row(Cleared))
+    params = _dialog(telegram_user_id, telegram_chat_id, before=before, rate_limit=rate_limit, token_budget=0)
+    await cur.execute(SOFT_DELETE_MESSAGES, params, prepare=True)
+    cleared = await cur.fetchone()
+    assert cleared is not None  # a SELECT without FROM returns one row
+    return cleared
 
 
 async def write_back_answer(
@@ -1329,28 +1514,46 @@ def _dialog(telegram_user_id: int, telegram_chat_id: int, **params: object) -> d
     return {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, **params}
 
 
-async def retry_last_turn(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> RetriedQuestion | None:
-    """Set aside the answer to the dialog's last question so it is asked again; that question,
-    or None when the dialog has no live question."""
+async def retry_last_turn(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0, token_budget: int = 0
+) -> RetriedQuestion:
+    """Set aside the answer to the dialog's last question so it is asked again, when the user
+    is within ``rate_limit`` (a hit counted) and ``token_budget`` (0: none); that question (its
+    ``id`` None when the dialog has no live question, or the retry was refused)."""
     cur = conn.cursor(row_factory=class_row(RetriedQuestion))
-    await cur.execute(RETRY_LAST_TURN, _dialog(telegram_user_id, telegram_chat_id))
-    return await cur.fetchone()
+    params = _dialog(telegram_user_id, telegram_chat_id, rate_limit=rate_limit, token_budget=token_budget)
+    await cur.execute(RETRY_LAST_TURN, params)
+    retried = await cur.fetchone()
+    assert retried is not None  # the admission's row, joined to the question if any
+    return retried
 
 
-async def undo_last_turn(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> Undone:
-    """Bring back the last /clear if nothing was said since, else set aside the last turn."""
+async def undo_last_turn(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0
+) -> Undone:
+    """Bring back the last /clear if nothing was said since, else set aside the last turn;
+    nothing when the hit it counts is over ``rate_limit`` (0: no limit)."""
     cur = conn.cursor(row_factory=class_row(Undone))
-    await cur.execute(UNDO_LAST_TURN, _dialog(telegram_user_id, telegram_chat_id))
+    params = _dialog(telegram_user_id, telegram_chat_id, rate_limit=rate_limit, token_budget=0)
+    await cur.execute(UNDO_LAST_TURN, params)
     undone = await cur.fetchone()
     assert undone is not None  # a SELECT without FROM returns one row
     return undone
 
 
 async def edit_question(
-    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, telegram_message_id: int, content: str
+    conn: Connection,
+    *,
+    telegram_user_id: int,
+    telegram_chat_id: int,
+    telegram_message_id: int,
+    content: str,
+    rate_limit: int = 0,
+    token_budget: int = 0,
 ) -> EditedQuestion | None:
-    """Give a stored question its edited text; None when the message is not a stored question
-    of this user or its text did not change."""
+    """Give a stored question its edited text, when the user is within ``rate_limit`` (a hit
+    counted) and, for the last question, ``token_budget``; None when the message is not a
+    stored question of this user or its text did not change."""
     cur = conn.cursor(row_factory=class_row(EditedQuestion))
     params = _dialog(
         telegram_user_id,
@@ -1358,9 +1561,16 @@ async def edit_question(
         telegram_message_id=telegram_message_id,
         content=content,
         tokens=estimate_tokens(content),
+        rate_limit=rate_limit,
+        token_budget=token_budget,
     )
     await cur.execute(EDIT_QUESTION, params)
     return await cur.fetchone()
+
+
+# websearch_to_tsquery nests each "-" of a run in the one before, and its parser's stack ends at
+# 32 ("tsquery stack too small", XX000): a run of them is read as one.
+_NEGATIONS: Final = re.compile(r"-(?:\s*-)+")
 
 
 async def search_messages(
@@ -1376,6 +1586,7 @@ async def search_messages(
     """The dialog's messages (``everything``: cleared ones too) that match ``query``, best first,
     with a snippet built by ts_headline with ``options``."""
     cur = conn.cursor(row_factory=class_row(SearchHit))
+    query = _NEGATIONS.sub("-", query)
     params = _dialog(
         telegram_user_id, telegram_chat_id, query=query, everything=everything, limit=limit, options=options
     )

@@ -42,8 +42,9 @@ import psycopg
 from psycopg.rows import class_row, scalar_row
 
 from services import database
-from services.context import StorageUnavailable, call
+from services.context import call
 from services.database import Connection, Pool
+from services.failures import StorageUnavailable
 
 logger = logging.getLogger(__name__)
 

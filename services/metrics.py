@@ -43,6 +43,7 @@ OUTCOMES: Final = (
     "delivery_failed",
     "lease_lost",
     "skipped",
+    "bad_request",
     "error",
 )
 # Statements take ~0.2-5 ms, an LLM seconds, a Bot API request tens of ms: one set of buckets spans them.
@@ -71,6 +72,13 @@ UPDATES: Final = Counter("llmbot_updates", "Updates received from Telegram", reg
 LAST_UPDATE: Final = Gauge(
     "llmbot_last_update_timestamp_seconds", "Unix time of the last update received (0: none yet)", registry=REGISTRY
 )
+DATABASE_FAILURES: Final = Counter(
+    "llmbot_database_failures", "Statements that failed, by failure class (services/failures.py)", ["failure"],
+    registry=REGISTRY,
+)  # fmt: skip
+SPOOL_SET_ASIDE: Final = Counter(
+    "llmbot_spool_set_aside", "Spooled writes the database refused, set aside instead of retried", registry=REGISTRY
+)
 WEBHOOK_REFUSED: Final = Counter(
     "llmbot_webhook_refused", "Webhook requests refused for a missing or wrong secret", registry=REGISTRY
 )
@@ -81,6 +89,8 @@ for _name in OUTCOMES:
     TURNS.labels(_name)
 for _kind in ("prompt", "completion"):
     LLM_TOKENS.labels(_kind)
+for _failure in ("outage", "broken", "bad_request", "bug"):
+    DATABASE_FAILURES.labels(_failure)
 
 
 @dataclass

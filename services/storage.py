@@ -23,14 +23,9 @@ from typing import Any, Literal, TypeVar
 
 import psycopg
 
-from services import context, database, spool
+from services import context, database, metrics, spool
 from services.budget import dialog_of
-from services.context import (
-    NO_USAGE,
-    StorageUnavailable,
-    Usage,
-    as_sent,
-)
+from services.context import NO_USAGE, Usage, as_sent
 from services.database import (
     DEFAULT_SETTINGS,
     ChatSettings,
@@ -48,6 +43,7 @@ from services.database import (
     Undone,
     UnfinishedTurn,
 )
+from services.failures import Failure, StorageUnavailable, classify, reason
 from services.memory import Dialog, RecentHistory, Remembered
 from services.spool import Spool, Spooled, SpooledKind, SpoolFull
 
@@ -309,14 +305,23 @@ class Storage:
             )
         )
 
-    async def add_summary(self, question: Question, *, through_id: int, covered: int, text: str, shared: bool) -> bool:
+    async def add_summary(
+        self, question: Question, *, through_id: int, covered: int, text: str, shared: bool, usage: Usage = NO_USAGE
+    ) -> bool:
         """Store a summary of the question's dialog up to turn ``through_id``; False when the
-        question was cleared or undone meanwhile."""
+        question was cleared or undone meanwhile. ``usage``: its tokens, counted for the user
+        whose question's turn made it."""
         question_id = question.id
         assert question_id is not None
         return await self._required(
             lambda pool: context.add_summary(
-                pool, question_id=question_id, through_id=through_id, covered=covered, text=text, shared=shared
+                pool,
+                question_id=question_id,
+                through_id=through_id,
+                covered=covered,
+                text=text,
+                shared=shared,
+                usage=usage,
             )
         )
 
@@ -373,13 +378,17 @@ class Storage:
                 return
         self._keep_for(question, "failed", answer=answer is not None)
 
-    async def clear(self, *, user_id: int, chat_id: int) -> int:
-        """Forget the dialog; how many messages were cleared (degraded: as many as were remembered)."""
+    async def clear(self, *, user_id: int, chat_id: int, rate_limit: int = 0) -> int:
+        """Forget the dialog; how many messages were cleared (degraded: as many as were
+        remembered). Raises ``RateLimited`` when the hit it counts is over ``rate_limit``: then
+        nothing is forgotten. Degraded, no limit is checked: the clear is spooled."""
+        cleared = await self._in_database(
+            lambda pool: context.clear_context(
+                pool, telegram_user_id=user_id, telegram_chat_id=chat_id, rate_limit_per_minute=rate_limit
+            )
+        )
         remembered = self._history.forget((user_id, chat_id))
         self._history.remember((user_id, chat_id), [])  # known to be empty: nothing is missing
-        cleared = await self._in_database(
-            lambda pool: context.clear_context(pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
-        )
         if cleared is not UNAVAILABLE:
             return cleared
         self._keep(Spooled("clear", chat_id, user_id, spool.now()))
@@ -401,29 +410,48 @@ class Storage:
             raise StorageUnavailable("database unavailable")
         return done
 
-    async def retry(self, *, user_id: int, chat_id: int) -> Question | None:
-        """Set aside the answer to the dialog's last question, to ask it again; that question."""
+    async def retry(self, *, user_id: int, chat_id: int, rate_limit: int = 0, token_budget: int = 0) -> Question | None:
+        """Set aside the answer to the dialog's last question, to ask it again; that question.
+        Raises ``RateLimited`` (``OverBudget``) as a new question would: nothing changed."""
         retried = await self._required(
-            lambda pool: context.retry(pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
+            lambda pool: context.retry(
+                pool,
+                telegram_user_id=user_id,
+                telegram_chat_id=chat_id,
+                rate_limit_per_minute=rate_limit,
+                daily_token_budget=token_budget,
+            )
         )
         if retried is None:
             return None
         self._history.forget((user_id, chat_id))  # the next turn reads the history afresh
         return Question(chat_id, user_id, retried.telegram_message_id, retried.id, retried.telegram_thread_id)
 
-    async def undo(self, *, user_id: int, chat_id: int) -> Undone:
-        """Bring back the last /clear if nothing was said since, else take back the last turn."""
+    async def undo(self, *, user_id: int, chat_id: int, rate_limit: int = 0) -> Undone:
+        """Bring back the last /clear if nothing was said since, else take back the last turn.
+        Raises ``RateLimited`` when the hit it counts is over ``rate_limit``: nothing changed."""
         undone = await self._required(
-            lambda pool: context.undo(pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
+            lambda pool: context.undo(
+                pool, telegram_user_id=user_id, telegram_chat_id=chat_id, rate_limit_per_minute=rate_limit
+            )
         )
         self._history.forget((user_id, chat_id))
         return undone
 
-    async def edit(self, *, user_id: int, chat_id: int, message_id: int, text: str) -> EditedQuestion | None:
-        """Store the edited text of a question; None when the message is not a stored question."""
+    async def edit(
+        self, *, user_id: int, chat_id: int, message_id: int, text: str, rate_limit: int = 0, token_budget: int = 0
+    ) -> EditedQuestion | None:
+        """Store the edited text of a question; None when the message is not a stored question.
+        Raises ``RateLimited`` (``OverBudget``) as a new question would: nothing changed."""
         edited = await self._required(
             lambda pool: context.edit_question(
-                pool, telegram_user_id=user_id, telegram_chat_id=chat_id, telegram_message_id=message_id, text=text
+                pool,
+                telegram_user_id=user_id,
+                telegram_chat_id=chat_id,
+                telegram_message_id=message_id,
+                text=text,
+                rate_limit_per_minute=rate_limit,
+                daily_token_budget=token_budget,
             )
         )
         if edited is not None:
@@ -556,11 +584,17 @@ class Storage:
             try:
                 while self._spool.items:
                     batch = self._spool.items[:WRITE_BACK_BATCH]
-                    await database.run(self._pool, _write_batch, batch)
-                    self._spool.drop_first(len(batch))
+                    try:
+                        await database.run(self._pool, _write_batch, batch)
+                    except psycopg.Error as error:
+                        if classify(error) in (Failure.OUTAGE, Failure.BROKEN):
+                            raise
+                        await self._write_one_by_one(len(batch))  # to find the write it refuses
+                    else:
+                        self._spool.drop_first(len(batch))
                     written += len(batch)
             except psycopg.Error as error:
-                logger.warning("write-back interrupted after %d write(s): %s", written, type(error).__name__)
+                logger.warning("write-back interrupted after %d write(s): %s", written, reason(error))
                 continue
             # Nothing awaited since the spool was found empty: no write can slip in between.
             self._healthy = True
@@ -569,6 +603,24 @@ class Storage:
                 "write-back finished: %d write(s) in %.1fs; the database is back", written, time.monotonic() - started
             )
             return
+
+    async def _write_one_by_one(self, count: int) -> None:
+        """Write back the first ``count`` spooled writes one at a time: one the database refuses
+        (its input, or a bug) is set aside, logged and counted, never tried again."""
+        assert self._pool is not None and self._spool is not None
+        for _ in range(count):
+            item = self._spool.items[0]
+            try:
+                await database.run(self._pool, _write_batch, [item])
+            except psycopg.Error as error:
+                if classify(error) in (Failure.OUTAGE, Failure.BROKEN):
+                    raise
+                metrics.SPOOL_SET_ASIDE.inc()
+                logger.error(
+                    "spooled %s of chat %s, message %s set aside: the database refuses it (%s)",
+                    item.kind, item.chat_id, item.message_id, reason(error),
+                )  # fmt: skip
+            self._spool.drop_first(1)
 
 
 async def _write_batch(conn: Connection, batch: list[Spooled]) -> None:

@@ -5,6 +5,11 @@ part (half the room, half the history limit) is written into one summary with th
 one, stored in PostgreSQL in its place. The next turns read the summary and only the history
 after it. It runs after the answer is delivered, in the chat's turn, so the user waits for
 nothing and the chat's next turn reads it.
+
+A summary is part of the turn that made it: it needs no admission of its own (that turn's
+question was admitted when it was stored, and a turn makes one summary at most), and the
+tokens its LLM call is reported to take count in ``token_usage`` for the user whose question
+that turn answered, in a group's shared history too: the member whose turn crowded it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 from dataclasses import dataclass
 
 from services.budget import Window
-from services.context import ChatMessage, as_sent
+from services.context import ChatMessage, Usage, as_sent
 from services.database import ContextMessage
 from services.llm import LLM
 from services.storage import Question, Storage
@@ -61,11 +66,21 @@ class Summariser:
         pieces = self.llm.stream(
             request, model=model, system_prompt=INSTRUCTIONS.format(words=words), temperature=TEMPERATURE
         )
-        text = storable("".join([piece async for piece in pieces if isinstance(piece, str)])).strip()
-        if not text:
-            return False
+        written: list[str] = []
+        usage = Usage()
+        async for piece in pieces:
+            if isinstance(piece, Usage):
+                usage = piece
+            else:
+                written.append(piece)
+        text = storable("".join(written)).strip()
         stored = await self.storage.add_summary(
-            question, through_id=messages[-1].turn, covered=source.covered + len(messages), text=text, shared=shared
+            question,
+            through_id=messages[-1].turn,
+            covered=source.covered + len(messages),
+            text=text,
+            shared=shared,
+            usage=usage,
         )
         logger.info("summary of %d message(s) through turn %s: %d chars", len(messages), messages[-1].turn, len(text))
         return stored

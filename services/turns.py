@@ -21,12 +21,13 @@ from services import metrics
 from services.budget import ContextBudget, Window
 from services.chat_queue import ChatQueues, Stopped
 from services.chat_signals import ChatSignal, ChatSignals
-from services.context import ChatMessage, StorageUnavailable, Usage
+from services.context import ChatMessage, Usage
 from services.database import ChatSettings, DialogContext, FinishReason, Undone
 from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
+from services.failures import BadRequest, StorageUnavailable
 from services.formatting import Part, render, split
 from services.leases import Handover, LeaseLost, Leases, NextQuestion
-from services.llm import LLM, LLMError
+from services.llm import LLM, LLMError, system_prompt_of
 from services.storage import Answer, Question, Storage
 from services.streaming import LiveReply, Shown
 from services.summaries import Summariser
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 DB_APOLOGY = "Sorry, my memory is unavailable right now. Please try again in a minute."
 LLM_APOLOGY = "Sorry, I couldn't come up with an answer just now. Please try again in a moment."
+BAD_INPUT = "Sorry, my memory refuses that as it is. Please rephrase it and try again."
+APOLOGY = "Sorry, something went wrong on my side. Please try again."
 HISTORY_MISSING = "(I can't reach my memory of our earlier messages right now, so I'm answering this one on its own.)"
 SUMMARY_NOTICE = "(Our conversation has grown long, so I summarised its older part to keep it in mind.)"
 
@@ -52,13 +55,16 @@ class TurnRequest:
 
     @classmethod
     def late(cls, question: Question) -> TurnRequest:
-        """The turn of a question recovered after a restart: its answer quotes the question."""
+        """The turn of a question recovered after a restart (or re-opened by /retry): its answer
+        quotes the question. No admission here: the question was admitted by the statement that
+        stored (or re-opened) it, and is not charged again."""
         return cls(question, Address(question.chat_id, question.thread_id, question.message_id))
 
     @classmethod
     def handed_over(cls, chat_id: int, found: NextQuestion) -> TurnRequest:
         """The turn of a question the chat's lease hands this process (stored by any process):
-        answered as a new question is (quoting it in groups only)."""
+        answered as a new question is (quoting it in groups only). Admitted when it was stored
+        (or re-opened), by whichever process did: not charged again."""
         assert found.question_id is not None and found.telegram_user_id is not None
         message_id = found.telegram_message_id
         question = Question(chat_id, found.telegram_user_id, message_id, found.question_id, found.telegram_thread_id)
@@ -184,23 +190,37 @@ class Turns:
     async def clear(self, *, user_id: int, chat_id: int) -> int:
         """Forget the user's history in the chat (inside the intake); how many messages were cleared.
 
-        The user's queued turns are dropped and a running one is stopped (or, when it is already
-        delivering, waited for), so no answer from before arrives after the clear. When another
-        process holds the chat, it is told to stop the user's running turn as well.
+        It counts against the rate limit: over it, ``RateLimited`` and nothing changes (the
+        statement decides, before any turn is touched). Then the user's queued turns are dropped
+        and a running one is stopped (or, when it is already delivering, waited for), so no
+        answer from before arrives after the clear: a turn that starts or stores meanwhile finds
+        its question cleared. When another process holds the chat, it is told to stop the
+        user's running turn as well.
         """
+        cleared = await self._storage.clear(
+            user_id=user_id, chat_id=chat_id, rate_limit=self._config.rate_limit_per_minute
+        )
         await self._queues.cancel(chat_id, lambda turn: turn.question.user_id == user_id)
-        cleared = await self._storage.clear(user_id=user_id, chat_id=chat_id)
         await self._to_holder(ChatSignal("cancel", chat_id, user_id))  # its answer to what was cleared stops
         return cleared
 
     async def retry(self, *, user_id: int, chat_id: int) -> bool:
         """Ask the user's last question in the chat again (inside the intake): its answer is set
         aside (one still being written is dropped) and a new one is written. Whether there was
-        a question to ask again."""
-        await self._drop_newest_turn(user_id, chat_id)
-        question = await self._storage.retry(user_id=user_id, chat_id=chat_id)
+        a question to ask again.
+
+        Admitted as a new question is (``RateLimited``, ``OverBudget``: nothing changes), by the
+        statement that re-opens the question, before the turn being written is touched: a
+        refused /retry costs no LLM call, not even one started again."""
+        question = await self._storage.retry(
+            user_id=user_id,
+            chat_id=chat_id,
+            rate_limit=self._config.rate_limit_per_minute,
+            token_budget=self._config.daily_token_budget_per_user,
+        )
         if question is None:
             return False
+        await self._drop_newest_turn(user_id, chat_id)
         if await self._leased(chat_id, question):
             self._submit(TurnRequest.late(question))
         logger.info("user %s in chat %s: question %s asked again", user_id, chat_id, question.id)
@@ -208,14 +228,21 @@ class Turns:
 
     async def undo(self, *, user_id: int, chat_id: int) -> Undone:
         """Take back the user's last turn in the chat, or the /clear right before (inside the
-        intake). A turn still queued or being written is dropped first."""
-        await self._drop_newest_turn(user_id, chat_id)
-        return await self._storage.undo(user_id=user_id, chat_id=chat_id)
+        intake); a turn of it still queued or being written is dropped. It counts against the
+        rate limit: over it, ``RateLimited`` and nothing changes."""
+        undone = await self._storage.undo(
+            user_id=user_id, chat_id=chat_id, rate_limit=self._config.rate_limit_per_minute
+        )
+        if undone.undone:
+            await self._drop_newest_turn(user_id, chat_id)
+        return undone
 
     async def _drop_newest_turn(self, user_id: int, chat_id: int) -> None:
         """Drop the user's newest turn in the chat if it is queued or running (a running one
-        stops writing, or finishes delivering first): it is the last question, about to change."""
-        self._storage.require_database()
+        stops writing, or finishes delivering first): it is the last question, just changed.
+        Dropped after the change, which decides the admission: a turn that stores its answer in
+        that moment finds its question undone (nothing stored), or, re-opened by a /retry or an
+        edit, delivers that answer, which the new turn then finds."""
         mine = self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id)
         if mine:
             newest = mine[-1]
@@ -224,17 +251,21 @@ class Turns:
     async def edit(self, *, user_id: int, address: Address, telegram_message_id: int, text: str) -> bool:
         """The user edited a message (inside the intake): a stored question takes the new text,
         and when it is the user's last one, it is answered again. Whether it was a stored question."""
-        self._storage.require_database()
         chat_id = address.chat_id
-        mine = self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id)
-        newest = mine[-1] if mine and mine[-1].ident == telegram_message_id else None
-        if newest is not None:  # its answer, being written to the old text, is dropped
-            await self._queues.cancel(chat_id, lambda turn: turn is newest)
-        edited = await self._storage.edit(user_id=user_id, chat_id=chat_id, message_id=telegram_message_id, text=text)
+        edited = await self._storage.edit(
+            user_id=user_id,
+            chat_id=chat_id,
+            message_id=telegram_message_id,
+            text=text,
+            rate_limit=self._config.rate_limit_per_minute,
+            token_budget=self._config.daily_token_budget_per_user,
+        )  # admitted as a new question is (refused: nothing changed, its running turn goes on)
         if edited is None or not edited.last:
-            if newest is not None:
-                self._submit(newest)
             return edited is not None
+        mine = self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id)
+        if mine and mine[-1].ident == telegram_message_id:  # its answer, written to the old text, is dropped
+            newest = mine[-1]
+            await self._queues.cancel(chat_id, lambda turn: turn is newest)
         question = Question(chat_id, user_id, telegram_message_id, edited.id, edited.telegram_thread_id)
         replaces = edited.replaced_message_ids[0] if edited.replaced_message_ids else None
         if await self._leased(chat_id, question):
@@ -247,7 +278,10 @@ class Turns:
 
         First those a previous run spooled during an outage, then the database's: one process at
         a time (a PostgreSQL advisory lock, held until they have run). Each turn reads its own
-        state when it runs, so a turn finished meanwhile is not answered twice.
+        state when it runs, so a turn finished meanwhile is not answered twice. None passes the
+        admission again: each question was admitted when it was stored or re-opened (a refused
+        one was stored set aside, and is not unfinished), and a spooled one while degraded,
+        when no limit is checked.
         """
         done = [self._submit(TurnRequest.late(question)) for question in self._storage.resume_spool()]
         if self._leases is not None and not self._storage.degraded:
@@ -363,6 +397,14 @@ class Turns:
             logger.warning(
                 "turn of question %s stopped: chat %s is another process's now", turn.ident, turn.address.chat_id
             )
+        except BadRequest as error:  # this turn's input; the chat's next turns go on
+            metrics.turn_outcome("bad_request")
+            logger.warning("turn of question %s: the database refused its input (%s)", turn.ident, error)
+            await self._say(turn.address, BAD_INPUT)
+        except Exception:  # a bug: the traceback, the apology; the chat's next turns go on
+            metrics.turn_outcome("error")
+            logger.exception("turn of question %s failed", turn.ident)
+            await self._say(turn.address, APOLOGY)
         return True
 
     async def _secure(self, turn: TurnRequest) -> None:
@@ -467,7 +509,7 @@ class Turns:
         return await self.budget.choose(
             dialog,
             model=settings.model or self._config.llm_model,
-            system_prompt=settings.system_prompt or self._config.system_prompt,
+            system_prompt=system_prompt_of(self._config.system_prompt, settings.system_prompt),
             history_limit=self._config.history_limit,
             quoted=quoted,
         )
@@ -492,7 +534,10 @@ class Turns:
         async def stream() -> None:
             nonlocal usage
             pieces = self._llm.stream(
-                context, model=settings.model, system_prompt=settings.system_prompt, temperature=settings.temperature
+                context,
+                model=settings.model,
+                system_prompt=system_prompt_of(self._config.system_prompt, settings.system_prompt),
+                temperature=settings.temperature,
             )
             async for piece in pieces:
                 if isinstance(piece, Usage):

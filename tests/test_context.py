@@ -6,8 +6,9 @@ import pytest
 
 from services import context, database
 from services.budget import ContextBudget
-from services.context import RateLimited, StorageUnavailable
+from services.context import RateLimited
 from services.database import Pool
+from services.failures import StorageUnavailable
 
 
 async def ask(pool: Pool, text: str, *, message_id: int, rate_limit: int = 0) -> int:

@@ -20,6 +20,7 @@ from tests.harness import BUSY_CHAT, running_bot
 from tests.test_settings import buttons, fetch, keyboard_of, press, reply
 
 GROUP = -100555
+SUMMARY = {"through_id": 1, "covered": 1, "content": "s", "tokens": 5, "prompt_tokens": 1, "completion_tokens": 1}
 SUMMARY_PREFIX = INSTRUCTIONS.split("{")[0]
 
 
@@ -197,7 +198,7 @@ async def test_rows_from_before_the_estimates_count_one_token_per_character(pool
         ),
         (
             database.INSERT_SUMMARY,
-            {"question_id": 0, "through_id": 1, "covered": 1, "content": "s", "tokens": 5},
+            {**SUMMARY, "question_id": 0},
             "summaries_dialog_idx",
         ),
     ],

@@ -17,6 +17,7 @@ from tests.harness import BUSY_CHAT, store_question
 USER_A, USER_B = 111, 222
 CHAT_X, CHAT_Y = 111, -1001234567890  # a private chat and a supergroup (beyond 32 bits)
 DIALOG = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
+ADMITTED = {**DIALOG, "rate_limit": 30, "token_budget": 100_000}  # a dialog's statement with limits on
 
 
 async def register(pool: Pool, user: int, chat: int, first_name: str | None = "Ann") -> None:
@@ -197,6 +198,51 @@ async def test_the_rate_limit_is_decided_by_the_storing_statement(pool: Pool) ->
     ]
 
 
+async def test_retry_edit_clear_and_undo_are_admitted_by_their_own_statements(pool: Pool) -> None:
+    question = await store_question(pool, USER_A, CHAT_X, "q", message_id=1)
+    await answer(pool, question, "a")
+    limited: dict[str, Any] = {**DIALOG, "rate_limit": 2}
+
+    async def state() -> list[tuple[Any, ...]]:
+        return await rows(pool, "SELECT content, deleted_reason, failed_at IS NULL FROM messages ORDER BY id")
+
+    retried = await database.run(pool, database.retry_last_turn, **limited)  # hit 1
+    assert (retried.id, retried.rate_limited) == (question, False)
+    edited = await database.run(pool, database.edit_question, **limited, telegram_message_id=1, content="q2")  # hit 2
+    assert edited is not None and edited.last and not edited.rate_limited
+    before = await state()
+    # over the limit from here on: each is refused, and changes nothing
+    refused = database.RetriedQuestion(None, None, None, rate_limited=True)
+    assert await database.run(pool, database.retry_last_turn, **limited) == refused
+    edited = await database.run(pool, database.edit_question, **limited, telegram_message_id=1, content="q3")
+    assert edited is not None and edited.rate_limited
+    assert await database.run(pool, database.soft_delete_messages, **limited) == database.Cleared(0, rate_limited=True)
+    assert (await database.run(pool, database.undo_last_turn, **limited)).rate_limited
+    # the edit of a message that is not a stored question is no hit
+    assert await database.run(pool, database.edit_question, **limited, telegram_message_id=9, content="x") is None
+    assert await state() == before == [("q2", None, True), ("a", "retry", True)]
+    assert await rows(pool, "SELECT hits FROM rate_limits") == [(6,)]
+
+
+async def test_the_budget_refuses_a_retry_and_an_edit_of_the_last_question_only(pool: Pool) -> None:
+    older = await store_question(pool, USER_A, CHAT_X, "older", message_id=1)
+    await answer(pool, older, "a1")
+    last = await store_question(pool, USER_A, CHAT_X, "last", message_id=2)
+    usage: dict[str, Any] = {"prompt_tokens": 60, "completion_tokens": 40}
+    await database.run(pool, database.add_answer, question_id=last, content="a2", **usage)
+    spent: dict[str, Any] = {**DIALOG, "token_budget": 100}
+    assert (await database.run(pool, database.retry_last_turn, **spent)).over_budget
+    edited = await database.run(pool, database.edit_question, **spent, telegram_message_id=2, content="last!")
+    assert edited is not None and edited.over_budget
+    # an older question is not answered again: its edit needs no budget
+    edited = await database.run(pool, database.edit_question, **spent, telegram_message_id=1, content="older!")
+    assert edited is not None and not edited.last and not edited.over_budget
+    assert await rows(pool, "SELECT content, deleted_reason FROM messages ORDER BY id") == [
+        ("older!", None), ("a1", None), ("last", None), ("a2", None),
+    ]  # fmt: skip
+    assert (await database.run(pool, database.retry_last_turn, **DIALOG)).id == last  # no budget: asked again
+
+
 async def test_a_turn_start_tells_what_is_left_to_do(pool: Pool) -> None:
     async def start(question: int) -> database.TurnStart | None:
         return await database.run(pool, database.fetch_turn_start, question_id=question, history_limit=2, budget=BUDGET)
@@ -229,8 +275,8 @@ async def test_soft_delete_keeps_rows_and_hides_them(pool: Pool) -> None:
     for i in range(3):
         await store_question(pool, USER_A, CHAT_X, f"old{i}")
     params: dict[str, Any] = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
-    assert await database.run(pool, database.soft_delete_messages, **params) == 3
-    assert await database.run(pool, database.soft_delete_messages, **params) == 0
+    assert await database.run(pool, database.soft_delete_messages, **params) == database.Cleared(3)
+    assert await database.run(pool, database.soft_delete_messages, **params) == database.Cleared(0)
     assert await history(pool, USER_A, CHAT_X) == []
     assert await rows(pool, "SELECT count(*) FROM messages WHERE deleted_at IS NOT NULL") == [(3,)]
     await store_question(pool, USER_A, CHAT_X, "new")
@@ -368,6 +414,26 @@ async def test_stored_answers_count_their_tokens_per_user_and_utc_day(pool: Pool
     assert await rows(pool, USAGE_ROWS) == [(USER_A, today, 22), (USER_B, today, 2)]
 
 
+async def test_an_answer_or_summary_not_stored_still_counts_its_tokens(pool: Pool) -> None:
+    today = datetime.now(UTC).date()
+    group = await store_question(pool, USER_B, CHAT_Y, "a turn in a shared group", message_id=1)
+    summary: dict[str, Any] = {"through_id": group, "covered": 1, "content": "notes"}
+    summary |= {"prompt_tokens": 20, "completion_tokens": 5}
+    assert await database.run(pool, database.add_summary, question_id=group, shared=True, **summary)
+    assert await rows(pool, USAGE_ROWS) == [(USER_B, today, 25)]  # charged to the user whose turn made it
+    question = await store_question(pool, USER_A, CHAT_X, "cleared while answered", message_id=1)
+    await database.run(pool, database.soft_delete_messages, telegram_user_id=USER_A, telegram_chat_id=CHAT_X)
+    dropped: dict[str, Any] = {"content": "a", "prompt_tokens": 7, "completion_tokens": 3}
+    assert await database.run(pool, database.add_answer, question_id=question, **dropped) is None
+    assert not await database.run(pool, database.add_summary, question_id=question, shared=False, **summary)
+    assert not await database.run(  # the LLM wrote nothing: no summary, its tokens count
+        pool, database.add_summary, question_id=group, shared=True, **{**summary, "content": ""}
+    )
+    assert await rows(pool, USAGE_ROWS) == [(USER_A, today, 35), (USER_B, today, 50)]
+    assert await rows(pool, "SELECT content FROM summaries WHERE deleted_at IS NULL") == [("notes",)]
+    assert await rows(pool, "SELECT count(*) FROM messages WHERE role = 'assistant'") == [(0,)]
+
+
 async def test_a_written_back_answer_counts_once_on_the_day_it_was_made(pool: Pool) -> None:
     await store_question(pool, USER_A, CHAT_X, "asked during an outage, yesterday", message_id=7)
     made = datetime.now(UTC) - timedelta(days=1)
@@ -441,8 +507,20 @@ async def test_purge_of_token_usage_keeps_the_last_three_utc_days(pool: Pool) ->
             "Conflict Arbiter Indexes: token_usage_pkey",
         ),
         (database.SELECT_STATS, DIALOG, "Index Scan using token_usage_pkey on token_usage"),
+        (database.RETRY_LAST_TURN, ADMITTED, "Index Scan using token_usage_pkey on token_usage"),
+        (
+            database.EDIT_QUESTION,
+            {**ADMITTED, "telegram_message_id": 1, "content": "new", "tokens": 5},
+            "Index Scan using token_usage_pkey on token_usage",
+        ),
+        (
+            database.INSERT_SUMMARY,
+            {"question_id": 1, "through_id": 1, "covered": 1, "content": "s", "tokens": 5, "prompt_tokens": 1,
+             "completion_tokens": 1},
+            "Conflict Arbiter Indexes: token_usage_pkey",
+        ),
     ],
-    ids=["add-question", "insert-answer", "write-back-answer", "stats"],
+    ids=["add-question", "insert-answer", "write-back-answer", "stats", "retry", "edit", "insert-summary"],
 )  # fmt: skip
 async def test_token_usage_is_read_and_written_by_its_primary_key(
     pool: Pool, statement: str, params: dict[str, object], expected: str
@@ -464,7 +542,7 @@ async def test_token_usage_is_read_and_written_by_its_primary_key(
 
 
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "011"
+    assert await database.run(pool, database.fetch_schema_version) == "012"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
@@ -507,17 +585,26 @@ async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement:
             {**DIALOG, "query": "кошки", "everything": True, "limit": 10, "options": ""},
             ["messages_search_idx|messages_telegram_message_key"],  # empty table: see the test below
         ),
-        (database.RETRY_LAST_TURN, DIALOG, ["messages_turn_idx", "_answer_key|messages_reply_to_idx"]),
-        (database.UNDO_LAST_TURN, DIALOG, ["messages_turn_idx", "messages_dialog_deleted_idx"]),
+        (database.RETRY_LAST_TURN, ADMITTED, ["messages_turn_idx", "_answer_key|messages_reply_to_idx"]),
+        (
+            database.UNDO_LAST_TURN,
+            ADMITTED,
+            ["messages_turn_idx", "messages_dialog_deleted_idx", "summaries_cleared_idx", "summaries_dialog_idx"],
+        ),
         (
             database.EDIT_QUESTION,
-            {**DIALOG, "telegram_message_id": 1, "content": "new", "tokens": 5},
+            {**ADMITTED, "telegram_message_id": 1, "content": "new", "tokens": 5},
             ["messages_telegram_message_key", "_answer_key|messages_reply_to_idx"],
+        ),
+        (
+            database.SOFT_DELETE_MESSAGES,
+            {**ADMITTED, "before": None},
+            ["messages_turn_idx|messages_history_idx", "summaries_cleared_idx", "summaries_dialog_idx"],
         ),
         (database.SELECT_STATS, DIALOG, ["messages_search_idx"]),
         (database.SELECT_DIALOG, DIALOG, ["messages_search_idx|messages_telegram_message_key"]),
     ],
-    ids=["search", "retry", "undo", "edit", "stats", "export"],
+    ids=["search", "retry", "undo", "edit", "clear", "stats", "export"],
 )
 async def test_history_commands_read_through_indexes(
     pool: Pool, statement: str, params: dict[str, object], indexes: list[str]
@@ -530,9 +617,28 @@ async def test_history_commands_read_through_indexes(
             plan = "\n".join(row[0] for row in await cur.fetchall())
         finally:
             await conn.execute("RESET enable_seqscan")
-    assert "Seq Scan on messages" not in plan, plan
+    assert "Seq Scan on messages" not in plan and "Seq Scan on summaries" not in plan, plan
+    assert "Seq Scan on rate_limits" not in plan and "Seq Scan on token_usage" not in plan, plan
     for choices in indexes:  # "a|b": either index serves
         assert any(index in plan for index in choices.split("|")), plan
+
+
+@pytest.mark.parametrize("statement", [database.SOFT_DELETE_MESSAGES, database.UNDO_LAST_TURN], ids=["clear", "undo"])
+async def test_the_summaries_a_clear_set_aside_are_found_by_chat(pool: Pool, statement: str) -> None:
+    # A group member's /clear or /undo withholds (and an /undo brings back) its chat's summaries
+    # that a /clear set aside: by chat, among thousands set aside in other chats.
+    await store_question(pool, USER_A, CHAT_Y, "x", message_id=1)
+    await rows(
+        pool,
+        "INSERT INTO chats (telegram_chat_id) SELECT -n FROM generate_series(2, 3000) n;"
+        " INSERT INTO summaries (user_id, chat_id, through_id, covered, content, tokens, deleted_at, deleted_reason)"
+        " SELECT NULL, c.id, 1, 1, 's', 5, now() - make_interval(secs => r.n), r.reason"
+        " FROM chats c, (VALUES (1, 'clear'), (2, 'replaced'), (3, 'undo')) AS r (n, reason);"
+        " ANALYZE summaries",
+    )
+    params = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_Y, "rate_limit": 0, "token_budget": 0}
+    plan = "\n".join(row[0] for row in await rows(pool, "EXPLAIN " + statement, {**params, "before": None}))
+    assert "summaries_cleared_idx" in plan and "Seq Scan on summaries" not in plan, plan
 
 
 async def test_search_in_a_busy_group_reads_only_the_users_rows(pool: Pool) -> None:
@@ -577,7 +683,7 @@ async def test_waiters_that_time_out_together_share_one_probe_of_the_server(
 
     monkeypatch.setattr(database, "_new_connection_error", counting_probe)
     monkeypatch.setattr(database, "_probes", type(database._probes)())
-    with caplog.at_level(logging.WARNING, logger="services.database"):
+    with caplog.at_level(logging.INFO, logger="services.database"):
         answers = await asyncio.gather(*(database._server_answers_shared(pool) for _ in range(50)))
     assert answers == [True] * 50 and probes == 1
     assert ["every database connection is busy" in r.message for r in caplog.records] == [True]  # said once

@@ -118,7 +118,7 @@ async def test_healthz_fails_while_the_database_is_down_and_passes_when_it_is_ba
         assert status == 200, body
         checks = json.loads(body)["checks"]
         assert {name for name, check in checks.items() if check["ok"]} == {
-            "database", "schema", "storage", "telegram", "updates",
+            "database", "schema", "pool", "storage", "telegram", "updates",
         }  # fmt: skip
         assert checks["schema"]["version"] == checks["schema"]["head"]
 

@@ -187,3 +187,30 @@ def test_007_rebuilds_an_index_a_cancelled_concurrent_build_left_invalid(admin_u
             " JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'messages_search_idx'"
         ).fetchone()
     assert row is not None and row[0] and "USING gin (user_id, chat_id, search_vector)" in row[1]
+
+
+def test_012_a_withheld_summary_stays_set_aside_after_a_downgrade(admin_url: str) -> None:
+    url = create_database(admin_url, "llmbot_withheld")
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "head")
+    summary = (
+        "INSERT INTO summaries (chat_id, through_id, covered, content, tokens, deleted_at, deleted_reason)"
+        " VALUES (1, 1, 1, 's', 5, now(), %s)"
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO chats (telegram_chat_id) VALUES (-1)")
+        conn.execute(summary, ("withheld",))
+    command.downgrade(cfg, "011")
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT deleted_reason FROM summaries").fetchall() == [("undo",)]  # not restorable
+        with pytest.raises(psycopg.errors.CheckViolation) as refused:
+            conn.execute(summary, ("withheld",))
+        assert refused.value.diag.constraint_name == "summaries_check"
+    command.upgrade(cfg, "head")
+    with psycopg.connect(url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation) as refused:
+            conn.execute(summary, ("forgotten",))
+        assert refused.value.diag.constraint_name == "summaries_deleted_reason_check"
+        assert "summaries_cleared_idx" in [
+            row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'summaries'")
+        ]

@@ -218,3 +218,27 @@ async def test_spooled_writes_written_back_twice_store_nothing_twice(pool: Pool,
         ("a1", True, True, [500], False),
         ("q2", False, False, None, True),
     ]
+
+
+async def test_a_spooled_write_the_database_refuses_is_set_aside_and_the_rest_written_back(
+    pool: Pool, tmp_path: Path
+) -> None:
+    from services.memory import RecentHistory
+    from services.metrics import REGISTRY
+    from services.spool import Spool, Spooled, now
+    from services.storage import Storage
+
+    path = tmp_path / "writes.jsonl"
+    left = Spool(path, max_items=10)  # what a process stopped during an outage left
+    left.add(Spooled("question", 7, 7, now(), message_id=1, first_name="Ann", text="poison \x00"))
+    left.add(Spooled("question", 7, 7, now(), message_id=2, first_name="Ann", text="fine"))
+    before = REGISTRY.get_sample_value("llmbot_spool_set_aside_total") or 0.0
+    storage = Storage(pool, history=RecentHistory(10_000, per_dialog=10), spool=Spool(path, 10), probe_every_s=0.05)
+    try:
+        assert len(storage.resume_spool()) == 2
+        await until(lambda: asyncio.sleep(0, not storage.degraded))
+    finally:
+        await storage.close()
+    assert storage.spooled == 0 and not path.exists()
+    assert await fetch(pool, "SELECT telegram_message_id, content FROM messages ORDER BY id") == [(2, "fine")]
+    assert REGISTRY.get_sample_value("llmbot_spool_set_aside_total") == before + 1
