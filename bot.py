@@ -59,6 +59,25 @@ def schema_head(versions: Path = ROOT / "alembic" / "versions") -> str:
     return heads.pop()
 
 
+async def create_pool(config: Config) -> Pool:
+    """The pool of DATABASE_URL, with DB_PREPARED_STATEMENTS, and DATABASE_DIRECT_URL for what
+    needs a whole session (advisory locks, LISTEN, lease tending); opened."""
+    from services import database
+
+    if not config.db_prepared_statements and config.database_direct_url == config.database_url:
+        logger.warning(
+            "DB_PREPARED_STATEMENTS=false without a DATABASE_DIRECT_URL: behind a transaction pooler the"
+            " advisory locks, LISTEN and lease tending need one (the server itself, or a session pooler)"
+        )
+    return await database.init_db(
+        config.database_url,
+        size=config.db_pool_size,
+        timeout_s=config.db_pool_timeout_s,
+        session_url=config.database_direct_url,
+        prepared_statements=config.db_prepared_statements,
+    )
+
+
 async def open_database(config: Config) -> Pool:
     """The pool, once the database answers and is migrated to the newest revision."""
     import psycopg
@@ -67,7 +86,7 @@ async def open_database(config: Config) -> Pool:
 
     head = schema_head()
     try:
-        pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
+        pool = await create_pool(config)
     except psycopg.OperationalError:
         raise StartupError(
             "cannot connect to the database at DATABASE_URL: is PostgreSQL running? (`make db-up`)"
@@ -80,8 +99,9 @@ async def open_database(config: Config) -> Pool:
 
 
 async def check_telegram(bot: Bot) -> None:
-    """Fail with a clear message when Telegram refuses the token or cannot be reached."""
-    from aiogram.exceptions import TelegramNetworkError, TelegramUnauthorizedError
+    """Fail with a clear message when Telegram refuses the token, cannot be reached, or does
+    not answer ``getMe`` as a Bot API server does (the bot cannot work without knowing itself)."""
+    from aiogram.exceptions import ClientDecodeError, TelegramAPIError, TelegramNetworkError, TelegramUnauthorizedError
 
     try:
         me = await bot.me()  # cached: polling does not ask again
@@ -89,6 +109,15 @@ async def check_telegram(bot: Bot) -> None:
         raise StartupError("Telegram rejected TELEGRAM_BOT_TOKEN: check it with @BotFather") from None
     except TelegramNetworkError as error:
         raise StartupError(f"cannot reach the Telegram Bot API: {type(error).__name__}") from None
+    except TelegramAPIError as error:  # a 404 from a server that is no Bot API server, a 5xx...
+        raise StartupError(
+            f"the Telegram Bot API refused getMe: {error.message[:80]} ({type(error).__name__});"
+            " is TELEGRAM_API_URL a Bot API server?"
+        ) from None
+    except ClientDecodeError:
+        raise StartupError(
+            "the Telegram Bot API answered getMe with something else than a bot; is TELEGRAM_API_URL a Bot API server?"
+        ) from None
     logger.info("bot id=%s starting", me.id)
 
 
@@ -104,7 +133,8 @@ def setup_logging(level: str) -> None:
 
 def create_bot(config: Config) -> Bot:
     """The Bot, talking to TELEGRAM_API_URL when set (a local Bot API server or a test stand-in),
-    every request obeying Telegram's flood control."""
+    every request obeying Telegram's flood control, and a method the server does not know asked
+    once per process."""
     from aiogram import Bot
     from aiogram.client.default import DefaultBotProperties
     from aiogram.client.session.aiohttp import AiohttpSession
@@ -112,11 +142,13 @@ def create_bot(config: Config) -> Bot:
 
     from handlers.flood import FloodControl
     from handlers.monitoring import BotApiMonitor
+    from handlers.unknown_methods import UnknownMethods
     from services.text import storable_json
 
     api = TelegramAPIServer.from_base(config.telegram_api_url) if config.telegram_api_url else PRODUCTION
     session = AiohttpSession(api=api, json_loads=storable_json)  # input cleaned at the edge, once
     bot = Bot(config.telegram_bot_token, session=session, default=DefaultBotProperties(link_preview_is_disabled=True))
+    bot.session.middleware(UnknownMethods())  # outermost: a method known to be missing is not asked at all
     bot.session.middleware(FloodControl())
     bot.session.middleware(BotApiMonitor())  # inside FloodControl: sees each attempt, 429s included
     return bot
@@ -234,7 +266,10 @@ def stop_on_signals() -> asyncio.Event:
 
 
 async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Pool | None, turns: Turns) -> None:
+    from aiogram.exceptions import TelegramAPIError
+
     from handlers.commands import COMMANDS
+    from handlers.unknown_methods import MethodUnknown
     from services import retention
 
     if config.metrics_port:  # first: /healthz answers while the turns are recovered
@@ -246,7 +281,13 @@ async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Poo
         add_health(app, dispatcher["health"])
         add_metrics(app, dispatcher["metrics"])
         dispatcher["metrics_runner"] = await listen(app, config.metrics_port, "METRICS_PORT")
-    await bot.set_my_commands(COMMANDS)
+    try:  # the menu of commands is a courtesy: the commands work without it
+        await bot.set_my_commands(COMMANDS)
+    except MethodUnknown:
+        pass  # warned once, by UnknownMethods
+    except TelegramAPIError as error:
+        logger.warning("setMyCommands refused (%s: %s): starting without the command menu", type(error).__name__,
+                       error.message[:80])  # fmt: skip
     await turns.recover()  # before the first update, so unfinished turns keep their place in line
     if pool is not None:  # expired counters go whatever RETENTION_DAYS; messages only with it
         days = config.retention_days or None
@@ -294,9 +335,9 @@ async def main() -> None:
         else:
             await poll(dp, bot, config, handle_signals=True)
     except StartupError as error:
-        await bot.session.close()
         raise SystemExit(f"start-up error: {error}") from None
     finally:
+        await bot.session.close()  # whatever ended the process (polling closed it already: a no-op)
         if pool is not None:
             await database.close_db(pool)
     logger.info("stopped")

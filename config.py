@@ -42,6 +42,8 @@ class Config:
     system_prompt: str
     database_enabled: bool
     database_url: str = field(repr=False)
+    database_direct_url: str = field(repr=False)
+    db_prepared_statements: bool
     db_pool_size: int
     db_pool_timeout_s: float
     max_turns_in_flight: int
@@ -204,10 +206,14 @@ def _log_level(raw: str) -> str:
     return level
 
 
-def load_database_url(env: Mapping[str, str] | None = None) -> str:
-    """``DATABASE_URL`` alone, for tools (Alembic, db-up) that need no bot token."""
+def load_database_url(env: Mapping[str, str] | None = None, *, direct: bool = False) -> str:
+    """``DATABASE_URL`` alone, for tools (Alembic, db-up) that need no bot token; ``direct``:
+    ``DATABASE_DIRECT_URL`` (default ``DATABASE_URL``), for a tool that needs whole sessions of
+    the server itself rather than of a transaction pooler (migrations, the maintenance commands)."""
     reader = _Reader(_load_env() if env is None else env)
     url = reader.get("DATABASE_URL", DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL")
+    if direct:
+        url = reader.get("DATABASE_DIRECT_URL", url or DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL")
     if reader.errors:
         raise ConfigError("; ".join(reader.errors))
     return url
@@ -241,7 +247,13 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         ),
         system_prompt=r.get("SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, str, "text"),
         database_enabled=r.get("DATABASE_ENABLED", "true", _boolean, "true or false"),
-        database_url=r.get("DATABASE_URL", DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL"),
+        database_url=(
+            database_url := r.get("DATABASE_URL", DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL")
+        ),
+        database_direct_url=r.get(
+            "DATABASE_DIRECT_URL", database_url or DEFAULT_DATABASE_URL, _postgres_url, "a postgresql:// URL"
+        ),
+        db_prepared_statements=r.get("DB_PREPARED_STATEMENTS", "true", _boolean, "true or false"),
         db_pool_size=r.get("DB_POOL_SIZE", "10", _bounded(int, 1, 1000), positive),
         db_pool_timeout_s=r.get("DB_POOL_TIMEOUT_S", "10", _bounded(float, 0.1, 600), "seconds from 0.1 to 600"),
         max_turns_in_flight=r.get("MAX_TURNS_IN_FLIGHT", "1000", _bounded(int, 1, 100_000), positive),

@@ -22,11 +22,13 @@ if context.config.config_file_name is not None:
 
 
 def run_migrations_online() -> None:
-    # Tests and tools pass the URL in; everyone else gets DATABASE_URL.
+    # Tests and tools pass the URL in; everyone else gets DATABASE_DIRECT_URL (default DATABASE_URL):
+    # the session settings below, and each migration's transaction, need the server itself, not
+    # a transaction pooler that may hand each transaction to another server connection.
     url = context.config.attributes.get("database_url")
     if url is None:
         try:
-            url = load_database_url()
+            url = load_database_url(direct=True)
         except ConfigError as error:
             raise SystemExit(f"error: {error}") from None
     engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)

@@ -24,7 +24,9 @@ from typing import Any
 
 import aiohttp
 
+from bench import replies
 from bench.standins import LLMStandIn, Sent, TelegramStandIn
+from bench.whole_bot import STALL_S, until_done_or_stalled
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-webhook-secret-0123456789"
@@ -53,6 +55,7 @@ class Driver:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     failed_posts: int = 0
+    notices: int = 0  # a summary written: no answer, so no next message
 
     def start(self) -> None:
         self.telegram.on_accepted = self.accepted
@@ -85,6 +88,9 @@ class Driver:
     def accepted(self, sent: Sent) -> None:
         answers = self.answers.get(sent.chat_id)
         if answers is None:
+            return
+        if replies.kind(sent.text) == "notice":
+            self.notices += 1
             return
         answers.append(sent.text)
         self.received += 1
@@ -145,8 +151,7 @@ async def instances(
             driver = Driver(telegram, http, urls, chats, turns)
             started = time.monotonic()
             driver.start()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(driver.finished.wait(), turns * (llm_delay_s + 10) + 120)
+            await until_done_or_stalled(driver.finished, lambda: driver.received, llm_delay_s + STALL_S)
             elapsed = time.monotonic() - started
     finally:
         for bot in bots:
@@ -170,4 +175,5 @@ async def instances(
         "chats_in_order": in_order,
         "llm_requests": len(llm.requests),
         "failed_posts": driver.failed_posts,
+        "summary_notices": driver.notices,
     }

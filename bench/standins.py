@@ -79,7 +79,8 @@ class _Server:
 
 @dataclass
 class TelegramStandIn(_Server):
-    """Serves getMe/getUpdates, records sendMessage, sendChatAction, setMyCommands and the rest."""
+    """Serves getMe/getUpdates, records sendMessage, sendChatAction, setMyCommands and the rest
+    (``unknown_methods``, refused as not known, too)."""
 
     updates: list[dict[str, Any]] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
@@ -98,6 +99,9 @@ class TelegramStandIn(_Server):
     texts: dict[int, str] = field(default_factory=dict)  # message id -> its text now (after edits)
     chat_of: dict[int, int] = field(default_factory=dict)  # message id -> chat id
     member_status: dict[tuple[int, int], str] = field(default_factory=dict)  # (chat, user) -> getChatMember status
+    # Methods this server does not know (an older telegram-bot-api, an emulator): recorded, and
+    # answered as telegram-bot-api answers an unknown method, 404 "Not Found".
+    unknown_methods: set[str] = field(default_factory=set)
 
     async def start(self) -> None:
         self.url = await self._serve("/bot{token}/{method}", self._handle)
@@ -189,6 +193,10 @@ class TelegramStandIn(_Server):
         for key, value in params.items():  # a file travels as its own part, named by "attach://<name>"
             if isinstance(value, str) and value.startswith("attach://"):
                 params[key] = params[value.removeprefix("attach://")]
+        if method in self.unknown_methods:
+            self.sent.append(Sent(method, params, status=404, received_at=received_at, answered_at=time.monotonic()))
+            self._sent_event.set()
+            return _error(404, "Not Found")
         if method == "getUpdates":
             updates = await self._get_updates(params)
             response = _ok(updates)
@@ -332,6 +340,7 @@ class LLMStandIn(_Server):
     can_stream: bool = True
     chunks_sent: int = 0
     first_chunk_at: list[float] = field(default_factory=list)  # monotonic, per streamed request
+    first_chunk_of: dict[int, float] = field(default_factory=dict)  # request index -> first_chunk_at of its stream
     stream_ended_at: list[float] = field(default_factory=list)  # monotonic, per stream written to the end
     report_usage: bool = True
     usages: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion) tokens reported
@@ -388,7 +397,7 @@ class LLMStandIn(_Server):
                 return web.json_response(
                     {"error": {"message": "streaming is not supported", "type": "invalid_request_error"}}, status=400
                 )
-            streamed = await self._stream(request, body, content)
+            streamed = await self._stream(request, body, content, index)
             self.spans[index] = (arrived, time.monotonic())  # the stream's last event is written
             return streamed
         response = web.json_response(
@@ -406,7 +415,7 @@ class LLMStandIn(_Server):
         self.spans[index] = (arrived, time.monotonic())
         return response
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], content: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, body: dict[str, Any], content: str, index: int) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
 
@@ -424,7 +433,7 @@ class LLMStandIn(_Server):
             }
 
         with contextlib.suppress(ConnectionResetError):  # the bot stopped reading (a stopped answer)
-            if not await self._write_stream(event, chunk, content):
+            if not await self._write_stream(event, chunk, content, index):
                 return response
             if (body.get("stream_options") or {}).get("include_usage") and self.report_usage:
                 usage = self._usage(body, content)
@@ -445,16 +454,18 @@ class LLMStandIn(_Server):
         event: Callable[[dict[str, Any] | str], Awaitable[None]],
         chunk: Callable[..., dict[str, Any]],
         content: str,
+        index: int,
     ) -> bool:
         """Whether the stream was written to its end (not failed half-way)."""
         await event(chunk({"role": "assistant", "content": ""}))
         pieces = [content[i : i + self.chunk] for i in range(0, len(content), self.chunk)]
-        for index, piece in enumerate(pieces):
-            if self.fail_after_chunks is not None and index >= self.fail_after_chunks:
+        for number, piece in enumerate(pieces):
+            if self.fail_after_chunks is not None and number >= self.fail_after_chunks:
                 await event({"error": {"message": "stand-in failure mid-stream", "type": "server_error"}})
                 return False
-            if index == 0:
+            if number == 0:
                 self.first_chunk_at.append(time.monotonic())
+                self.first_chunk_of[index] = self.first_chunk_at[-1]
             await event(chunk({"content": piece}))
             self.chunks_sent += 1
             if self.pace:

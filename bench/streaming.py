@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 from datetime import UTC, datetime
@@ -21,7 +20,8 @@ from typing import Any
 
 from alembic import command
 
-from bench.__main__ import alembic_config, percentile
+from bench import replies
+from bench.__main__ import alembic_config, parse, percentile, write_results
 from bench.standins import LLMStandIn, TelegramStandIn
 from bot import create_bot, create_dispatcher, poll
 from config import load_config
@@ -29,17 +29,19 @@ from services import database
 from services.formatting import render, split
 from services.llm import create_llm
 from services.local_postgres import throwaway
+from services.summaries import INSTRUCTIONS
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TOKEN = "123456:BENCH-token-abcdefghijklmnopqrstuvwxyz"
 ANSWER = ("Streaming keeps the user reading while the model writes. " * 40)[:2000]
 FINAL = [part.text for part in split(render(ANSWER))]
 CALLS = ("sendMessageDraft", "sendMessage", "editMessageText")
+SUMMARY_INSTRUCTIONS = INSTRUCTIONS.split("{")[0]  # how a summary's request begins
 
 
 def answered(telegram: TelegramStandIn, chat: int, *, turns: int) -> bool:
-    """Whether ``chat`` shows the final parts of ``turns`` answers: the last turn has ended."""
-    shown = telegram.shown(chat)
+    """Whether ``chat`` shows the final parts of ``turns`` answers: the last turn has ended (a
+    notice beside them, a summary written once the history is crowded, is no answer)."""
+    shown = [text for text in telegram.shown(chat) if replies.kind(text) != "notice"]
     return len(shown) == turns * len(FINAL) and shown[-len(FINAL) :] == FINAL
 
 
@@ -74,11 +76,21 @@ async def measure(
         for turn in range(turns):
             for chat in chats:
                 before = len(telegram.sent)
-                streams_before = len(llm.first_chunk_at)
+                requests_before = len(llm.requests)
                 telegram.send(f"question {turn}", user_id=abs(chat), chat_id=chat)
                 await telegram.wait_for(partial(answered, telegram, chat, turns=turn + 1), timeout=60)
-                new = [s for s in telegram.sent[before:] if s.method in CALLS and s.chat_id == chat and s.status == 200]
-                delays.append((new[0].answered_at - llm.first_chunk_at[streams_before]) * 1000)
+                new = [
+                    s
+                    for s in telegram.sent[before:]
+                    if s.method in CALLS and s.chat_id == chat and s.status == 200 and replies.kind(s.text) != "notice"
+                ]
+                # The turn's own request: a summary (the turn before crowded the history) may come first.
+                asked = next(
+                    i
+                    for i in range(requests_before, len(llm.requests))
+                    if not str(llm.requests[i]["messages"][0]["content"]).startswith(SUMMARY_INSTRUCTIONS)
+                )
+                delays.append((new[0].answered_at - llm.first_chunk_of[asked]) * 1000)
                 calls_per_answer.append(len(new))
     finally:
         await dp.stop_polling()
@@ -108,7 +120,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 chars_per_s=args.chars_per_s,
             )
         return {
-            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "taken_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "llm": {
                 "first_token_ms": args.first_token_ms,
                 "chars_per_s": args.chars_per_s,
@@ -145,12 +157,11 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10, help="turns per kind of chat")
     parser.add_argument("--first-token-ms", type=float, default=500)
     parser.add_argument("--chars-per-s", type=float, default=400)
-    results = asyncio.run(run(parser.parse_args()))
+    # 12 turns: past HISTORY_LIMIT (20 messages), so a summary and its notice come too.
+    args = parse(parser, {"turns": 12, "first_token_ms": 50, "chars_per_s": 10_000})
+    results = asyncio.run(run(args))
     print(report(results))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"streaming-{results['when'].replace(':', '')}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
+    write_results(results, "streaming", args.smoke)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ configuration.
 Each of N private chats sends ``turns`` messages one after another, the next one as soon as
 the previous answer is accepted by the Telegram stand-in. A turn's *overhead* is what the bot
 adds to the LLM's time: (Telegram accepted the answer − getUpdates handed out the question)
-− (the LLM stand-in's time on that request). The stand-ins run in this process and this
-event loop, so their own work is inside the figures (overhead, CPU and memory alike).
+− (the LLM stand-in's time on that chat's requests meanwhile: the turn's own and, when the
+turn before crowded the history, the summary the chat's queue waits for). A notice (the
+summary written) is counted apart, not taken for an answer; an answer to a chat of an earlier
+run on the same database (a turn it left unsettled, recovered at this start) is counted as
+recovered. The stand-ins run in this process and this event loop, so their own work is inside
+the figures (overhead, CPU and memory alike).
 """
 
 from __future__ import annotations
@@ -16,21 +20,23 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import resource
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import replies
 from bench.standins import LLMStandIn, Sent, TelegramStandIn
 from bot import create_bot, create_dispatcher, poll, setup_logging
 from config import load_config
 from services import database
 from services.llm import create_llm
 
-APOLOGY_PREFIX = "Sorry"
+CHAT_OF_REQUEST = re.compile(r"\bchat (\d+) turn \d+")  # a question's text, in the turn's request or a summary's
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
 
@@ -99,10 +105,12 @@ class Users:
     chats: list[int]
     turns: int
     questions: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # chat -> (update id, text)
-    answers: dict[int, list[Sent]] = field(default_factory=dict)  # chat -> accepted sendMessage, in order
+    answers: dict[int, list[Sent]] = field(default_factory=dict)  # chat -> accepted answers and apologies, in order
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     received: int = 0
     last_answer_at: float = 0.0
+    notices: int = 0  # accepted notices (a summary written): no answer, so no next question
+    recovered: int = 0  # accepted messages to chats not of this run: earlier runs' turns, recovered
 
     def start(self) -> None:
         self.telegram.on_accepted = self.on_accepted
@@ -118,6 +126,10 @@ class Users:
     def on_accepted(self, sent: Sent) -> None:
         answers = self.answers.get(sent.chat_id)
         if answers is None:
+            self.recovered += 1
+            return
+        if replies.kind(sent.text) == "notice":
+            self.notices += 1
             return
         answers.append(sent)
         self.received += 1
@@ -133,6 +145,23 @@ def summary(samples: list[float]) -> dict[str, float | None]:
         return {"p50_ms": None, "p99_ms": None}
     ordered = sorted(samples)
     return {"p50_ms": statistics.median(ordered), "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
+STALL_S = 30.0  # no answer for this long (past the LLM's delay): the turns still open are lost
+
+
+async def until_done_or_stalled(done: asyncio.Event, progress: Callable[[], int], stall_s: float) -> None:
+    """Wait for ``done``, however long a loaded machine takes, while ``progress()`` keeps
+    moving; once it has stood still for ``stall_s``, give up: what is missing is then counted
+    as lost, not waited for forever (a fixed deadline cut slow runs short)."""
+    last, since = progress(), time.monotonic()
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 1.0)
+        if progress() != last:
+            last, since = progress(), time.monotonic()
+        elif time.monotonic() - since > stall_s:
+            return
 
 
 async def sample_rss(peak: list[int], every_s: float = 0.05) -> None:
@@ -180,9 +209,7 @@ async def whole_bot(
                 cpu_before = cpu_seconds()
                 started, calls_before = time.monotonic(), len(telegram.sent)
                 users.start()
-                # Generous: a lost turn shows up as a count, after this wait, not as a hang.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(users.finished.wait(), turns * (llm_delay_s + 5) + 60)
+                await until_done_or_stalled(users.finished, lambda: users.received, llm_delay_s + STALL_S)
                 cpu = cpu_seconds() - cpu_before
             finally:
                 if not polling.done():
@@ -197,20 +224,31 @@ async def whole_bot(
         await llm.stop()
         await telegram.stop()
 
-    llm_time: dict[str, float] = {}  # question text -> the LLM stand-in's time on its (last) request
-    for request, (arrived, answered) in zip(llm.requests, llm.spans, strict=True):
-        llm_time[request["messages"][-1]["content"]] = answered - arrived
+    questions = {text for asked in users.questions.values() for _, text in asked}
+    spans: dict[int, list[tuple[float, float]]] = {}  # chat -> the LLM stand-in's (arrived, answered), in order
+    summaries = 0
+    for request, span in zip(llm.requests, llm.spans, strict=True):
+        content = str(request["messages"][-1]["content"])
+        summaries += content not in questions
+        match = CHAT_OF_REQUEST.search(content)
+        if match:
+            spans.setdefault(int(match.group(1)), []).append(span)
     overhead: list[float] = []
     by_turn: list[list[float]] = [[] for _ in range(turns)]
     apologies = answered_ok = 0
     for chat in chats:
-        asked, replies = users.questions[chat], users.answers[chat]
-        for index, ((update_id, text), sent) in enumerate(zip(asked, replies, strict=False)):
-            if sent.text.startswith(APOLOGY_PREFIX):
+        asked, answers = users.questions[chat], users.answers[chat]
+        for index, ((update_id, text), sent) in enumerate(zip(asked, answers, strict=False)):
+            if replies.kind(sent.text) == "refusal":
                 apologies += 1
-            elif sent.text == f"echo: {text}" and text in llm_time:
+            elif sent.text == f"echo: {text}":
                 answered_ok += 1
-                ms = (sent.answered_at - telegram.handed_out[update_id] - llm_time[text]) * 1000
+                begun = telegram.handed_out[update_id]
+                llm_s = sum(
+                    max(0.0, min(answered, sent.answered_at) - max(arrived, begun))
+                    for arrived, answered in spans.get(chat, [])
+                )
+                ms = (sent.answered_at - begun - llm_s) * 1000
                 overhead.append(ms)
                 by_turn[index].append(ms)
     elapsed = users.last_answer_at - started
@@ -226,6 +264,9 @@ async def whole_bot(
         "overhead": summary(overhead),
         "overhead_by_turn": [summary(samples) for samples in by_turn],
         "llm_requests": len(llm.requests),
+        "summary_requests": summaries,
+        "summary_notices": users.notices,
+        "recovered": users.recovered,
         "telegram_calls_per_turn": {method: count / expected for method, count in sorted(calls.items())},
         "apologies": apologies,
         "lost_turns": expected - answered_ok - apologies,

@@ -18,6 +18,7 @@ from aiogram.enums import ChatAction
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError, TelegramNotFound
 from aiogram.types import MessageEntity, ReplyParameters
 
+from handlers.unknown_methods import MethodUnknown
 from services.delivery import Address, DeliveryFailed, DeliveryRefused, DraftsUnavailable
 from services.formatting import Part
 
@@ -78,7 +79,8 @@ class TelegramDelivery:
         try:
             await _with_plain_fallback(send_draft, part)
         except DeliveryRefused as refused:
-            raise DraftsUnavailable(str(refused)) from refused
+            server_wide = isinstance(refused.__cause__, MethodUnknown)  # not asked again until restart
+            raise DraftsUnavailable(str(refused), server_wide=server_wide) from refused
 
     @asynccontextmanager
     async def typing(self, address: Address) -> AsyncIterator[None]:

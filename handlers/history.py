@@ -12,12 +12,12 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from aiogram import F, Router
+from aiogram import Bot, F, Router
 from aiogram.filters import Command, CommandObject
 from aiogram.types import FSInputFile, Message, User
 
 from config import Config
-from handlers.messages import address_of
+from handlers.messages import address_of, asked
 from services.budget import Window
 from services.database import DialogStats, SearchHit, Undone
 from services.delivery import Delivery
@@ -73,10 +73,10 @@ def undo_report(undone: Undone) -> str:
     return f"Undone: your message “{quoted}”{answer}. /undo again goes further back."
 
 
-async def on_edited_text(message: Message, event_from_user: User, turns: Turns) -> None:
-    """The user edited a message: a stored question takes the new text; the last one is
-    answered again. Edits of anything else are ignored."""
-    text = message.text or ""
+async def on_edited_text(message: Message, event_from_user: User, bot: Bot, turns: Turns) -> None:
+    """The user edited a message: a stored question takes the new text (without the bot's own
+    mention, as a new question); the last one is answered again. Edits of anything else are ignored."""
+    text = asked(message, await bot.me())
     if not text.strip():
         return
     stored = await turns.edit(

@@ -6,8 +6,8 @@ import logging
 import math
 from datetime import UTC, datetime, timedelta
 
-from aiogram import F, Router
-from aiogram.enums import ChatType
+from aiogram import Bot, F, Router
+from aiogram.enums import ChatType, MessageEntityType
 from aiogram.types import Message, MessageGenerationStopped, User
 
 from handlers.middlewares import replied_to
@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 SLOW_DOWN = "You're writing faster than I can think. Please slow down and try again in a minute."
 EMPTY = "Send me some text and I'll answer."
 QUOTE_CHARS = 4000
+JOINS_LEFT = ",.;:!?)"  # after a mention taken out, these close up to the word before
 
 
 def until_next_utc_day(now: datetime) -> timedelta:
@@ -58,8 +59,31 @@ def quoted_in(message: Message) -> str | None:
     return text[:QUOTE_CHARS] if text else None
 
 
-async def on_text(message: Message, event_from_user: User, turns: Turns) -> None:
+def asked(message: Message, me: User) -> str:
+    """The text of ``message`` without the bot's own mentions (``@its_username``, any case, as
+    Telegram marks them): what the LLM reads and what is stored (the stored question is every
+    later turn's context). In a group the mention only says who is asked."""
     text = message.text or ""  # made storable at the edge (services.text.storable_json)
+    if not me.username:
+        return text
+    mention = f"@{me.username}".lower()
+    units = text.encode("utf-16-le")  # entity offsets count UTF-16 code units
+    spans = [
+        (len(units[: e.offset * 2].decode("utf-16-le")), len(units[: (e.offset + e.length) * 2].decode("utf-16-le")))
+        for e in message.entities or ()
+        if e.type == MessageEntityType.MENTION and e.extract_from(text).lower() == mention
+    ]
+    for start, end in sorted(spans, reverse=True):
+        before, after = text[:start].rstrip(" "), text[end:].lstrip(" ")
+        if not before:
+            after = after.lstrip(" ,:;")  # "@bot, what is…" asks "what is…"
+        closes = not before or not after or before[-1].isspace() or after[0].isspace() or after[0] in JOINS_LEFT
+        text = before + ("" if closes else " ") + after
+    return text.strip() if spans else text
+
+
+async def on_text(message: Message, event_from_user: User, bot: Bot, turns: Turns) -> None:
+    text = asked(message, await bot.me())  # bot.me(): cached since start-up
     if not text.strip():
         await message.answer(EMPTY)
         return

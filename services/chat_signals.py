@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg.rows import scalar_row
 
 from services.context import call
-from services.database import Connection, Pool
+from services.database import Connection, Pool, connect_session
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,7 @@ class ChatSignals:
     async def _listen(self) -> None:
         while not self._stopping.is_set():
             try:
-                assert isinstance(self.pool.conninfo, str)
-                async with await psycopg.AsyncConnection.connect(self.pool.conninfo, autocommit=True) as conn:
+                async with await connect_session(self.pool) as conn:  # LISTEN needs a session of its own
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                     while not self._stopping.is_set():
                         async for notify in conn.notifies(timeout=WAIT_S):

@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stopped", "failed"]  # an answer cut short; None: complete
 Connection: TypeAlias = AsyncConnection[Any]
-Pool: TypeAlias = AsyncConnectionPool[Connection]
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -294,16 +293,45 @@ class SummarySource:
 # -- the pool -------------------------------------------------------------------------------
 
 
-async def init_db(url: str, *, size: int = 10, timeout_s: float = 5.0) -> Pool:
+class Pool(AsyncConnectionPool[Connection]):
+    """The pool of ``DATABASE_URL``, and where a connection that needs a whole session opens:
+    ``session_url`` (``DATABASE_DIRECT_URL``), the server itself when the pool's URL is a
+    transaction pooler such as PgBouncer in transaction mode, which hands each transaction to
+    any of its server connections (see ``connect_session``)."""
+
+    def __init__(self, url: str, *, session_url: str, connect_options: dict[str, Any], **options: Any) -> None:
+        super().__init__(url, kwargs=connect_options, **options)
+        self.session_url = session_url
+        self.connect_options = connect_options  # psycopg's ``connect`` arguments of every connection
+
+
+async def init_db(
+    url: str,
+    *,
+    size: int = 10,
+    timeout_s: float = 5.0,
+    session_url: str | None = None,
+    prepared_statements: bool = True,
+) -> Pool:
     """Open a pool of ``size`` autocommit connections; raise ``PoolTimeout`` if none connects.
 
     Connections are not checked as they are handed out (that would cost every statement a round
     trip, and psycopg-pool's back-off between failed checks stalls a turn for seconds after a
     server restart): ``run`` finds a broken one by its error, drops the pool's stale ones at once
     and runs the statement again. ``timeout_s`` bounds the wait for a connection.
+
+    ``prepared_statements=False`` (``DB_PREPARED_STATEMENTS=false``) opens the connections with
+    ``prepare_threshold=None``: psycopg then prepares nothing, not even the statements run with
+    ``prepare=True``, since a transaction pooler would send a statement prepared on one server
+    connection to another. ``session_url`` (default ``url``): see ``Pool``.
     """
-    pool: Pool = AsyncConnectionPool(
+    connect_options: dict[str, Any] = {"autocommit": True}
+    if not prepared_statements:
+        connect_options["prepare_threshold"] = None
+    pool = Pool(
         url,
+        session_url=session_url or url,
+        connect_options=connect_options,
         min_size=size,
         max_size=size,
         open=False,
@@ -312,7 +340,6 @@ async def init_db(url: str, *, size: int = 10, timeout_s: float = 5.0) -> Pool:
         # would delay recovery long after the server is back. A waiting caller regrows the pool
         # at once instead.
         reconnect_timeout=timeout_s,
-        kwargs={"autocommit": True},
         name="llmbot",
     )
     try:
@@ -445,11 +472,20 @@ def _name(work: Callable[..., object]) -> str:
     return getattr(work, "__name__", type(work).__name__)
 
 
+async def connect_session(pool: Pool, **options: Any) -> Connection:
+    """A connection of its own, outside the pool, for what needs a whole session to itself (a
+    session-level advisory lock, LISTEN, a session setting): on ``pool.session_url``, in
+    autocommit mode, preparing statements as the pool's connections do. ``options``: more of
+    psycopg's ``connect`` arguments (``connect_timeout``)."""
+    return await psycopg.AsyncConnection.connect(pool.session_url, **{**pool.connect_options, **options})
+
+
 @asynccontextmanager
 async def advisory_lock(pool: Pool, name: str) -> AsyncIterator[bool]:
-    """Try to take the session-level advisory lock ``name`` on a connection of its own, held
-    until the block ends (or the process dies); yields whether it was taken."""
-    async with await psycopg.AsyncConnection.connect(_conninfo(pool), autocommit=True) as conn:
+    """Try to take the session-level advisory lock ``name`` on a session of its own
+    (``connect_session``), held until the block ends (or the process dies); yields whether it
+    was taken."""
+    async with await connect_session(pool) as conn:
         cur = conn.cursor(row_factory=scalar_row)
         await cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,))
         yield bool(await cur.fetchone())

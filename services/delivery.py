@@ -29,7 +29,12 @@ class Address:
 
 
 class DraftsUnavailable(Exception):
-    """Telegram refused a draft here (not a private chat, or not offered): edit a message instead."""
+    """Telegram refused a draft here (not a private chat, or not offered): edit a message instead.
+    ``server_wide``: the Bot API server has no drafts at all (said once, where that was found)."""
+
+    def __init__(self, reason: str, *, server_wide: bool = False) -> None:
+        super().__init__(reason)
+        self.server_wide = server_wide
 
 
 class Delivery(Protocol):

@@ -166,6 +166,8 @@ EXPIRE_MINE: Final = """
     UPDATE chat_leases SET expires_at = now() WHERE holder = %(holder)s::text AND expires_at > now()
 """
 
+# The tending connection's bound on each statement, for the session (``SET``, with a bound value).
+SET_STATEMENT_TIMEOUT: Final = "SELECT set_config('statement_timeout', %(ms)s::text, false)"
 
 # -- functions ------------------------------------------------------------------------------
 
@@ -476,17 +478,19 @@ class Leases:
                 await asyncio.wait_for(self._stopping.wait(), every_s)
 
     async def _connection(self) -> Connection:
-        """The tending's own connection: renewal must not wait behind the turns for the pool."""
+        """The tending's own connection: renewal must not wait behind the turns for the pool.
+        A session of its own (``database.connect_session``): its statement timeout is a session
+        setting, set once connected (a startup ``options`` parameter is refused by PgBouncer)."""
         if self._conn is None or self._conn.closed:
-            assert isinstance(self.pool.conninfo, str)
             # A round longer than a third of the TTL is failing anyway: it ends, and the next tries again.
             round_s = max(1, self.ttl_s // 3)
-            self._conn = await psycopg.AsyncConnection.connect(
-                self.pool.conninfo,
-                autocommit=True,
-                connect_timeout=round_s,
-                options=f"-c statement_timeout={round_s * 1000}",
-            )
+            conn = await database.connect_session(self.pool, connect_timeout=round_s)
+            try:
+                await conn.execute(SET_STATEMENT_TIMEOUT, {"ms": round_s * 1000})
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     async def tend(self, on_taken: Callable[[int], Coroutine[Any, Any, None]]) -> int:

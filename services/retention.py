@@ -74,13 +74,14 @@ async def purge_daily(pool: Pool, *, days: int | None, interval_s: float = DAY_S
 
 @asynccontextmanager
 async def tool_pool() -> AsyncIterator[Pool]:
-    """A one-connection pool on DATABASE_URL for a command-line tool (``make db-purge``,
-    ``make db-seed``). A bad DATABASE_URL or a database that does not answer ends the tool with
-    one line on stderr, not a traceback."""
+    """A one-connection pool on DATABASE_DIRECT_URL (default DATABASE_URL) for a command-line
+    tool (``make db-purge``, ``make db-seed``): psycopg prepares a statement run five times (a
+    purge's batches), which a transaction pooler cannot keep. A bad URL or a database that does
+    not answer ends the tool with one line on stderr, not a traceback."""
     from config import ConfigError, load_database_url
 
     try:
-        url = load_database_url()
+        url = load_database_url(direct=True)
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     try:

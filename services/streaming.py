@@ -2,8 +2,9 @@
 
 In a private chat the text streams as a Telegram *draft* (``sendMessageDraft``: animated, with a
 stop button); wherever drafts are refused (groups, an older Bot API) the first part is sent as a
-message and edited in place. Either way Telegram is called at most once per interval, always with
-the latest text (never a backlog), and a reply longer than one message continues in a new one.
+message and edited in place. Either way Telegram is called at most once per interval (the draft
+interval for drafts, the edit interval for edits, also after a refused draft), always with the
+latest text (never a backlog), and a reply longer than one message continues in a new one.
 What is shown is rendered from the Markdown so far (``services.formatting``), so a half-written
 construct renders as text until it closes.
 """
@@ -41,15 +42,18 @@ class LiveReply:
         address: Address,
         *,
         draft_id: int | None,
-        interval_s: float,
+        draft_interval_s: float,
+        edit_interval_s: float,
         replacing: int | None = None,
     ) -> None:
-        """``draft_id``: stream as this draft (None: edit a message); ``replacing``: the message
-        to edit from the start (it shows an answer this one replaces)."""
+        """``draft_id``: stream as this draft (None: edit a message); the pause after each draft
+        or edit; ``replacing``: the message to edit from the start (it shows an answer this one
+        replaces)."""
         self._delivery = delivery
         self._address = address
         self._draft_id = draft_id
-        self._interval_s = interval_s
+        self._draft_interval_s = draft_interval_s
+        self._edit_interval_s = edit_interval_s
         self._latest = ""
         self._showing = ""
         self._task: asyncio.Task[None] | None = None
@@ -82,8 +86,9 @@ class LiveReply:
             self._calling = True
             try:
                 await self._show(split(render(markdown, partial=True)))
-            except DraftsUnavailable:
-                logger.info("drafts refused in chat %s: editing a message instead", self._address.chat_id)
+            except DraftsUnavailable as refused:
+                if not refused.server_wide:  # a server without drafts was named once, when found
+                    logger.info("drafts refused in chat %s: editing a message instead", self._address.chat_id)
                 self._draft_id = None
                 continue
             except (DeliveryRefused, DeliveryFailed) as error:
@@ -95,7 +100,7 @@ class LiveReply:
             self._showing = markdown
             self.visible.set()
             if not self._closing:
-                await asyncio.sleep(self._interval_s)
+                await asyncio.sleep(self._draft_interval_s if self._draft_id is not None else self._edit_interval_s)
 
     async def _show(self, parts: list[Part]) -> None:
         if not parts:

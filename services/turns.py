@@ -456,7 +456,8 @@ class Turns:
             self._delivery,
             turn.address,
             draft_id=turn.ident if drafts else None,
-            interval_s=self._config.stream_draft_interval_s if drafts else self._config.stream_edit_interval_s,
+            draft_interval_s=self._config.stream_draft_interval_s,
+            edit_interval_s=self._config.stream_edit_interval_s,
             replacing=turn.replaces,
         )
         settings = self._chosen(start.settings)

@@ -16,7 +16,7 @@ from psycopg import sql
 from bench.standins import LLMStandIn, TelegramStandIn
 from services import database
 from services.database import Pool
-from services.local_postgres import LocalPostgres, PostgresNotFoundError, throwaway
+from services.local_postgres import LocalPostgres, PostgresNotFoundError, find_bin_dir, server_version, throwaway
 from tests.harness import bot_env
 from tests.watchdog import Watchdog
 
@@ -31,6 +31,17 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return (yield)
     finally:
         WATCHDOG.entered(None)
+
+
+def pytest_report_header() -> str:
+    """Which PostgreSQL the suite runs on (PG_BIN, PATH, Debian's, or LLMBOT_PG=embedded: the wheel's)."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        return "postgresql: TEST_DATABASE_URL"
+    try:
+        bin_dir = find_bin_dir()
+        return f"postgresql: {server_version(bin_dir)} from {bin_dir}"
+    except PostgresNotFoundError as error:
+        return f"postgresql: {error}"
 
 
 def alembic_config(url: str) -> AlembicConfig:

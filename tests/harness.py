@@ -18,7 +18,7 @@ from pathlib import Path
 from aiogram import Dispatcher
 
 from bench.standins import LLMStandIn, TelegramStandIn
-from bot import create_bot, create_dispatcher, poll, serve_webhook
+from bot import create_bot, create_dispatcher, create_pool, poll, serve_webhook
 from config import load_config
 from services import database
 from services.database import Pool
@@ -72,9 +72,11 @@ async def running_bot(env: dict[str, str], telegram: TelegramStandIn) -> AsyncIt
     config = load_config(env)
     pool = None
     if config.database_enabled:
-        pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
+        pool = await create_pool(config)
     bot = create_bot(config)
     dp = create_dispatcher(config, pool, create_llm(config), bot)
+    # Started once setMyCommands is asked, accepted or refused as unknown (the stand-in records
+    # both): the start-up's last Telegram call before recovery and the first getUpdates.
     started = len(telegram.calls("setMyCommands"))
     polling = asyncio.create_task(poll(dp, bot, config, handle_signals=False, polling_timeout=1))
     try:
@@ -118,7 +120,7 @@ async def running_webhook_bot(env: dict[str, str], telegram: TelegramStandIn) ->
     config = load_config(env)
     pool = None
     if config.database_enabled:
-        pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
+        pool = await create_pool(config)
     bot = create_bot(config)
     dp = create_dispatcher(config, pool, create_llm(config), bot)
     stop = asyncio.Event()
@@ -189,17 +191,30 @@ class BotProcess:
 
     async def start(self) -> None:
         started = len(self.telegram.calls("setMyCommands"))
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **self.env}
-        with self.log.open("ab") as log:
-            process = subprocess.Popen(  # noqa: ASYNC220 - starting, not waiting
-                [sys.executable, "bot.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        self.process = process
+        process = self._spawn()
         await self.telegram.wait_for(
             lambda: len(self.telegram.calls("setMyCommands")) > started or process.poll() is not None,
             timeout=30,
         )
         assert process.poll() is None, self.output()
+
+    async def run_to_exit(self, timeout: float = 30) -> int:
+        """Start it and wait until it exits by itself (a start-up that fails); the exit status."""
+        process = self._spawn()
+        for _ in range(int(timeout * 10)):
+            if process.poll() is not None:
+                return process.returncode
+            await asyncio.sleep(0.1)
+        process.kill()
+        raise AssertionError(f"bot did not exit within {timeout}s:\n{self.output()}")
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1", **self.env}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "bot.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self.process
 
     async def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
         """Send ``sig`` and wait for the exit; the exit status."""

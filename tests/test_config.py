@@ -67,6 +67,8 @@ def test_missing_required_values_are_all_named() -> None:
         ("LOG_LEVEL", "LOUD"),
         ("TELEGRAM_API_URL", "ftp://x"),
         ("GROUP_TRIGGER", "sometimes"),
+        ("DATABASE_DIRECT_URL", "mysql://localhost/db"),
+        ("DB_PREPARED_STATEMENTS", "maybe"),
     ],
 )
 def test_a_bad_value_names_its_variable_and_not_its_value(name: str, value: str) -> None:
@@ -77,14 +79,45 @@ def test_a_bad_value_names_its_variable_and_not_its_value(name: str, value: str)
 
 
 def test_secrets_stay_out_of_repr() -> None:
-    text = repr(load_config({**REQUIRED, "DATABASE_URL": "postgresql://u:hunter2@db/x"}))
-    assert TOKEN not in text and "sk-secret" not in text and "hunter2" not in text
+    text = repr(
+        load_config(
+            {
+                **REQUIRED,
+                "DATABASE_URL": "postgresql://u:hunter2@db/x",
+                "DATABASE_DIRECT_URL": "postgresql://u:swordfish@db/x",
+            }
+        )
+    )
+    assert TOKEN not in text and "sk-secret" not in text and "hunter2" not in text and "swordfish" not in text
+
+
+def test_the_direct_url_defaults_to_database_url_and_prepared_statements_are_on() -> None:
+    config = load_config({**REQUIRED, "DATABASE_URL": "postgresql://a:b@bouncer:6432/d"})
+    assert (config.database_direct_url, config.db_prepared_statements) == ("postgresql://a:b@bouncer:6432/d", True)
+    behind = load_config(
+        {
+            **REQUIRED,
+            "DATABASE_URL": "postgresql://a:b@bouncer:6432/d",
+            "DATABASE_DIRECT_URL": "postgresql://a:b@db:5432/d",
+            "DB_PREPARED_STATEMENTS": "false",
+        }
+    )
+    assert (behind.database_url, behind.database_direct_url) == (
+        "postgresql://a:b@bouncer:6432/d",
+        "postgresql://a:b@db:5432/d",
+    )
+    assert behind.db_prepared_statements is False
 
 
 def test_database_url_alone_needs_no_token() -> None:
     assert load_database_url({"DATABASE_URL": "postgresql://a:b@h:1/d"}) == "postgresql://a:b@h:1/d"
     with pytest.raises(ConfigError, match="DATABASE_URL"):
         load_database_url({"DATABASE_URL": "nonsense"})
+    # Migrations and the maintenance tools take the direct URL, when there is one.
+    both = {"DATABASE_URL": "postgresql://a:b@bouncer:6432/d", "DATABASE_DIRECT_URL": "postgresql://a:b@db:5432/d"}
+    assert load_database_url(both) == "postgresql://a:b@bouncer:6432/d"
+    assert load_database_url(both, direct=True) == "postgresql://a:b@db:5432/d"
+    assert load_database_url({"DATABASE_URL": "postgresql://a:b@h:1/d"}, direct=True) == "postgresql://a:b@h:1/d"
 
 
 @pytest.mark.parametrize("entry", [["-m", "config"], ["bot.py"]])

@@ -50,15 +50,15 @@ async def test_in_a_group_the_bot_answers_only_what_is_addressed_to_it(
         telegram.push("message", addressed(telegram, "marker", user_id=1))  # everything before it was handled
         replies = await telegram.wait_for_messages(GROUP, 3)
     assert replies == [
-        f"echo: {MENTION} what is 2+2?",
-        f"echo: [Replying to: echo: {MENTION} what is 2+2?]\n\nand 3+3?",  # a reply to the bot needs no mention
-        f"echo: {MENTION} marker",
+        "echo: what is 2+2?",  # the mention says who is asked: the LLM does not read it
+        "echo: [Replying to: echo: what is 2+2?]\n\nand 3+3?",  # a reply to the bot needs no mention
+        "echo: marker",
     ]
     assert TEXT_ONLY not in replies  # the photo nobody sent to the bot got no "text only"
     assert await fetch(pool, "SELECT content FROM messages WHERE role = 'user' ORDER BY id") == [
-        (f"{MENTION} what is 2+2?",),
+        ("what is 2+2?",),
         ("and 3+3?",),
-        (f"{MENTION} marker",),
+        ("marker",),
     ]  # the group's other talk was never stored
 
 
@@ -75,12 +75,12 @@ async def test_a_reply_brings_the_replied_text_into_that_turns_context(
         telegram.push("message", addressed(telegram, "thanks", user_id=1))
         await telegram.wait_for_messages(GROUP, 2)
     first, second = llm.conversations
-    assert first[-1]["content"] == f"[Replying to: The sky is green.]\n\n{MENTION} is that true?"
+    assert first[-1]["content"] == "[Replying to: The sky is green.]\n\nis that true?"
     # the quote was for that turn: the next one sees the question as stored
     assert [m["content"] for m in second[1:]] == [
-        f"{MENTION} is that true?",
-        f"echo: [Replying to: The sky is green.]\n\n{MENTION} is that true?",  # the answer, as stored
-        f"{MENTION} thanks",
+        "is that true?",
+        "echo: [Replying to: The sky is green.]\n\nis that true?",  # the answer, as stored
+        "thanks",
     ]
 
 
