@@ -352,7 +352,6 @@ class LocalPostgres:
         os.chown(real, server.pw_uid, server.pw_gid)
         self.data_dir.rmdir()  # just made by init: empty
         self.data_dir.symlink_to(real, target_is_directory=True)
-        print(f"{self.data_dir} is out of reach of the server user {server.pw_name}: the data is in {real}")
         self.data_dir = real
 
     def running(self) -> bool:
