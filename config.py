@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 from dotenv import load_dotenv
@@ -18,6 +17,17 @@ DEFAULT_OPENAI_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful, concise assistant in a Telegram chat."
 
 T = TypeVar("T")
+S = TypeVar("S", bound=str)
+
+# The closed sets of values a setting takes: each is checked once, by ``_choice``, where it is read.
+BotMode = Literal["polling", "webhook"]
+GroupTrigger = Literal["mention", "all"]
+GroupContext = Literal["per_user", "shared"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET"]  # logging's names
+BOT_MODES: tuple[BotMode, ...] = get_args(BotMode)
+GROUP_TRIGGERS: tuple[GroupTrigger, ...] = get_args(GroupTrigger)
+GROUP_CONTEXTS: tuple[GroupContext, ...] = get_args(GroupContext)
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
 
 class ConfigError(ValueError):
@@ -59,11 +69,11 @@ class Config:
     daily_token_budget_per_user: int
     allowed_user_ids: frozenset[int]
     retention_days: int
-    group_trigger: str
-    group_context: str
+    group_trigger: GroupTrigger
+    group_context: GroupContext
     telegram_api_url: str | None
-    log_level: str
-    bot_mode: str
+    log_level: LogLevel
+    bot_mode: BotMode
     webhook_url: str | None
     webhook_secret: str | None = field(repr=False)
     webhook_port: int
@@ -147,11 +157,14 @@ def _webhook_secret(raw: str) -> str:
     return raw
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        if raw.lower() not in allowed:
-            raise ValueError(raw)
-        return raw.lower()
+def _choice(allowed: tuple[S, ...]) -> Callable[[str], S]:
+    """One of ``allowed`` (the values of a ``Literal``), case aside, as ``allowed`` spells it."""
+
+    def parse(raw: str) -> S:
+        for value in allowed:
+            if raw.lower() == value.lower():
+                return value
+        raise ValueError(raw)
 
     return parse
 
@@ -178,15 +191,6 @@ def _boolean(raw: str) -> bool:
     return value in ("true", "1", "yes")
 
 
-def _one_of(*choices: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        if raw.lower() not in choices:
-            raise ValueError(raw)
-        return raw.lower()
-
-    return parse
-
-
 def _model_names(raw: str) -> tuple[str, ...]:
     # Order kept (it is the order of /model's keyboard), duplicates dropped.
     names = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
@@ -197,13 +201,6 @@ def _model_names(raw: str) -> tuple[str, ...]:
 
 def _user_ids(raw: str) -> frozenset[int]:
     return frozenset(int(part) for part in raw.replace(",", " ").split())
-
-
-def _log_level(raw: str) -> str:
-    level = raw.upper()
-    if level not in logging.getLevelNamesMapping():
-        raise ValueError(raw)
-    return level
 
 
 def load_database_url(env: Mapping[str, str] | None = None, *, direct: bool = False) -> str:
@@ -223,7 +220,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Build the configuration or raise ``ConfigError`` naming every bad or missing variable."""
     r = _Reader(_load_env() if env is None else env)
     positive = "a whole number ≥ 1"
-    bot_mode = r.get("BOT_MODE", "polling", _choice("polling", "webhook"), "polling or webhook")
+    bot_mode = r.get("BOT_MODE", "polling", _choice(BOT_MODES), "polling or webhook")
     webhook = bot_mode == "webhook"  # the webhook's settings are required in webhook mode only
     config = Config(
         telegram_bot_token=r.get(
@@ -274,9 +271,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         allowed_user_ids=r.get("ALLOWED_USER_IDS", "", _user_ids, "Telegram user ids separated by commas"),
         retention_days=r.get("RETENTION_DAYS", "0", _bounded(int, 0, 36_500), "a whole number of days ≥ 0"),
         telegram_api_url=r.get("TELEGRAM_API_URL", "", _optional_http_url, "an http(s) URL"),
-        log_level=r.get("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
-        group_trigger=r.get("GROUP_TRIGGER", "mention", _one_of("mention", "all"), "mention or all"),
-        group_context=r.get("GROUP_CONTEXT", "per_user", _one_of("per_user", "shared"), "per_user or shared"),
+        log_level=r.get("LOG_LEVEL", "INFO", _choice(LOG_LEVELS), "DEBUG, INFO, WARNING or ERROR"),
+        group_trigger=r.get("GROUP_TRIGGER", "mention", _choice(GROUP_TRIGGERS), "mention or all"),
+        group_context=r.get("GROUP_CONTEXT", "per_user", _choice(GROUP_CONTEXTS), "per_user or shared"),
         bot_mode=bot_mode,
         webhook_url=r.get(
             "WEBHOOK_URL", None if webhook else "", _webhook_url, "an https:// URL without query (Telegram posts to it)"

@@ -12,6 +12,7 @@ from aiogram.filters import ExceptionTypeFilter
 from aiogram.types import ErrorEvent
 
 from handlers.messages import SLOW_DOWN, over_budget_reply
+from handlers.settings import SettingsRefused
 from services.context import OverBudget, RateLimited
 from services.failures import BadRequest, StorageUnavailable
 from services.storage import HistoryDisabled
@@ -62,6 +63,12 @@ async def on_rate_limited(event: ErrorEvent) -> None:
     await _answer(event, SLOW_DOWN)
 
 
+async def on_settings_refused(event: ErrorEvent) -> None:
+    """A change of the chat's settings its sender may not make (``CanChangeSettings`` logged why)."""
+    assert isinstance(event.exception, SettingsRefused)
+    await _answer(event, event.exception.reply)
+
+
 async def on_error(event: ErrorEvent) -> None:
     """Last resort: log the traceback (no message text) and apologise."""
     update = event.update
@@ -76,5 +83,6 @@ def create_router() -> Router:
     router.errors.register(on_bad_request, ExceptionTypeFilter(BadRequest))
     router.errors.register(on_over_budget, ExceptionTypeFilter(OverBudget))  # before its base class
     router.errors.register(on_rate_limited, ExceptionTypeFilter(RateLimited))
+    router.errors.register(on_settings_refused, ExceptionTypeFilter(SettingsRefused))
     router.errors.register(on_error)
     return router

@@ -13,11 +13,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from aiogram import Bot, F, Router
+from aiogram import Bot, Router
 from aiogram.enums import ChatMemberStatus, ChatType
 from aiogram.exceptions import TelegramAPIError
-from aiogram.filters import Command, CommandObject
+from aiogram.filters import Command, CommandObject, Filter
+from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, User
 
 from config import Config
@@ -26,7 +29,6 @@ from services.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-MODEL_PREFIX = "md:"  # callback data: the prefix, then a short hash of the model's name
 MODEL_NAME_SHOWN = 100  # characters of an unknown model's name echoed back
 PROMPT_MAX_CHARS = 4000  # the CHECK of chat_settings.system_prompt
 ADMINS_TTL_S = 60.0
@@ -68,9 +70,21 @@ class ChatAdmins:
         return admin
 
 
+class ModelChoice(CallbackData, prefix="md"):
+    """A button of /model's keyboard: ``md:`` and a short hash of the model's name (a name can be
+    longer than the 64 bytes Telegram allows in callback data). The same bytes as the
+    hand-built data before it, so keyboards already sent keep working."""
+
+    key: str
+
+    @classmethod
+    def of(cls, model: str) -> ModelChoice:
+        return cls(key=hashlib.sha256(model.encode()).hexdigest()[:16])
+
+
 def model_key(model: str) -> str:
-    """A model's callback data: its name can be longer than the 64 bytes Telegram allows."""
-    return MODEL_PREFIX + hashlib.sha256(model.encode()).hexdigest()[:16]
+    """A model's callback data."""
+    return ModelChoice.of(model).pack()
 
 
 def model_keyboard(config: Config, current: str) -> InlineKeyboardMarkup:
@@ -112,26 +126,87 @@ def temperature_report(config: Config, settings: ChatSettings) -> str:
     return f"Temperature in this chat: {temperature_shown(config, settings)}. {TEMPERATURE_USAGE}"
 
 
-async def _may_change(message: Message, user: User, chat_admins: ChatAdmins) -> bool:
-    """Whether ``user`` may change the chat's settings; when not, they are told why."""
+class SettingsRefused(Exception):
+    """A change its sender may not make, or Telegram could not say whether they may: ``reply``
+    tells them why. ``CanChangeSettings`` raises it, so the update goes no further (no other
+    handler takes the command or the button); ``handlers.errors`` answers it."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+class CanChangeSettings(Filter):
+    """Lets a change of the chat's settings through when its sender may make it (``ChatAdmins``):
+    the one place that decides. Otherwise the refusal is logged here and ``SettingsRefused``
+    ends the update, answered ADMINS_ONLY, or CANNOT_CHECK when Telegram cannot say.
+
+    The last filter of a change's handler, after those that check the change itself, so a
+    change refused for its value is explained without asking Telegram."""
+
+    def __init__(self, setting: str = "settings") -> None:
+        self.setting = setting  # what a refusal's log line says was refused
+
+    async def __call__(
+        self, event: Message | CallbackQuery, event_chat: Chat, event_from_user: User, chat_admins: ChatAdmins
+    ) -> bool:
+        try:
+            allowed = await chat_admins.may_change(event_chat, event_from_user.id)
+        except TelegramAPIError as error:
+            logger.warning("getChatMember for chat %s failed: %s", event_chat.id, type(error).__name__)
+            raise SettingsRefused(CANNOT_CHECK) from None
+        if not allowed:
+            logger.info("user %s in chat %s: %s change refused (not an administrator)", event_from_user.id,
+                        event_chat.id, self.setting)  # fmt: skip
+            raise SettingsRefused(ADMINS_ONLY)
+        return True
+
+
+@dataclass(frozen=True)
+class Change:
+    """A valid new value of one setting; None: back to the default."""
+
+    name: SettingName
+    value: str | float | None
+
+
+class ValidChange(Filter):
+    """Passes a settings command whose arguments ``parse`` makes a ``Change``, handing it to the
+    handler as ``change``. Other arguments (none, or a value refused) go on to the command's
+    next handler, which shows the setting or explains what it takes."""
+
+    def __init__(self, parse: Callable[[Config, str], Change | None]) -> None:
+        self.parse = parse
+
+    async def __call__(self, message: Message, command: CommandObject, config: Config) -> dict[str, Any] | bool:
+        change = self.parse(config, (command.args or "").strip())
+        return False if change is None else {"change": change}
+
+
+def model_change(config: Config, args: str) -> Change | None:
+    """/model <name>: an allowed model, as ALLOWED_MODELS spells it."""
+    chosen = allowed_model(config, args) if args else None
+    return None if chosen is None else Change("model", chosen)
+
+
+def prompt_change(config: Config, args: str) -> Change | None:
+    """/prompt <text> (that fits), or /prompt reset."""
+    if not args or len(args) > PROMPT_MAX_CHARS:
+        return None
+    return Change("system_prompt", None if args.lower() == "reset" else args)
+
+
+def temperature_change(config: Config, args: str) -> Change | None:
+    """/temperature <0 to 2>, or /temperature reset."""
+    arg = args.lower()
+    if arg == "reset":
+        return Change("temperature", None)
     try:
-        allowed = await chat_admins.may_change(message.chat, user.id)
-    except TelegramAPIError as error:
-        logger.warning("getChatMember for chat %s failed: %s", message.chat.id, type(error).__name__)
-        await message.answer(CANNOT_CHECK)
-        return False
-    if not allowed:
-        logger.info("user %s in chat %s: settings change refused (not an administrator)", user.id, message.chat.id)
-        await message.answer(ADMINS_ONLY)
-    return allowed
-
-
-async def _set(
-    dialog_store: Storage, message: Message, user: User, name: SettingName, value: str | float | None
-) -> ChatSettings:
-    settings = await dialog_store.set_chat_setting(chat_id=message.chat.id, name=name, value=value, user_id=user.id)
-    logger.info("user %s in chat %s set %s (%s)", user.id, message.chat.id, name, "default" if value is None else "set")
-    return settings
+        # To what a model tells apart; 1e-50 would underflow the column's real.
+        value = round(float(arg.replace(",", ".")), 2)
+    except ValueError:
+        return None
+    return Change("temperature", value) if 0 <= value <= 2 else None  # not NaN
 
 
 def allowed_model(config: Config, name: str) -> str | None:
@@ -146,60 +221,83 @@ def unknown_model(config: Config, name: str) -> str:
     return f"I don't know the model “{shown}” here. Allowed: {', '.join(config.allowed_models)}."
 
 
-async def cmd_model(
-    message: Message,
-    command: CommandObject,
-    event_from_user: User,
-    config: Config,
-    dialog_store: Storage,
-    chat_admins: ChatAdmins,
+def change_report(config: Config, change: Change, settings: ChatSettings) -> str:
+    if change.name == "model":
+        return f"Model in this chat: {change.value}. It applies from your next message."
+    if change.name == "system_prompt":
+        done = "removed" if change.value is None else "set"
+        return f"This chat's prompt {done}. It applies from your next message."
+    return f"Temperature in this chat: {temperature_shown(config, settings)}. It applies from your next message."
+
+
+async def on_setting_change(
+    message: Message, change: Change, event_from_user: User, config: Config, dialog_store: Storage
 ) -> None:
-    """/model shows the keyboard; /model <name> switches at once, by the keyboard's rules."""
+    """/model <name>, /prompt <text>, /temperature <value> (or reset), valid and allowed: the
+    filters before it said so."""
+    settings = await dialog_store.set_chat_setting(
+        chat_id=message.chat.id, name=change.name, value=change.value, user_id=event_from_user.id
+    )
+    logger.info("user %s in chat %s set %s (%s)", event_from_user.id, message.chat.id, change.name,
+                "default" if change.value is None else "set")  # fmt: skip
+    await message.answer(change_report(config, change, settings))
+
+
+async def cmd_model(
+    message: Message, command: CommandObject, event_from_user: User, config: Config, dialog_store: Storage
+) -> None:
+    """/model shows the keyboard; /model <a model not allowed> says which are."""
     name = (command.args or "").strip()
-    if not name:
-        settings = await dialog_store.chat_settings(chat_id=message.chat.id)
-        await message.answer(
-            model_report(config, settings), reply_markup=model_keyboard(config, current_model(config, settings))
-        )
-        return
-    chosen = allowed_model(config, name)
-    if chosen is None:
+    if name:
         logger.info("user %s in chat %s: /model with a model not allowed", event_from_user.id, message.chat.id)
         await message.answer(unknown_model(config, name))
         return
-    if not await _may_change(message, event_from_user, chat_admins):
+    settings = await dialog_store.chat_settings(chat_id=message.chat.id)
+    await message.answer(
+        model_report(config, settings), reply_markup=model_keyboard(config, current_model(config, settings))
+    )
+
+
+async def cmd_prompt(message: Message, command: CommandObject, dialog_store: Storage) -> None:
+    """/prompt shows the chat's prompt; /prompt <text too long> says how much fits."""
+    text = (command.args or "").strip()
+    if text:
+        await message.answer(f"That prompt is {len(text):,} characters; at most {PROMPT_MAX_CHARS:,} fit.")
         return
-    await _set(dialog_store, message, event_from_user, "model", chosen)
-    await message.answer(f"Model in this chat: {chosen}. It applies from your next message.")
+    await message.answer(prompt_report(await dialog_store.chat_settings(chat_id=message.chat.id)))
+
+
+async def cmd_temperature(message: Message, command: CommandObject, config: Config, dialog_store: Storage) -> None:
+    """/temperature shows it; /temperature <not 0 to 2> says what it takes."""
+    if (command.args or "").strip():
+        await message.answer(TEMPERATURE_USAGE)
+        return
+    await message.answer(temperature_report(config, await dialog_store.chat_settings(chat_id=message.chat.id)))
+
+
+class OfferedModel(Filter):
+    """Passes a /model button whose model is allowed now (the keyboard may be old, or the data
+    forged), handing the model to the handler as ``chosen``."""
+
+    async def __call__(
+        self, callback: CallbackQuery, callback_data: ModelChoice, config: Config
+    ) -> dict[str, Any] | bool:
+        if callback.message is None:  # a button of an inline message: no chat to set it in
+            return False
+        chosen = next((m for m in config.allowed_models if ModelChoice.of(m) == callback_data), None)
+        return False if chosen is None else {"chosen": chosen}
 
 
 async def on_model_chosen(
-    callback: CallbackQuery, config: Config, dialog_store: Storage, chat_admins: ChatAdmins
+    callback: CallbackQuery, chosen: str, event_chat: Chat, config: Config, dialog_store: Storage
 ) -> None:
-    """A button of /model's keyboard: checked against ALLOWED_MODELS as they are now, since the
-    keyboard may be old (or the data forged)."""
-    chosen = next((m for m in config.allowed_models if model_key(m) == callback.data), None)
-    message = callback.message
-    if chosen is None or message is None:
-        logger.info("user %s: a model choice not offered (stale or forged)", callback.from_user.id)
-        await callback.answer(STALE_CHOICE, show_alert=True)
-        return
-    try:
-        allowed = await chat_admins.may_change(message.chat, callback.from_user.id)
-    except TelegramAPIError as error:
-        logger.warning("getChatMember for chat %s failed: %s", message.chat.id, type(error).__name__)
-        await callback.answer(CANNOT_CHECK, show_alert=True)
-        return
-    if not allowed:
-        logger.info("user %s in chat %s: model change refused (not an administrator)", callback.from_user.id,
-                    message.chat.id)  # fmt: skip
-        await callback.answer(ADMINS_ONLY, show_alert=True)
-        return
+    """A button of /model's keyboard, offered and allowed: the filters before it said so."""
     settings = await dialog_store.set_chat_setting(
-        chat_id=message.chat.id, name="model", value=chosen, user_id=callback.from_user.id
+        chat_id=event_chat.id, name="model", value=chosen, user_id=callback.from_user.id
     )
-    logger.info("user %s in chat %s set model", callback.from_user.id, message.chat.id)
+    logger.info("user %s in chat %s set model", callback.from_user.id, event_chat.id)
     await callback.answer(f"Model: {chosen}")
+    message = callback.message
     if isinstance(message, Message):  # an inaccessible (too old) message cannot be edited
         try:
             await message.edit_text(model_report(config, settings), reply_markup=model_keyboard(config, chosen))
@@ -207,70 +305,28 @@ async def on_model_chosen(
             logger.info("could not update the /model keyboard in chat %s: %s", message.chat.id, type(error).__name__)
 
 
+async def on_model_not_offered(callback: CallbackQuery) -> None:
+    """A /model button whose model is not allowed any more (or data forged in its shape)."""
+    logger.info("user %s: a model choice not offered (stale or forged)", callback.from_user.id)
+    await callback.answer(STALE_CHOICE, show_alert=True)
+
+
 async def on_unknown_button(callback: CallbackQuery) -> None:
     """A button of a keyboard this bot no longer offers: say so, so the button stops spinning."""
     await callback.answer(STALE_CHOICE, show_alert=True)
 
 
-async def cmd_prompt(
-    message: Message,
-    command: CommandObject,
-    event_from_user: User,
-    dialog_store: Storage,
-    chat_admins: ChatAdmins,
-) -> None:
-    text = (command.args or "").strip()
-    if not text:
-        await message.answer(prompt_report(await dialog_store.chat_settings(chat_id=message.chat.id)))
-        return
-    if len(text) > PROMPT_MAX_CHARS:
-        await message.answer(f"That prompt is {len(text):,} characters; at most {PROMPT_MAX_CHARS:,} fit.")
-        return
-    if not await _may_change(message, event_from_user, chat_admins):
-        return
-    if text.lower() == "reset":
-        await _set(dialog_store, message, event_from_user, "system_prompt", None)
-        await message.answer("This chat's prompt removed. It applies from your next message.")
-        return
-    await _set(dialog_store, message, event_from_user, "system_prompt", text)
-    await message.answer("This chat's prompt set. It applies from your next message.")
-
-
-async def cmd_temperature(
-    message: Message,
-    command: CommandObject,
-    event_from_user: User,
-    config: Config,
-    dialog_store: Storage,
-    chat_admins: ChatAdmins,
-) -> None:
-    arg = (command.args or "").strip().lower()
-    if not arg:
-        await message.answer(temperature_report(config, await dialog_store.chat_settings(chat_id=message.chat.id)))
-        return
-    value: float | None = None
-    if arg != "reset":
-        try:
-            # To what a model tells apart; 1e-50 would underflow the column's real.
-            value = round(float(arg.replace(",", ".")), 2)
-        except ValueError:
-            value = -1.0  # refused below
-        if not 0 <= value <= 2:  # also NaN
-            await message.answer(TEMPERATURE_USAGE)
-            return
-    if not await _may_change(message, event_from_user, chat_admins):
-        return
-    settings = await _set(dialog_store, message, event_from_user, "temperature", value)
-    await message.answer(
-        f"Temperature in this chat: {temperature_shown(config, settings)}. It applies from your next message."
-    )
-
-
 def create_router() -> Router:
     router = Router(name=__name__)
+    # Each command: a valid change its sender may make, else the setting shown (or what it takes).
+    router.message.register(on_setting_change, Command("model"), ValidChange(model_change), CanChangeSettings())
     router.message.register(cmd_model, Command("model"))
+    router.message.register(on_setting_change, Command("prompt"), ValidChange(prompt_change), CanChangeSettings())
     router.message.register(cmd_prompt, Command("prompt"))
+    change_temperature = ValidChange(temperature_change)
+    router.message.register(on_setting_change, Command("temperature"), change_temperature, CanChangeSettings())
     router.message.register(cmd_temperature, Command("temperature"))
-    router.callback_query.register(on_model_chosen, F.data.startswith(MODEL_PREFIX))
+    router.callback_query.register(on_model_chosen, ModelChoice.filter(), OfferedModel(), CanChangeSettings("model"))
+    router.callback_query.register(on_model_not_offered, ModelChoice.filter())
     router.callback_query.register(on_unknown_button)
     return router
