@@ -10,18 +10,23 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from aiogram import Dispatcher
+from psycopg.abc import Params
 
-from bench.standins import LLMStandIn, TelegramStandIn
+from bench.standins import LLMStandIn, Sent, TelegramStandIn
 from bot import create_bot, create_dispatcher, create_pool, poll, serve_webhook
 from config import load_config
 from services import database
 from services.database import Pool
+from services.formatting import render, split
 from services.llm import create_llm
 from services.local_postgres import LocalPostgres
 
@@ -99,6 +104,7 @@ def free_port() -> int:
 
 
 WEBHOOK_SECRET = "test-webhook-secret_0123456789"
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 
 def webhook_env(env: dict[str, str], **overrides: str) -> dict[str, str]:
@@ -111,6 +117,29 @@ def webhook_env(env: dict[str, str], **overrides: str) -> dict[str, str]:
         "WEBHOOK_PORT": str(free_port()),
         **overrides,
     }
+
+
+def webhook_of(env: dict[str, str]) -> str:
+    """The URL the bot of ``env`` (in webhook mode) takes updates on."""
+    return f"http://127.0.0.1:{env['WEBHOOK_PORT']}/telegram/webhook"
+
+
+async def serving(env: dict[str, str], timeout: float = 30) -> None:
+    """Until the process answers /healthz (200) on its webhook port."""
+    url = webhook_of(env).replace("/telegram/webhook", "/healthz")
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url) as response:
+                    if response.status == 200:
+                        return
+                    detail = await response.text()
+            except aiohttp.ClientConnectionError as error:
+                detail = str(error)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no healthy /healthz on {url}: {detail}")
+            await asyncio.sleep(0.2)
 
 
 @asynccontextmanager
@@ -161,6 +190,80 @@ async def store_question(pool: Pool, user: int, chat: int, text: str, message_id
         telegram_message_id=message_id,
     )
     return added.id
+
+
+# -- what the bot stored, read on the suite's pool ----------------------------------------------
+
+
+async def fetch(pool: Pool, query: str, params: Params | None = None) -> list[Any]:
+    """The rows of ``query`` (none for a statement that returns none)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall() if cur.description else []
+
+
+async def fetch_after_outage(pool: Pool, query: str, params: Params | None = None) -> list[Any]:
+    """``fetch``, once the pool has replaced the connections an outage (in this test) left dead;
+    the ``pool`` fixture does so before each test."""
+    await pool.check()
+    return await fetch(pool, query, params)
+
+
+async def stored(pool: Pool) -> list[tuple[str, str]]:
+    """Every stored message as (role, content), oldest first."""
+    return await fetch(pool, "SELECT role, content FROM messages ORDER BY id")
+
+
+async def questions(pool: Pool) -> list[str]:
+    """The contents of the stored questions, oldest first."""
+    return [row[0] for row in await fetch(pool, "SELECT content FROM messages WHERE role = 'user' ORDER BY id")]
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 30) -> None:
+    """Poll ``condition`` until it holds (a state to reach, not an absence to prove)."""
+    for _ in range(int(timeout / 0.05)):
+        if await condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the condition never held")
+
+
+# -- what users send and what the stand-ins saw ------------------------------------------------
+
+
+def bot_command(text: str) -> list[dict[str, Any]]:
+    """The entity Telegram puts on a message that starts with a command (``/cmd`` or ``/cmd@bot``)."""
+    return [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+
+
+def command(telegram: TelegramStandIn, text: str, **kwargs: Any) -> dict[str, Any]:
+    """Send ``text`` as Telegram sends a command: with its bot_command entity."""
+    return telegram.send(text, entities=bot_command(text), **kwargs)
+
+
+def edit(telegram: TelegramStandIn, sent: dict[str, Any], text: str) -> None:
+    """The user edits the message ``sent`` to ``text``."""
+    telegram.push("edited_message", {**sent, "text": text, "edit_date": sent["date"] + 1})
+
+
+def history_of(messages: list[dict[str, Any]]) -> list[str]:
+    """The contents of an LLM conversation's messages after its system prompt."""
+    return [m["content"] for m in messages[1:]]
+
+
+def history_in(request: dict[str, Any]) -> list[str]:
+    """The contents of a chat request's messages after its system prompt."""
+    return history_of(request["messages"])
+
+
+def accepted(telegram: TelegramStandIn, method: str, chat: int) -> list[Sent]:
+    """The calls of ``method`` for ``chat`` the Bot API stand-in answered 200."""
+    return [s for s in telegram.calls(method) if s.chat_id == chat and s.status == 200]
+
+
+def final_texts(answer: str) -> list[str]:
+    """The texts of the final messages ``answer`` is delivered as."""
+    return [part.text for part in split(render(answer))]
 
 
 @contextmanager

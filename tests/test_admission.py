@@ -15,10 +15,9 @@ from services.budget import SUMMARY_LABEL
 from services.database import Pool
 from services.summaries import INSTRUCTIONS
 from services.turns import SUMMARY_NOTICE
-from tests.harness import running_bot
-from tests.test_budget import REFUSED, USAGE, spent
-from tests.test_history import command, edit
-from tests.test_settings import fetch, reply
+from tests.harness import command, edit, fetch, history_in, running_bot
+from tests.test_daily_budget import REFUSED, USAGE, spent
+from tests.test_settings import reply
 
 GROUP = -100444
 SUMMARY_PREFIX = INSTRUCTIONS.split("{")[0]
@@ -26,11 +25,6 @@ NEXT_MINUTE = "UPDATE rate_limits SET window_start = window_start - interval '1 
 NEXT_DAY = "UPDATE token_usage SET day = day - 1"
 ANSWERS = "SELECT content, deleted_reason FROM messages WHERE role = 'assistant' ORDER BY id"
 QUESTIONS = "SELECT content, deleted_reason, edited_at IS NOT NULL FROM messages WHERE role = 'user' ORDER BY id"
-
-
-def history_in(request: dict[str, Any]) -> list[str]:
-    """The contents of a chat request's messages after its system prompt."""
-    return [m["content"] for m in request["messages"][1:]]
 
 
 async def test_retry_and_edits_over_the_rate_limit_make_no_llm_request(

@@ -16,8 +16,8 @@ from services.database import DialogContext, Pool
 from services.summaries import INSTRUCTIONS
 from services.tokens import estimate_tokens
 from services.turns import SUMMARY_NOTICE
-from tests.harness import BUSY_CHAT, running_bot
-from tests.test_settings import buttons, fetch, keyboard_of, press, reply
+from tests.harness import BUSY_CHAT, fetch, history_in, running_bot
+from tests.test_settings import buttons, keyboard_of, press, reply
 
 GROUP = -100555
 SUMMARY = {"through_id": 1, "covered": 1, "content": "s", "tokens": 5, "prompt_tokens": 1, "completion_tokens": 1}
@@ -225,11 +225,6 @@ async def test_context_statements_read_through_indexes(
 
 
 # -- through the bot ---------------------------------------------------------------------------
-
-
-def history_in(request: dict[str, Any]) -> list[str]:
-    """The contents of a chat request's messages after its system prompt."""
-    return [m["content"] for m in request["messages"][1:]]
 
 
 def is_summary_request(request: dict[str, Any]) -> bool:

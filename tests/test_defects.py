@@ -4,7 +4,6 @@ the design already keeps."""
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from typing import Any
 
 import pytest
 
@@ -13,21 +12,11 @@ from handlers.commands import HELP
 from services.database import Pool
 from services.local_postgres import LocalPostgres
 from services.turns import LLM_APOLOGY
-from tests.harness import outage, running_bot
-from tests.test_outage import back_to_the_database, fetch, spooled_lines
+from tests.harness import bot_command, fetch_after_outage, outage, running_bot, stored
+from tests.test_outage import back_to_the_database, spooled_lines
 
 GROUP = -100500
 UNKNOWN = "I don't know that command. /help lists the ones I do."
-
-
-def command(text: str) -> list[dict[str, Any]]:
-    """The entity Telegram puts on a message that starts with a command (``/cmd`` or ``/cmd@bot``)."""
-    return [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
-
-
-async def stored(pool: Pool) -> list[tuple[str, str]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute("SELECT role, content FROM messages ORDER BY id")).fetchall()
 
 
 # -- 2. unknown commands --------------------------------------------------------------------
@@ -38,8 +27,8 @@ async def test_a_command_for_another_bot_is_ignored_entirely(
 ) -> None:
     async with running_bot(env, telegram):
         for text in ("/weather@other_bot Paris", "/help@other_bot", "/start@other_bot"):
-            telegram.send(text, chat_id=GROUP, entities=command(text))
-        telegram.send("/help", chat_id=GROUP, entities=command("/help"))  # the marker: handled after the others
+            telegram.send(text, chat_id=GROUP, entities=bot_command(text))
+        telegram.send("/help", chat_id=GROUP, entities=bot_command("/help"))  # the marker: handled after the others
         await telegram.wait_for_messages(GROUP, 1)
     assert telegram.messages_to(GROUP) == [HELP]
     assert llm.requests == [] and await stored(pool) == []
@@ -51,12 +40,12 @@ async def test_an_unknown_command_for_this_bot_is_explained(
     env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:
     async with running_bot(env, telegram):
-        telegram.send("/frobnicate", entities=command("/frobnicate"))
+        telegram.send("/frobnicate", entities=bot_command("/frobnicate"))
         assert await telegram.wait_for_messages(1, 1) == [UNKNOWN]
         for text in ("/frobnicate@test_llm_bot now", "/FROBNICATE@Test_LLM_Bot"):
-            telegram.send(text, chat_id=GROUP, entities=command(text))
+            telegram.send(text, chat_id=GROUP, entities=bot_command(text))
         assert await telegram.wait_for_messages(GROUP, 2) == [UNKNOWN, UNKNOWN]
-        telegram.send("/help@test_llm_bot", chat_id=GROUP, entities=command("/help@test_llm_bot"))
+        telegram.send("/help@test_llm_bot", chat_id=GROUP, entities=bot_command("/help@test_llm_bot"))
         assert (await telegram.wait_for_messages(GROUP, 3))[2] == HELP
     assert llm.requests == [] and await stored(pool) == []
 
@@ -94,7 +83,7 @@ async def test_a_question_the_user_got_an_apology_for_is_not_answered_after_a_re
         await telegram.wait_for_messages(1, 2)
     assert telegram.messages_to(1) == [LLM_APOLOGY, "echo: and now?"]
     assert [c[-1]["content"] for c in llm.conversations[asked_before_restart:]] == ["and now?"]
-    failed = await fetch(pool, "SELECT content FROM messages WHERE failed_at IS NOT NULL")
+    failed = await fetch_after_outage(pool, "SELECT content FROM messages WHERE failed_at IS NOT NULL")
     assert failed == [("this one fails",)]
 
 
@@ -126,7 +115,7 @@ async def test_an_answer_made_during_an_outage_is_asked_and_sent_once_across_a_r
         await back_to_the_database(dp, telegram)
     assert telegram.messages_to(1) == ["echo: question", "echo: next"]
     assert [c[-1]["content"] for c in llm.conversations] == ["question", "next"]
-    assert await fetch(pool, "SELECT content, delivered_at IS NOT NULL FROM messages ORDER BY id") == [
+    assert await fetch_after_outage(pool, "SELECT content, delivered_at IS NOT NULL FROM messages ORDER BY id") == [
         ("question", False), ("echo: question", True), ("next", False), ("echo: next", True),
     ]  # fmt: skip
     assert spooled_lines(env) == 0

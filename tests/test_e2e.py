@@ -12,12 +12,7 @@ from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.unsupported import TEXT_ONLY
 from services.database import Pool
 from services.turns import LLM_APOLOGY
-from tests.harness import BotProcess, running_bot
-
-
-async def stored(pool: Pool, query: str = "SELECT role, content FROM messages ORDER BY id") -> list[Any]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(query)).fetchall()
+from tests.harness import BotProcess, fetch, running_bot, stored
 
 
 def contents(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -64,7 +59,7 @@ async def test_conversation_sends_earlier_turns_to_the_llm(
         ("user", "What is my name?"),
         ("assistant", "echo: What is my name?"),
     ]
-    assert await stored(pool, "SELECT first_name FROM users") == [("Ann",)]
+    assert await fetch(pool, "SELECT first_name FROM users") == [("Ann",)]
 
 
 async def test_help_lists_the_commands(env: dict[str, str], telegram: TelegramStandIn) -> None:
@@ -109,7 +104,7 @@ async def test_clear_soft_deletes_and_the_next_turn_starts_afresh(
         telegram.send("new question")
         await telegram.wait_for_messages(1, 4)
     assert contents(llm.conversations[-1])[1:] == [("user", "new question")]
-    rows = await stored(pool, "SELECT content, deleted_at IS NOT NULL FROM messages ORDER BY id")
+    rows = await fetch(pool, "SELECT content, deleted_at IS NOT NULL FROM messages ORDER BY id")
     assert rows == [
         ("old question", True),
         ("echo: old question", True),
@@ -204,5 +199,5 @@ async def test_long_answer_is_split_on_paragraphs(
     assert all(len(p) <= 4096 for p in parts)
     assert all(p.startswith("Paragraph") for p in parts)
     assert " ".join(" ".join(parts).split()) == " ".join("\n\n".join(paragraphs).split())
-    [(answer,)] = await stored(pool, "SELECT content FROM messages WHERE role = 'assistant'")
+    [(answer,)] = await fetch(pool, "SELECT content FROM messages WHERE role = 'assistant'")
     assert answer == "\n\n".join(paragraphs)  # stored whole, split only for Telegram

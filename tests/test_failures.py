@@ -20,15 +20,10 @@ from services.local_postgres import LocalPostgres, free_port
 from services.memory import RecentHistory
 from services.storage import Storage
 from services.turns import DB_APOLOGY, HISTORY_MISSING
-from tests.harness import running_bot
+from tests.harness import bot_command, fetch, fetch_after_outage, running_bot
 from tests.test_health import get
-from tests.test_outage import fetch
 
 GUARD_APP = "llmbot-under-test"  # the bot's connections, which the killer below ends
-
-
-def command(text: str) -> list[dict[str, Any]]:
-    return [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
 
 
 async def error_of(pool: Pool, query: str, params: Any) -> psycopg.Error:
@@ -75,7 +70,7 @@ async def test_one_users_odd_commands_leave_everyone_else_served(
         telegram.send("my cat is called Tom", user_id=2)
         await telegram.wait_for_messages(2, 1)
         for text in odd:
-            telegram.send(text, user_id=1, entities=command(text))
+            telegram.send(text, user_id=1, entities=bot_command(text))
         replies = await telegram.wait_for_messages(1, len(odd))
         assert (await get(env, "/healthz"))[0] == 200
         telegram.send("what is my cat called?", user_id=2)
@@ -126,6 +121,7 @@ async def kill_backends(database_url: str, every_s: float, for_s: float) -> int:
     return ended
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", range(5))
 async def test_backends_ended_under_a_burst_are_replaced_without_an_outage(
     run: int, env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool, database_url: str
@@ -143,7 +139,7 @@ async def test_backends_ended_under_a_burst_are_replaced_without_an_outage(
         assert not dp["dialog_store"].degraded and dp["dialog_store"].spooled == 0
     assert ended > 0
     assert answers == {user: [f"echo: question of {user}"] for user in users}  # no notice, no apology
-    stored = await fetch(pool, "SELECT content, count(*) FROM messages GROUP BY content ORDER BY content")
+    stored = await fetch_after_outage(pool, "SELECT content, count(*) FROM messages GROUP BY content ORDER BY content")
     expected = sorted(text for user in users for text in (f"question of {user}", f"echo: question of {user}"))
     assert stored == [(text, 1) for text in expected]  # each stored once
 

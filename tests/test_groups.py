@@ -8,15 +8,10 @@ from typing import Any
 from bench.standins import BOT_USER, LLMStandIn, TelegramStandIn
 from handlers.unsupported import TEXT_ONLY
 from services.database import Pool
-from tests.harness import running_bot
+from tests.harness import fetch, running_bot
 
 GROUP = -100777
 MENTION = "@" + str(BOT_USER["username"])
-
-
-async def fetch(pool: Pool, query: str) -> list[Any]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(query)).fetchall()
 
 
 def mentioning(text: str) -> dict[str, Any]:

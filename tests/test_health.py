@@ -14,8 +14,7 @@ from bench.standins import LLMStandIn, TelegramStandIn
 from services import metrics
 from services.database import Pool
 from services.local_postgres import LocalPostgres
-from tests.harness import free_port, outage, running_bot
-from tests.test_outage import until
+from tests.harness import free_port, outage, running_bot, until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

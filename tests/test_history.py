@@ -18,30 +18,9 @@ from services.export import export_dialog
 from services.formatting import utf16_slice
 from services.memory import RecentHistory
 from services.storage import Storage
-from tests.harness import running_bot, store_question
+from tests.harness import command, edit, fetch, history_of, running_bot, store_question
 
 GROUP = -100123
-
-
-async def fetch(pool: Pool, query: str, params: Any = None) -> list[Any]:
-    async with pool.connection() as conn:
-        cur = await conn.execute(query, params)
-        return await cur.fetchall() if cur.description else []
-
-
-def command(telegram: TelegramStandIn, text: str, **kwargs: Any) -> dict[str, Any]:
-    """Send ``text`` as Telegram sends a command: with its bot_command entity."""
-    name = text.split()[0]
-    return telegram.send(text, entities=[{"type": "bot_command", "offset": 0, "length": len(name)}], **kwargs)
-
-
-def edit(telegram: TelegramStandIn, sent: dict[str, Any], text: str) -> None:
-    """The user edits the message ``sent`` to ``text``."""
-    telegram.push("edited_message", {**sent, "text": text, "edit_date": sent["date"] + 1})
-
-
-def contents(messages: list[dict[str, Any]]) -> list[str]:
-    return [m["content"] for m in messages[1:]]  # without the system prompt
 
 
 def numbered(llm: LLMStandIn) -> None:
@@ -64,7 +43,7 @@ async def test_retry_replaces_the_last_answer_and_can_be_repeated(
         replies = await telegram.wait_for_messages(1, 4)
     assert replies == ["answer 1", "answer 2", "answer 3", "answer 4"]
     # every retry asked the same question with the same history; the next turn sees the last answer
-    assert [contents(c) for c in llm.conversations] == [["Q1"], ["Q1"], ["Q1"], ["Q1", "answer 3", "Q2"]]
+    assert [history_of(c) for c in llm.conversations] == [["Q1"], ["Q1"], ["Q1"], ["Q1", "answer 3", "Q2"]]
     retried = [s for s in telegram.calls("sendMessage") if s.text in ("answer 2", "answer 3")]
     assert all(s.params["reply_parameters"]["message_id"] == question["message_id"] for s in retried)
     assert await fetch(pool, "SELECT content, deleted_reason FROM messages WHERE role = 'assistant' ORDER BY id") == [
@@ -89,7 +68,7 @@ async def test_retry_with_nothing_to_retry_or_while_answering(
         assert await telegram.wait_for_messages(1, 2) == [NOTHING_TO_RETRY, "answer 2"]
         telegram.send("next")
         await telegram.wait_for_messages(1, 3)
-    assert [contents(c) for c in llm.conversations] == [["slow one"], ["slow one"], ["slow one", "answer 2", "next"]]
+    assert [history_of(c) for c in llm.conversations] == [["slow one"], ["slow one"], ["slow one", "answer 2", "next"]]
     assert telegram.messages_to(1)[1:] == ["answer 2", "answer 3"]  # the dropped first answer never came
 
 
@@ -110,7 +89,7 @@ async def test_undo_takes_back_turns_one_by_one(
         command(telegram, "/undo")
         command(telegram, "/undo")
         replies = await telegram.wait_for_messages(1, 7)
-    assert contents(llm.conversations[-1]) == ["Q1", "echo: Q1", "Q3"]  # Q2 and its answer are gone
+    assert history_of(llm.conversations[-1]) == ["Q1", "echo: Q1", "Q3"]  # Q2 and its answer are gone
     assert replies[-3:] == [
         "Undone: your message “Q3” and my answer. /undo again goes further back.",
         "Undone: your message “Q1” and my answer. /undo again goes further back.",
@@ -139,7 +118,7 @@ async def test_undo_right_after_clear_brings_back_only_the_last_clear(
         for _ in range(3):
             command(telegram, "/undo")
         replies = await telegram.wait_for_messages(1, 9)
-    assert contents(llm.conversations[-1]) == ["second life", "echo: second life", "go on"]
+    assert history_of(llm.conversations[-1]) == ["second life", "echo: second life", "go on"]
     assert replies[-3:] == [
         "Undone: your message “go on” and my answer. /undo again goes further back.",
         "Undone: your message “second life” and my answer. /undo again goes further back.",
@@ -165,7 +144,7 @@ async def test_undo_drops_the_answer_being_written(
         telegram.send("marker")  # answered after the undo: the dropped turn can no longer send
         await telegram.wait_for(lambda: "echo: marker" in telegram.messages_to(1))
     assert "echo: never mind" not in telegram.messages_to(1)
-    assert contents(llm.conversations[-1]) == ["marker"]
+    assert history_of(llm.conversations[-1]) == ["marker"]
     assert await fetch(pool, "SELECT content, deleted_reason FROM messages ORDER BY id") == [
         ("never mind", "undo"),
         ("marker", None),
@@ -184,7 +163,7 @@ async def test_editing_the_last_question_answers_it_again_in_the_same_message(
         await telegram.wait_for(lambda: telegram.shown(1) == ["echo: what is PostgreSQL"])
         telegram.send("thanks")
         await telegram.wait_for_messages(1, 2)
-    assert [contents(c) for c in llm.conversations] == [
+    assert [history_of(c) for c in llm.conversations] == [
         ["wht is PostgreSQL"],
         ["what is PostgreSQL"],
         ["what is PostgreSQL", "echo: what is PostgreSQL", "thanks"],
@@ -226,7 +205,7 @@ async def test_editing_an_older_question_updates_its_text_only(
         telegram.send("marker")  # its turn starts after both edits were handled
         await telegram.wait_for_messages(1, 3)
     assert len(llm.requests) == 3  # no answer again for an older question, none for an unknown one
-    assert contents(llm.conversations[-1]) == ["old text, edited", "echo: old text", "newer", "echo: newer", "marker"]
+    assert history_of(llm.conversations[-1]) == ["old text, edited", "echo: old text", "newer", "echo: newer", "marker"]
     assert telegram.calls("editMessageText") == []
 
 

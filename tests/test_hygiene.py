@@ -21,7 +21,15 @@ from handlers.middlewares import NOT_ALLOWED
 from services.database import Pool
 from services.spool import Spool, Spooled, now
 from services.tokens import estimate_tokens
-from tests.harness import ROOT, WEBHOOK_SECRET, running_bot, running_webhook_bot, webhook_env
+from tests.harness import (
+    ROOT,
+    WEBHOOK_SECRET,
+    bot_command,
+    questions,
+    running_bot,
+    running_webhook_bot,
+    webhook_env,
+)
 from tests.test_container import parse_yaml_subset
 
 GROUP = -100777
@@ -36,13 +44,7 @@ def mention(text: str) -> dict[str, Any]:
 
 def command(text: str) -> dict[str, Any]:
     """Message fields of a command ``text``, as Telegram marks it."""
-    return {"text": text, "entities": [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]}
-
-
-async def questions(pool: Pool) -> list[str]:
-    async with pool.connection() as conn:
-        cur = await conn.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id")
-        return [row[0] for row in await cur.fetchall()]
+    return {"text": text, "entities": bot_command(text)}
 
 
 # -- quiet refusals -----------------------------------------------------------------------------

@@ -10,12 +10,7 @@ import pytest
 from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.middlewares import NOT_ALLOWED
 from services.database import Pool
-from tests.harness import running_bot
-
-
-async def stored(pool: Pool) -> list[tuple[str, str]]:
-    async with pool.connection() as conn:
-        return await (await conn.execute("SELECT role, content FROM messages ORDER BY id")).fetchall()
+from tests.harness import running_bot, stored
 
 
 @pytest.mark.parametrize(

@@ -13,12 +13,22 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import pytest
 
 from bench.standins import LLMStandIn, Sent, TelegramStandIn
 from services.database import Pool
-from tests.harness import WEBHOOK_SECRET, BotProcess, running_webhook_bot, webhook_env
+from tests.harness import (
+    SECRET_HEADER,
+    WEBHOOK_SECRET,
+    BotProcess,
+    running_webhook_bot,
+    serving,
+    webhook_env,
+    webhook_of,
+)
 
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+pytestmark = pytest.mark.slow  # several bot processes each
+
 CHATS = int(os.environ.get("INSTANCES_TEST_CHATS", "1000"))
 TURNS = 5
 LEASE_TTL_S = "4"  # short, so the killed process's chats move on soon; renewed every third of it
@@ -45,10 +55,6 @@ class Answers:
             await asyncio.sleep(0.1)
 
 
-def url_of(env: dict[str, str]) -> str:
-    return f"http://127.0.0.1:{env['WEBHOOK_PORT']}/telegram/webhook"
-
-
 async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> None:
     for _ in range(50):  # a busy process may refuse a connection for a moment: Telegram retries too
         try:
@@ -58,22 +64,6 @@ async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> N
         except aiohttp.ClientConnectionError:
             await asyncio.sleep(0.2)
     raise AssertionError(f"{url} never took update {body['update_id']}")
-
-
-async def serving(env: dict[str, str], timeout: float = 60) -> None:
-    """Until the process answers /healthz on its webhook port."""
-    url = url_of(env).replace("/telegram/webhook", "/healthz")
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"no /healthz on {url}")
 
 
 @asynccontextmanager
@@ -95,7 +85,7 @@ async def three_processes(env: dict[str, str], telegram: TelegramStandIn) -> Asy
     try:
         for bot in bots:
             await bot.start()
-            await serving(bot.env)
+            await serving(bot.env, timeout=60)
         yield bots
     finally:
         for bot in bots:
@@ -121,7 +111,7 @@ async def test_three_processes_answer_every_chat_once_and_in_order_and_survive_a
     another process meanwhile. INSTANCES_TEST_CHATS sets a smaller size for a quick run."""
     answers = Answers(telegram)
     async with three_processes(env, telegram) as bots:
-        urls = [url_of(bot.env) for bot in bots]
+        urls = [webhook_of(bot.env) for bot in bots]
         connector = aiohttp.TCPConnector(limit=300)
         async with aiohttp.ClientSession(connector=connector) as http:
 
@@ -198,14 +188,14 @@ async def test_a_command_posted_to_two_processes_runs_once(
         running_webhook_bot(second_env, telegram),
         aiohttp.ClientSession() as http,
     ):
-        await post(http, url_of(first_env), message(telegram, 1, 1, "hello"))
+        await post(http, webhook_of(first_env), message(telegram, 1, 1, "hello"))
         await telegram.wait_for_messages(1, 1)
         retry = {"update_id": 500, "message": telegram.message("/retry", user_id=1, message_id=2)}
-        await asyncio.gather(post(http, url_of(first_env), retry), post(http, url_of(second_env), retry))
+        await asyncio.gather(post(http, webhook_of(first_env), retry), post(http, webhook_of(second_env), retry))
         await telegram.wait_for_messages(1, 2)
         clear = {"update_id": 501, "message": telegram.message("/clear", user_id=1, message_id=3)}
-        await asyncio.gather(post(http, url_of(second_env), clear), post(http, url_of(first_env), clear))
-        await post(http, url_of(second_env), message(telegram, 1, 4, "marker"))
+        await asyncio.gather(post(http, webhook_of(second_env), clear), post(http, webhook_of(first_env), clear))
+        await post(http, webhook_of(second_env), message(telegram, 1, 4, "marker"))
         await telegram.wait_for(lambda: telegram.messages_to(1)[-1:] == ["echo: marker"])
     sent = telegram.messages_to(1)
     assert sent[:2] == ["echo: hello", "echo: hello"]

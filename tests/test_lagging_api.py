@@ -7,29 +7,14 @@ cannot say who the bot is ends the start-up in one line. Real bot, real HTTP, re
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
-from bench.standins import BOT_USER, LLMStandIn, Sent, TelegramStandIn
+from bench.standins import BOT_USER, LLMStandIn, TelegramStandIn
 from services.database import Pool
-from services.formatting import render, split
-from tests.harness import BotProcess, running_bot
+from tests.harness import BotProcess, fetch, final_texts, running_bot
 
 LONG = " ".join(f"word{i}" for i in range(60))  # about 420 characters
 GROUP = -100900
 MENTION = "@" + str(BOT_USER["username"])
-
-
-async def fetch(pool: Pool, query: str) -> list[Any]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(query)).fetchall()
-
-
-def accepted(telegram: TelegramStandIn, method: str, chat: int) -> list[Sent]:
-    return [s for s in telegram.calls(method) if s.chat_id == chat and s.status == 200]
-
-
-def final_texts(answer: str) -> list[str]:
-    return [part.text for part in split(render(answer))]
 
 
 def lines_with(output: str, *words: str) -> list[str]:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from aiogram import Dispatcher
 
@@ -16,32 +13,11 @@ from bench.standins import LLMStandIn, TelegramStandIn
 from services.database import Pool
 from services.local_postgres import LocalPostgres
 from services.turns import DB_APOLOGY, HISTORY_MISSING
-from tests.harness import BotProcess, outage, running_bot
-
-
-@asynccontextmanager
-async def reconnected(pool: Pool) -> AsyncIterator[Pool]:
-    await pool.check()  # the shared test pool lost its connections too
-    yield pool
-
-
-async def fetch(pool: Pool, query: str, params: Any = None) -> list[Any]:
-    async with reconnected(pool), pool.connection() as conn:
-        cur = await conn.execute(query, params)
-        return await cur.fetchall()
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 30) -> None:
-    """Poll ``condition`` until it holds (a state to reach, not an absence to prove)."""
-    for _ in range(int(timeout / 0.05)):
-        if await condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the condition never held")
+from tests.harness import BotProcess, fetch_after_outage, history_of, outage, running_bot, until
 
 
 async def delivered(pool: Pool, count: int) -> bool:
-    return await fetch(pool, "SELECT count(*) FROM messages WHERE delivered_at IS NOT NULL") == [(count,)]
+    return await fetch_after_outage(pool, "SELECT count(*) FROM messages WHERE delivered_at IS NOT NULL") == [(count,)]
 
 
 async def back_to_the_database(dp: Dispatcher, telegram: TelegramStandIn) -> None:
@@ -54,12 +30,8 @@ def spooled_lines(env: dict[str, str]) -> int:
     return spool.read_text().count("\n") if spool.exists() else 0
 
 
-def contents(messages: list[dict[str, Any]]) -> list[str]:
-    return [m["content"] for m in messages[1:]]
-
-
 def last_request_of(llm: LLMStandIn, text: str) -> list[str]:
-    return next(contents(c) for c in reversed(llm.conversations) if c[-1]["content"] == text)
+    return next(history_of(c) for c in reversed(llm.conversations) if c[-1]["content"] == text)
 
 
 DIALOGS = """
@@ -102,7 +74,7 @@ async def test_three_users_converse_across_an_outage_and_nothing_is_lost(
     ]  # fmt: skip
     assert last_request_of(llm, "2: back") == ["2: after the clear", "echo: 2: after the clear", "2: back"]
     assert last_request_of(llm, "3: back") == ["3: hello, I am new", "echo: 3: hello, I am new", "3: back"]
-    assert await fetch(pool, DIALOGS) == [
+    assert await fetch_after_outage(pool, DIALOGS) == [
         (1, "1: before", False), (1, "echo: 1: before", False), (1, "1: during", False),
         (1, "echo: 1: during", False), (1, "1: back", False), (1, "echo: 1: back", False),
         (2, "2: before", True), (2, "echo: 2: before", True), (2, "2: after the clear", False),
@@ -110,7 +82,9 @@ async def test_three_users_converse_across_an_outage_and_nothing_is_lost(
         (3, "3: hello, I am new", False), (3, "echo: 3: hello, I am new", False), (3, "3: back", False),
         (3, "echo: 3: back", False),
     ]  # fmt: skip
-    undelivered = await fetch(pool, "SELECT count(*) FROM messages WHERE role = 'assistant' AND delivered_at IS NULL")
+    undelivered = await fetch_after_outage(
+        pool, "SELECT count(*) FROM messages WHERE role = 'assistant' AND delivered_at IS NULL"
+    )
     assert undelivered == [(0,)]
 
 
@@ -137,8 +111,8 @@ async def test_a_restart_during_the_outage_keeps_the_spool(
     await telegram.wait_for_messages(1, 3, timeout=30)
     assert await second.stop() == 0, second.output()
     assert telegram.messages_to(1) == ["echo: before", "echo: during", "echo: after"]
-    assert contents(llm.conversations[-1]) == ["before", "echo: before", "during", "echo: during", "after"]
-    assert await fetch(pool, "SELECT content, delivered_at IS NOT NULL FROM messages ORDER BY id") == [
+    assert history_of(llm.conversations[-1]) == ["before", "echo: before", "during", "echo: during", "after"]
+    assert await fetch_after_outage(pool, "SELECT content, delivered_at IS NOT NULL FROM messages ORDER BY id") == [
         ("before", False), ("echo: before", True), ("during", False), ("echo: during", True),
         ("after", False), ("echo: after", True),
     ]  # fmt: skip
@@ -157,8 +131,8 @@ async def test_a_full_spool_apologises_and_keeps_what_it_holds(
             await telegram.wait_for_messages(1, 3, timeout=30)
         await back_to_the_database(dp, telegram)
     assert telegram.messages_to(1) == [HISTORY_MISSING, "echo: kept", DB_APOLOGY]
-    assert await fetch(pool, "SELECT content FROM messages ORDER BY id") == [("kept",), ("echo: kept",)]
-    assert [contents(c) for c in llm.conversations] == [["kept"]]
+    assert await fetch_after_outage(pool, "SELECT content FROM messages ORDER BY id") == [("kept",), ("echo: kept",)]
+    assert [history_of(c) for c in llm.conversations] == [["kept"]]
 
 
 async def test_without_a_database_the_bot_converses_from_memory(
@@ -177,9 +151,9 @@ async def test_without_a_database_the_bot_converses_from_memory(
         telegram.send("three")
         replies = await telegram.wait_for_messages(1, 5)
     assert replies[1:] == ["echo: one", "echo: two", "Done: I forgot 4 message(s). Let's start over.", "echo: three"]
-    assert [contents(c) for c in llm.conversations] == [["one"], ["one", "echo: one", "two"], ["three"]]
+    assert [history_of(c) for c in llm.conversations] == [["one"], ["one", "echo: one", "two"], ["three"]]
     assert HISTORY_MISSING not in replies  # nothing is missing: memory is all there is
-    assert await fetch(pool, "SELECT count(*) FROM messages") == [(0,)]
+    assert await fetch_after_outage(pool, "SELECT count(*) FROM messages") == [(0,)]
     assert spooled_lines(env) == 0
 
 
@@ -209,7 +183,7 @@ async def test_spooled_writes_written_back_twice_store_nothing_twice(pool: Pool,
 
     for _ in range(2):  # as after a crash in the middle of a write-back
         await database.run(pool, write_all)
-    assert await fetch(
+    assert await fetch_after_outage(
         pool,
         "SELECT content, deleted_at IS NOT NULL, delivered_at IS NOT NULL, sent_message_ids, failed_at IS NOT NULL"
         " FROM messages ORDER BY id",
@@ -240,5 +214,7 @@ async def test_a_spooled_write_the_database_refuses_is_set_aside_and_the_rest_wr
     finally:
         await storage.close()
     assert storage.spooled == 0 and not path.exists()
-    assert await fetch(pool, "SELECT telegram_message_id, content FROM messages ORDER BY id") == [(2, "fine")]
+    assert await fetch_after_outage(pool, "SELECT telegram_message_id, content FROM messages ORDER BY id") == [
+        (2, "fine")
+    ]
     assert REGISTRY.get_sample_value("llmbot_spool_set_aside_total") == before + 1

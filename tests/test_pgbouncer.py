@@ -27,13 +27,23 @@ import pytest
 from bench.standins import LLMStandIn, TelegramStandIn
 from services import database
 from services.database import Pool
-from tests.harness import WEBHOOK_SECRET, BotProcess, free_port, running_bot, store_question, webhook_env
+from tests.harness import (
+    SECRET_HEADER,
+    WEBHOOK_SECRET,
+    BotProcess,
+    fetch,
+    free_port,
+    running_bot,
+    serving,
+    store_question,
+    webhook_env,
+    webhook_of,
+)
 
 BINARY = shutil.which("pgbouncer") or next(
     (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if Path(path).exists()), None
 )
 UNPRIVILEGED = "nobody"  # PgBouncer refuses to run as root
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 LONG = " ".join(f"word{i}" for i in range(60))  # streamed over seconds at the stand-in's pace below
 
 
@@ -120,13 +130,6 @@ def pgbouncer(request: pytest.FixtureRequest, database_url: str) -> Iterator[PgB
         bouncer.process.terminate()
         bouncer.process.wait(10)
         shutil.rmtree(bouncer.folder, ignore_errors=True)
-
-
-async def fetch(pool: Pool, query: str) -> list[Any]:
-    """Rows of ``query``, read on the server itself (the suite's pool), not through PgBouncer."""
-    async with pool.connection() as conn:
-        cur = await conn.execute(query)
-        return await cur.fetchall()
 
 
 async def advisory_locks(pool: Pool) -> list[Any]:
@@ -236,34 +239,12 @@ async def test_a_process_killed_mid_answer_finishes_the_turn_once_after_a_restar
 # -- webhook mode, two instances ------------------------------------------------------------
 
 
-def webhook_of(env: dict[str, str]) -> str:
-    return f"http://127.0.0.1:{env['WEBHOOK_PORT']}/telegram/webhook"
-
-
 async def post(url: str, body: dict[str, Any]) -> None:
     async with (
         aiohttp.ClientSession() as http,
         http.post(url, json=body, headers={SECRET_HEADER: WEBHOOK_SECRET}) as response,
     ):
         assert response.status == 200, await response.text()
-
-
-async def serving(env: dict[str, str], timeout: float = 30) -> None:
-    """Until the process answers /healthz (200) on its webhook port."""
-    url = webhook_of(env).replace("/telegram/webhook", "/healthz")
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(url) as response:
-                    if response.status == 200:
-                        return
-                    detail = await response.text()
-            except aiohttp.ClientConnectionError as error:
-                detail = str(error)
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no healthy /healthz on {url}: {detail}")
-            await asyncio.sleep(0.2)
 
 
 def logged(bot: BotProcess, line: str) -> Callable[[], bool]:
@@ -280,6 +261,7 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str, log: BotPro
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.slow
 async def test_two_webhook_instances_renew_and_sweep_leases_and_pass_a_stop_on_behind_pgbouncer(
     pgbouncer: PgBouncer, env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:

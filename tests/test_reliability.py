@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any
+
+import pytest
 
 from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.messages import SLOW_DOWN
 from services import database, retention
 from services.database import Pool
-from tests.harness import TOKEN, BotProcess, running_bot
-
-
-async def fetch(pool: Pool, query: str) -> list[Any]:
-    async with pool.connection() as conn:
-        cur = await conn.execute(query)
-        return await cur.fetchall() if cur.description else []
+from tests.harness import TOKEN, BotProcess, fetch, running_bot
 
 
 async def test_sigkill_mid_turn_then_restart_answers_exactly_once(
@@ -97,6 +92,7 @@ async def test_fifty_messages_from_one_user_at_once_keep_their_order(
     ]
 
 
+@pytest.mark.slow
 async def test_a_thousand_users_at_once_never_mix_histories(
     env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:

@@ -16,7 +16,7 @@ from handlers.settings import ADMINS_ONLY, NO_PROMPT, PROMPT_MAX_CHARS, STALE_CH
 from services.database import Pool
 from services.local_postgres import LocalPostgres
 from services.turns import DB_APOLOGY
-from tests.harness import ROOT, TOKEN, outage, running_bot
+from tests.harness import ROOT, TOKEN, fetch, outage, running_bot
 
 GROUP = -100777
 ADMIN, MEMBER = 7, 8
@@ -27,13 +27,6 @@ PIRATE = "You are a test.\n\nBe a pirate."  # SYSTEM_PROMPT, then the chat's pro
 @pytest.fixture
 def models_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "ALLOWED_MODELS": MODELS}
-
-
-async def fetch(pool: Pool, query: str, params: Any = None) -> list[Any]:
-    await pool.check()  # connections an outage left dead are replaced
-    async with pool.connection() as conn:
-        cur = await conn.execute(query, params)
-        return await cur.fetchall() if cur.description else []
 
 
 def command(telegram: TelegramStandIn, text: str, **kwargs: Any) -> dict[str, Any]:

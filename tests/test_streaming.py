@@ -5,29 +5,14 @@ Telegram does and answers drafts in private chats only."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from bench.standins import LLMStandIn, Sent, TelegramStandIn
+from bench.standins import LLMStandIn, TelegramStandIn
 from services.database import Pool
-from services.formatting import render, split
+from services.formatting import render
 from services.turns import LLM_APOLOGY
-from tests.harness import running_bot
+from tests.harness import accepted, fetch, final_texts, running_bot
 
 LONG = " ".join(f"word{i}" for i in range(60))  # about 420 characters
 GROUP = -100600
-
-
-async def fetch(pool: Pool, query: str) -> list[Any]:
-    async with pool.connection() as conn:
-        return await (await conn.execute(query)).fetchall()
-
-
-def calls(telegram: TelegramStandIn, method: str, chat: int) -> list[Sent]:
-    return [s for s in telegram.calls(method) if s.chat_id == chat and s.status == 200]
-
-
-def final_texts(answer: str) -> list[str]:
-    return [part.text for part in split(render(answer))]
 
 
 async def test_a_private_chat_sees_the_answer_grow_as_a_draft_then_as_a_message(
@@ -38,7 +23,7 @@ async def test_a_private_chat_sees_the_answer_grow_as_a_draft_then_as_a_message(
     async with running_bot(env, telegram):
         telegram.send("tell me")
         await telegram.wait_for_messages(1, 1)
-    drafts = calls(telegram, "sendMessageDraft", 1)
+    drafts = accepted(telegram, "sendMessageDraft", 1)
     assert len(drafts) >= 2
     assert drafts[0].received_at < llm.stream_ended_at[0]  # visible while the LLM still wrote
     texts = [d.text for d in drafts]
@@ -63,7 +48,7 @@ async def test_a_group_sees_one_message_edited_within_the_throttle(
         telegram.send("/help", chat_id=GROUP)  # a marker: the turn has ended before it is answered
         await telegram.wait_for(lambda: len(telegram.shown(GROUP)) == 2)
     assert [s for s in telegram.sent if s.method == "sendMessageDraft" and s.status == 200] == []
-    sends, edits = calls(telegram, "sendMessage", GROUP), calls(telegram, "editMessageText", GROUP)
+    sends, edits = accepted(telegram, "sendMessage", GROUP), accepted(telegram, "editMessageText", GROUP)
     assert len(sends) == 2 and len(edits) >= 1  # the answer (edited in place) and /help's reply
     assert {int(e.params["message_id"]) for e in edits} == {sends[0].message_id}
     span = edits[-1].received_at - sends[0].received_at
@@ -94,7 +79,7 @@ async def test_cancel_keeps_the_partial_answer_and_the_next_turn_knows(
     llm.chunk, llm.pace = 5, 0.2  # 17 s if nobody stops it
     async with running_bot(env, telegram):
         telegram.send("tell me")
-        await telegram.wait_for(lambda: len(calls(telegram, "sendMessageDraft", 1)) >= 2)
+        await telegram.wait_for(lambda: len(accepted(telegram, "sendMessageDraft", 1)) >= 2)
         telegram.send("/cancel")
         [partial] = await telegram.wait_for_messages(1, 1)
         telegram.send("go on")
@@ -113,8 +98,8 @@ async def test_the_draft_stop_button_stops_the_answer(
     llm.chunk, llm.pace = 5, 0.2
     async with running_bot(env, telegram):
         payload = telegram.send("tell me")
-        await telegram.wait_for(lambda: len(calls(telegram, "sendMessageDraft", 1)) >= 2)
-        draft_id = calls(telegram, "sendMessageDraft", 1)[0].params["draft_id"]
+        await telegram.wait_for(lambda: len(accepted(telegram, "sendMessageDraft", 1)) >= 2)
+        draft_id = accepted(telegram, "sendMessageDraft", 1)[0].params["draft_id"]
         assert int(draft_id) == payload["message_id"]
         telegram.push("stopped_message_generation", {"chat": payload["chat"], "draft_id": draft_id})
         [partial] = await telegram.wait_for_messages(1, 1)

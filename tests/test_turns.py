@@ -4,24 +4,13 @@ racing an answer, forum topics. Real PostgreSQL, real HTTP to the stand-ins, the
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from bench.standins import LLMStandIn, TelegramStandIn
 from services import database
 from services.database import Pool
-from tests.harness import running_bot, store_question
+from tests.harness import fetch, history_of, running_bot, store_question
 
 BLOCKED = (403, "Forbidden: bot was blocked by the user")
-
-
-async def fetch(pool: Pool, query: str, params: Any = None) -> list[Any]:
-    async with pool.connection() as conn:
-        cur = await conn.execute(query, params)
-        return await cur.fetchall() if cur.description else []
-
-
-def contents(messages: list[dict[str, Any]]) -> list[str]:
-    return [m["content"] for m in messages[1:]]  # without the system prompt
 
 
 async def test_messages_of_one_chat_are_answered_in_arrival_order(
@@ -41,8 +30,8 @@ async def test_messages_of_one_chat_are_answered_in_arrival_order(
         (t,) for t in [*texts, "F"]
     ]
     # each turn saw the previous turn's answer: never a later question before an earlier answer
-    assert contents(llm.conversations[1]) == ["A", "echo: A", "B"]
-    assert contents(llm.conversations[-1]) == [
+    assert history_of(llm.conversations[1]) == ["A", "echo: A", "B"]
+    assert history_of(llm.conversations[-1]) == [
         "A", "echo: A", "B", "echo: B", "C", "echo: C", "D", "echo: D", "E", "echo: E", "F",
     ]  # fmt: skip
 
@@ -101,7 +90,7 @@ async def test_recovery_and_a_new_message_of_the_same_chat_answer_each_once_in_o
         telegram.send("/help", user_id=4)
         await telegram.wait_for_messages(4, 1)
     assert telegram.messages_to(1) == ["echo: asked before the crash", "echo: asked after the restart"]
-    assert [contents(c) for c in llm.conversations] == [
+    assert [history_of(c) for c in llm.conversations] == [
         ["asked before the crash"],
         ["asked before the crash", "echo: asked before the crash", "asked after the restart"],
     ]
@@ -138,7 +127,7 @@ async def test_clear_during_a_slow_answer_means_no_old_answer_ever_arrives(
         telegram.send("a new question")
         await telegram.wait_for_messages(1, 2)
     assert telegram.messages_to(1) == ["Done: I forgot 1 message(s). Let's start over.", "echo: a new question"]
-    assert contents(llm.conversations[-1]) == ["a new question"]
+    assert history_of(llm.conversations[-1]) == ["a new question"]
     assert await fetch(pool, "SELECT role, content, deleted_at IS NOT NULL FROM messages ORDER BY id") == [
         ("user", "an old question", True),
         ("user", "a new question", False),
@@ -162,7 +151,7 @@ async def test_clear_drops_the_queued_questions_of_its_user_only(
         "Done: I forgot 2 message(s). Let's start over.",
         "echo: someone else's",
     ]
-    assert [contents(c) for c in llm.conversations[1:]] == [["someone else's"]]
+    assert [history_of(c) for c in llm.conversations[1:]] == [["someone else's"]]
 
 
 async def test_replies_stay_in_the_forum_topic_of_the_question(

@@ -16,21 +16,19 @@ from config import ConfigError, load_config
 from services import metrics
 from services.database import Pool
 from tests.harness import (
+    SECRET_HEADER,
     TOKEN,
     WEBHOOK_SECRET,
     BotProcess,
+    questions,
     running_webhook_bot,
     store_question,
     webhook_env,
+    webhook_of,
 )
 
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 LONG = " ".join(f"word{i}" for i in range(60))  # streamed over seconds at the stand-in's pace below
 _update_ids = itertools.count(1)
-
-
-def webhook_of(env: dict[str, str]) -> str:
-    return f"http://127.0.0.1:{env['WEBHOOK_PORT']}/telegram/webhook"
 
 
 def update(telegram: TelegramStandIn, text: str, **kwargs: Any) -> dict[str, Any]:
@@ -47,12 +45,6 @@ async def post(url: str, body: dict[str, Any], secret: str | None = WEBHOOK_SECR
 
 def refused() -> float:
     return metrics.REGISTRY.get_sample_value("llmbot_webhook_refused_total") or 0.0
-
-
-async def questions(pool: Pool) -> list[str]:
-    async with pool.connection() as conn:
-        cur = await conn.execute("SELECT content FROM messages WHERE role = 'user' ORDER BY id")
-        return [row[0] for row in await cur.fetchall()]
 
 
 async def test_posted_updates_are_answered_and_requests_without_the_secret_change_nothing(

@@ -18,9 +18,8 @@ from handlers.commands import HELP
 from handlers.messages import over_budget_reply, until_next_utc_day
 from services.database import Pool
 from services.local_postgres import LocalPostgres
-from tests.harness import ROOT, TOKEN, outage, running_bot
-from tests.test_outage import until
-from tests.test_settings import fetch, reply
+from tests.harness import ROOT, TOKEN, fetch, fetch_after_outage, outage, running_bot, until
+from tests.test_settings import reply
 
 REFUSED = re.compile(r"You've used today's token budget\. It resets at 00:00 UTC, in about \d+ (minute|hour)s?\.")
 # The stand-in reports one token per character: the system prompt ("You are a test.", 15) and the
@@ -106,7 +105,7 @@ async def test_an_answer_written_back_after_an_outage_counts_once(
             assert await reply(telegram, 1, "during") == "echo: during"  # 39 + 12 tokens
         store = dp["dialog_store"]
         await telegram.wait_for(lambda: not store.degraded, timeout=30)
-        assert await fetch(pool, USAGE) == [(spent(llm),)] == [(33 + 51,)]
+        assert await fetch_after_outage(pool, USAGE) == [(spent(llm),)] == [(33 + 51,)]
         assert REFUSED.fullmatch(await reply(telegram, 1, "after"))
     assert len(llm.requests) == 2
 
