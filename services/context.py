@@ -35,7 +35,7 @@ from services.database import (
     Undone,
     UnfinishedTurn,
 )
-from services.failures import BadRequest, Failure, StorageUnavailable, classify, reason
+from services.failures import RETRY_LATER, BadRequest, Failure, StorageUnavailable, classify, reason
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -82,7 +82,7 @@ async def call(
     except psycopg.Error as error:
         failure = classify(error)
         logger.warning("database call %s failed: %s, %s", query.__name__, failure.value, reason(error))
-        if failure in (Failure.OUTAGE, Failure.BROKEN):
+        if failure in RETRY_LATER:
             raise StorageUnavailable(type(error).__name__) from error
         if failure is Failure.BAD_REQUEST:
             raise BadRequest(error.sqlstate or type(error).__name__) from error

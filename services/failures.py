@@ -62,6 +62,12 @@ def classify(error: psycopg.Error) -> Failure:
     return Failure.BUG
 
 
+# What no retry of this request can mend now, only the database's return: an outage, or a
+# connection that kept breaking past ``database.run``'s runs again. Writes wait (degraded mode,
+# the spool's next round); nothing is said to be wrong with the request.
+RETRY_LATER: frozenset[Failure] = frozenset({Failure.OUTAGE, Failure.BROKEN})
+
+
 def reason(error: psycopg.Error) -> str:
     """What to log of ``error``: its class and SQLSTATE, never its message (a driver message can
     quote the row it failed on)."""

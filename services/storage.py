@@ -43,7 +43,7 @@ from services.database import (
     Undone,
     UnfinishedTurn,
 )
-from services.failures import Failure, StorageUnavailable, classify, reason
+from services.failures import RETRY_LATER, StorageUnavailable, classify, reason
 from services.memory import Dialog, RecentHistory, Remembered
 from services.spool import Spool, Spooled, SpooledKind, SpoolFull
 
@@ -587,7 +587,7 @@ class Storage:
                     try:
                         await database.run(self._pool, _write_batch, batch)
                     except psycopg.Error as error:
-                        if classify(error) in (Failure.OUTAGE, Failure.BROKEN):
+                        if classify(error) in RETRY_LATER:
                             raise
                         await self._write_one_by_one(len(batch))  # to find the write it refuses
                     else:
@@ -613,7 +613,7 @@ class Storage:
             try:
                 await database.run(self._pool, _write_batch, [item])
             except psycopg.Error as error:
-                if classify(error) in (Failure.OUTAGE, Failure.BROKEN):
+                if classify(error) in RETRY_LATER:
                     raise
                 metrics.SPOOL_SET_ASIDE.inc()
                 logger.error(
