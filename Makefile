@@ -72,11 +72,11 @@ db-up: $(STAMP) ## Start PostgreSQL: docker compose if a Docker engine answers, 
 		docker compose up -d --wait postgres; \
 	else \
 		echo "No Docker engine with compose answers: starting a local PostgreSQL cluster in $(PGDATA)/"; \
-		$(PY) -m services.local_postgres up --data-dir $(PGDATA); \
+		$(PY) -m services.ops.local_postgres up --data-dir $(PGDATA); \
 	fi
 
 db-down: $(STAMP) ## Stop whichever PostgreSQL db-up started
-	@if [ -f $(PGDATA)/PG_VERSION ]; then $(PY) -m services.local_postgres down --data-dir $(PGDATA); fi
+	@if [ -f $(PGDATA)/PG_VERSION ]; then $(PY) -m services.ops.local_postgres down --data-dir $(PGDATA); fi
 	@if $(DOCKER_OK); then docker compose down; fi
 
 db-migrate: $(STAMP) ## Apply every migration (alembic upgrade head)
@@ -94,10 +94,10 @@ db-reset: $(STAMP) ## Drop everything (downgrade to base) and migrate to head ag
 	$(ALEMBIC) upgrade head
 
 db-seed: $(STAMP) ## Load two demo users with a few dialogs
-	$(PY) -m services.seed
+	$(PY) -m services.ops.seed
 
 db-purge: $(STAMP) ## Hard-delete messages soft-deleted more than N days ago: make db-purge days=30
-	$(PY) -m services.retention --days $(days)
+	$(PY) -m services.ops.retention --days $(days)
 
 db-psql: ## Open psql on DATABASE_URL
 	@psql "$$($(PY) -c 'import config; print(config.load_database_url())')"

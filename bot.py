@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
     from handlers.middlewares import InFlight
     from services.database import Pool
-    from services.llm import LLM
-    from services.storage import Storage
-    from services.turns import Turns
+    from services.fallback.storage import Storage
+    from services.llm.client import LLM
+    from services.turn.turns import Turns
 
 logger = logging.getLogger("bot")
 ROOT = Path(__file__).resolve().parent
@@ -143,7 +143,7 @@ def create_bot(config: Config) -> Bot:
     from handlers.flood import FloodControl
     from handlers.monitoring import BotApiMonitor
     from handlers.unknown_methods import UnknownMethods
-    from services.text import storable_json
+    from services.text.clean import storable_json
 
     api = TelegramAPIServer.from_base(config.telegram_api_url) if config.telegram_api_url else PRODUCTION
     session = AiohttpSession(api=api, json_loads=storable_json)  # input cleaned at the edge, once
@@ -157,9 +157,9 @@ def create_bot(config: Config) -> Bot:
 def create_storage(config: Config, pool: Pool | None) -> Storage:
     """PostgreSQL (``pool``; None with DATABASE_ENABLED=false), with the memory and the spool an
     outage falls back to."""
-    from services.memory import RecentHistory
-    from services.spool import Spool
-    from services.storage import Storage
+    from services.fallback.memory import RecentHistory
+    from services.fallback.spool import Spool
+    from services.fallback.storage import Storage
 
     history = RecentHistory(max_chars=config.memory_cache_chars, per_dialog=config.history_limit + 2)
     spool = Spool(config.spool_path, config.spool_max_items) if pool is not None else None
@@ -175,9 +175,9 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     from handlers.health import Health
     from handlers.middlewares import AccessMiddleware, ChatIntake, GroupTrigger, InFlight, UpdateClaims
     from handlers.settings import ChatAdmins
-    from services.leases import Leases
-    from services.metrics import BotCollector
-    from services.turns import Turns
+    from services.cluster.leases import Leases
+    from services.ops.gauges import BotCollector
+    from services.turn.turns import Turns
 
     storage = create_storage(config, pool)
     delivery = TelegramDelivery(bot)
@@ -270,7 +270,7 @@ async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Poo
 
     from handlers.commands import COMMANDS
     from handlers.unknown_methods import MethodUnknown
-    from services import retention
+    from services.ops import retention
 
     if config.metrics_port:  # first: /healthz answers while the turns are recovered
         from aiohttp import web
@@ -318,7 +318,7 @@ async def main() -> None:
         raise SystemExit(f"configuration error: {error}") from None
     setup_logging(config.log_level)
     from services import database
-    from services.llm import create_llm
+    from services.llm.client import create_llm
 
     try:
         pool = await open_database(config) if config.database_enabled else None

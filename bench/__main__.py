@@ -45,10 +45,11 @@ from bench.instances import instances
 from bench.whole_bot import whole_bot
 from bot import create_dispatcher
 from config import load_config
-from services import context, database, leases
+from services import context, database, records
+from services.cluster import leases
 from services.database import Pool
-from services.llm import LLM
-from services.local_postgres import LocalPostgres, throwaway
+from services.llm.client import LLM
+from services.ops.local_postgres import LocalPostgres, throwaway
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parent.parent
@@ -246,7 +247,7 @@ class InstantLLM:
     """An LLM that answers at once, in one piece (a summary too); its model list is empty, as
     OpenAI's is (no context lengths published), so the configured budget holds."""
 
-    async def stream(self, history: list[context.ChatMessage], **settings: object) -> AsyncIterator[str]:
+    async def stream(self, history: list[records.ChatMessage], **settings: object) -> AsyncIterator[str]:
         yield f"answer after {len(history)} messages"
 
     async def context_lengths(self) -> dict[str, int]:

@@ -54,8 +54,8 @@ from bench.__main__ import alembic_config, parse, percentile, write_results
 from handlers.history import HEADLINE_OPTIONS, SEARCH_LIMIT
 from services import context, database
 from services.database import ExportedMessage, Pool
-from services.export import Format, export_dialog
-from services.local_postgres import LocalPostgres, throwaway
+from services.ops.local_postgres import LocalPostgres, throwaway
+from services.text.export import Format, export_dialog
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_BATCH = 50_000

@@ -26,10 +26,10 @@ from bench.standins import LLMStandIn, TelegramStandIn
 from bot import create_bot, create_dispatcher, poll
 from config import load_config
 from services import database
-from services.formatting import render, split
-from services.llm import create_llm
-from services.local_postgres import throwaway
-from services.summaries import INSTRUCTIONS
+from services.llm.client import create_llm
+from services.llm.summaries import INSTRUCTIONS
+from services.ops.local_postgres import throwaway
+from services.text.formatting import render, split
 
 TOKEN = "123456:BENCH-token-abcdefghijklmnopqrstuvwxyz"
 ANSWER = ("Streaming keeps the user reading while the model writes. " * 40)[:2000]

@@ -34,7 +34,7 @@ from bench.standins import LLMStandIn, Sent, TelegramStandIn
 from bot import create_bot, create_dispatcher, poll, setup_logging
 from config import load_config
 from services import database
-from services.llm import create_llm
+from services.llm.client import create_llm
 
 CHAT_OF_REQUEST = re.compile(r"\bchat (\d+) turn \d+")  # a question's text, in the turn's request or a summary's
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -15,7 +15,7 @@ from aiogram.enums import MessageEntityType
 from aiogram.filters import Command, CommandStart
 from aiogram.types import BotCommand, Message, User
 
-from services.turns import Turns
+from services.turn.turns import Turns
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramFor
 from aiogram.types import MessageEntity, ReplyParameters
 
 from handlers.unknown_methods import MethodUnknown
-from services.delivery import Address, DeliveryFailed, DeliveryRefused, DraftsUnavailable
-from services.formatting import Part
+from services.text.formatting import Part
+from services.turn.delivery import Address, DeliveryFailed, DeliveryRefused, DraftsUnavailable
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ TYPING_EVERY_S = 4.5  # Telegram shows an action for 5 s
 
 
 class TelegramDelivery:
-    """``services.delivery.Delivery`` over an aiogram ``Bot``. Formatting travels as message
+    """``services.turn.delivery.Delivery`` over an aiogram ``Bot``. Formatting travels as message
     entities, never a parse mode; a part whose entities Telegram refuses is sent again as plain
     text, so no answer is lost to formatting."""
 

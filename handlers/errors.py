@@ -15,8 +15,8 @@ from handlers.messages import SLOW_DOWN, over_budget_reply
 from handlers.settings import SettingsRefused
 from services.context import OverBudget, RateLimited
 from services.failures import BadRequest, StorageUnavailable
-from services.storage import HistoryDisabled
-from services.turns import APOLOGY, BAD_INPUT, DB_APOLOGY
+from services.fallback.storage import HistoryDisabled
+from services.turn.turns import APOLOGY, BAD_INPUT, DB_APOLOGY
 
 logger = logging.getLogger(__name__)
 NO_HISTORY = "This bot runs without a database, so there is no stored history to work with."

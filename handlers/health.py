@@ -21,9 +21,10 @@ from aiogram import Bot
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services import database, metrics
+from services import database
 from services.database import Pool
-from services.storage import Storage
+from services.fallback.storage import Storage
+from services.ops import gauges, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,9 @@ def add_health(app: web.Application, health: Health) -> None:
     app.router.add_get("/healthz", healthz)
 
 
-def add_metrics(app: web.Application, collector: metrics.BotCollector) -> None:
+def add_metrics(app: web.Application, collector: gauges.BotCollector) -> None:
     """``GET /metrics`` on ``app``: the process's metrics and ``collector``'s."""
-    scrape = metrics.Scrape(metrics.REGISTRY, collector)
+    scrape = gauges.Scrape(metrics.REGISTRY, collector)
 
     async def serve_metrics(request: web.Request) -> web.Response:
         await collector.refresh()

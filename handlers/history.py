@@ -18,13 +18,13 @@ from aiogram.types import FSInputFile, Message, User
 
 from config import Config
 from handlers.messages import address_of, asked
-from services.budget import Window
 from services.database import DialogStats, SearchHit, Undone
-from services.delivery import Delivery
-from services.export import Format, export_dialog
-from services.formatting import Part, compose, split
-from services.storage import Storage
-from services.turns import Turns
+from services.fallback.storage import Storage
+from services.llm.budget import Window
+from services.text.export import Format, export_dialog
+from services.text.formatting import Part, compose, split
+from services.turn.delivery import Delivery
+from services.turn.turns import Turns
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from aiogram.enums import ChatType, MessageEntityType
 from aiogram.types import Message, MessageGenerationStopped, User
 
 from handlers.middlewares import replied_to
-from services.delivery import Address
-from services.turns import Turns
+from services.turn.delivery import Address
+from services.turn.turns import Turns
 
 logger = logging.getLogger(__name__)
 SLOW_DOWN = "You're writing faster than I can think. Please slow down and try again in a minute."
@@ -63,7 +63,7 @@ def asked(message: Message, me: User) -> str:
     """The text of ``message`` without the bot's own mentions (``@its_username``, any case, as
     Telegram marks them): what the LLM reads and what is stored (the stored question is every
     later turn's context). In a group the mention only says who is asked."""
-    text = message.text or ""  # made storable at the edge (services.text.storable_json)
+    text = message.text or ""  # made storable at the edge (services.text.clean.storable_json)
     if not me.username:
         return text
     mention = f"@{me.username}".lower()

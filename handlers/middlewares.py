@@ -13,11 +13,11 @@ from aiogram.dispatcher.flags import get_flag
 from aiogram.enums import ChatType, MessageEntityType
 from aiogram.types import CallbackQuery, Message, TelegramObject, Update
 
-from services import metrics
+from services.cluster.leases import Leases
 from services.failures import StorageUnavailable
-from services.leases import Leases
-from services.storage import Storage
-from services.turns import Turns
+from services.fallback.storage import Storage
+from services.ops import metrics
+from services.turn.turns import Turns
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]]

@@ -11,7 +11,7 @@ from aiogram.exceptions import TelegramNetworkError, TelegramRetryAfter
 from aiogram.methods import GetUpdates, Response, TelegramMethod
 from aiogram.methods.base import TelegramType
 
-from services import metrics
+from services.ops import metrics
 
 
 class BotApiMonitor(BaseRequestMiddleware):

@@ -24,8 +24,8 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, User
 
 from config import Config
-from services.database import ChatSettings, SettingName
-from services.storage import Storage
+from services.fallback.storage import Storage
+from services.records import ChatSettings, SettingName
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ from aiogram.webhook.aiohttp_server import SimpleRequestHandler, setup_applicati
 from aiohttp import web
 
 from config import Config
-from services import context, metrics
+from services import context
 from services.database import Pool
 from services.failures import StorageUnavailable
+from services.ops import metrics
 
 logger = logging.getLogger(__name__)
 WEBHOOK_LOCK: Final = "llmbot.webhook"

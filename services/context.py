@@ -11,54 +11,29 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from typing import Concatenate, ParamSpec, TypedDict, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import psycopg
 
 from services import database
 from services.database import (
     AddedQuestion,
-    ChatSettings,
     Connection,
-    DialogContext,
     DialogStats,
     EditedQuestion,
-    FinishReason,
     Pool,
     RetriedQuestion,
-    Role,
     SearchHit,
-    SettingName,
     SummarySource,
-    TurnStart,
     Undone,
     UnfinishedTurn,
 )
 from services.failures import RETRY_LATER, BadRequest, Failure, StorageUnavailable, classify, reason
+from services.records import NO_USAGE, ChatSettings, DialogContext, FinishReason, SettingName, TurnStart, Usage
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class ChatMessage(TypedDict):
-    """One message in the shape chat-completion APIs take."""
-
-    role: Role
-    content: str
-
-
-# How the next context marks an answer that was cut short, so the model knows.
-CUT_SHORT: dict[FinishReason, str] = {
-    "stopped": "\n\n[The user stopped this answer here.]",
-    "failed": "\n\n[This answer broke off here because of an error.]",
-}
-
-
-def as_sent(content: str, finish_reason: FinishReason | None) -> str:
-    """An answer as the LLM will read it in later contexts: marked when it was cut short."""
-    return content + CUT_SHORT[finish_reason] if finish_reason else content
 
 
 class RateLimited(Exception):
@@ -215,17 +190,6 @@ async def add_summary(
         prompt_tokens=usage.prompt_tokens if usage is not None else None,
         completion_tokens=usage.completion_tokens if usage is not None else None,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """The tokens an endpoint reported for one answer (None: not reported)."""
-
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-NO_USAGE = Usage()
 
 
 async def add_answer(

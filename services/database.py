@@ -27,14 +27,26 @@ from psycopg import AsyncConnection
 from psycopg.rows import args_row, class_row, dict_row, scalar_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from services import failures, metrics
+from services import failures
 from services.failures import Failure
-from services.tokens import estimate_tokens
+from services.llm.tokens import estimate_tokens
+from services.ops import metrics
+from services.records import (
+    DEFAULT_SETTINGS,
+    EMPTY_CONTEXT,
+    Answer,
+    ChatSettings,
+    ContextMessage,
+    DialogContext,
+    FinishReason,
+    Role,
+    SettingName,
+    Summary,
+    TurnStart,
+)
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stopped", "failed"]  # an answer cut short; None: complete
 Connection: TypeAlias = AsyncConnection[Any]
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -74,79 +86,6 @@ class AddedQuestion:
     over_budget: bool = False
     leased: bool | None = None  # this process holds the chat's lease (None: no lease asked for)
     lease_version: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StoredAnswer:
-    """An answer stored for a question, and how many of its parts Telegram has accepted."""
-
-    id: int
-    content: str
-    sent_parts: int
-
-
-@dataclass(frozen=True, slots=True)
-class ChatSettings:
-    """What a chat chose (/model, /prompt, /temperature); None: the configuration's default."""
-
-    model: str | None = None
-    system_prompt: str | None = None
-    temperature: float | None = None
-
-
-DEFAULT_SETTINGS: Final = ChatSettings()
-SettingName = Literal["model", "system_prompt", "temperature"]
-
-
-class ContextMessage(NamedTuple):
-    """One message of a context read: ``tokens`` estimated, ``running`` the sum of its own and
-    every newer message's in the read; ``turn`` its question's id; ``author`` the first name of
-    who wrote it, in a group's shared history."""
-
-    id: int
-    role: Role
-    content: str
-    tokens: int
-    running: int
-    turn: int
-    finish_reason: FinishReason | None = None
-    author: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    """A dialog's rolling summary: it stands in for the ``covered`` live messages up to turn
-    ``through_id``."""
-
-    through_id: int
-    covered: int
-    content: str
-    tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class DialogContext:
-    """A dialog's live history after its summary, newest first, as far as the token bound of
-    the read reached; ``read``: how many messages the read found (older ones lie beyond
-    ``history`` when it is more than its length, or more than the history limit)."""
-
-    history: list[ContextMessage]
-    summary: Summary | None = None
-    read: int = 0
-
-
-EMPTY_CONTEXT: Final = DialogContext([])
-
-
-@dataclass(frozen=True, slots=True)
-class TurnStart:
-    """What a turn finds when it starts: its dialog's context up to its question, the answer
-    when one was stored but not yet fully delivered, and the chat's settings."""
-
-    dialog: DialogContext
-    answer: StoredAnswer | None
-    settings: ChatSettings = DEFAULT_SETTINGS
-    quoted: str | None = None  # the text the question replies to
 
 
 @dataclass(frozen=True, slots=True)
@@ -1311,7 +1250,7 @@ async def add_question(
     minute's hits exceed the limit; with ``token_budget`` > 0, also when the user's tokens
     today (UTC) have reached it. ``quoted``: the text it replies to. ``created_at`` defaults to
     now. With ``holder``, the chat's lease is taken for it when free or held by it already, and
-    bumped in any case (``services/leases.py``); a question set aside neither takes nor bumps it.
+    bumped in any case (``services/cluster/leases.py``); a question set aside neither takes nor bumps it.
     """
     cur = conn.cursor(row_factory=class_row(AddedQuestion))
     await cur.execute(
@@ -1354,11 +1293,11 @@ async def fetch_turn_start(
         return None
     head = _ReadHead._make(rows[0][_MESSAGE_COLUMNS:])
     settings = ChatSettings(head.model, head.system_prompt, head.temperature)
-    answer: StoredAnswer | None = None
+    answer: Answer | None = None
     if head.is_answer:
         if head.settled:
             return None
-        answer = StoredAnswer(id=rows[0][0], content=rows[0][2], sent_parts=head.sent_parts)
+        answer = Answer(id=rows[0][0], content=rows[0][2], sent_parts=head.sent_parts)
     return TurnStart(
         dialog=_dialog_context(rows, history_limit, answered=answer is not None),
         answer=answer,

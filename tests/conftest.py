@@ -16,7 +16,7 @@ from psycopg import sql
 from bench.standins import LLMStandIn, TelegramStandIn
 from services import database
 from services.database import Pool
-from services.local_postgres import LocalPostgres, PostgresNotFoundError, find_bin_dir, server_version, throwaway
+from services.ops.local_postgres import LocalPostgres, PostgresNotFoundError, find_bin_dir, server_version, throwaway
 from tests.harness import bot_env
 from tests.watchdog import Watchdog
 

@@ -26,9 +26,9 @@ from bot import create_bot, create_dispatcher, create_pool, poll, serve_webhook
 from config import load_config
 from services import database
 from services.database import Pool
-from services.formatting import render, split
-from services.llm import create_llm
-from services.local_postgres import LocalPostgres
+from services.llm.client import create_llm
+from services.ops.local_postgres import LocalPostgres
+from services.text.formatting import render, split
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "123456:TEST-token-abcdefghijklmnopqrstuvwxyz"

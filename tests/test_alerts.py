@@ -11,10 +11,10 @@ from typing import cast
 
 import pytest
 
-from services import metrics
 from services.database import Pool
 from services.failures import Failure
-from services.storage import Storage
+from services.fallback.storage import Storage
+from services.ops import gauges, metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ROOT / "doc" / "ops"
@@ -69,7 +69,7 @@ class _Storage:
 
 def exported() -> set[str]:
     """The names of every sample the bot exports: the process-wide registry and a bot's collector."""
-    collector = metrics.BotCollector(cast(Pool, _Pool()), cast(Storage, _Storage()))
+    collector = gauges.BotCollector(cast(Pool, _Pool()), cast(Storage, _Storage()))
     families = [*metrics.REGISTRY.collect(), *collector.collect()]
     return {sample.name for family in families for sample in family.samples} | {family.name for family in families}
 

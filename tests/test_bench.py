@@ -13,7 +13,7 @@ import pytest
 
 from bench import replies
 from handlers import errors, messages
-from services import turns
+from services.turn import turns
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def said_by_name(path: Path, call: str) -> set[str]:
 
 
 def test_every_text_the_turn_pipeline_says_is_no_answer() -> None:
-    said = said_by_name(ROOT / "services" / "turns.py", "_say")
+    said = said_by_name(ROOT / "services" / "turn" / "turns.py", "_say")
     assert said, "the turn pipeline says nothing through _say any more: look again at how it answers"
     for name in sorted(said):
         assert replies.kind(getattr(turns, name)) != "answer", name

@@ -12,7 +12,7 @@ from bench.standins import TelegramStandIn
 from bot import StartupError, create_bot, open_database, schema_head
 from config import load_config
 from services import database
-from services.local_postgres import free_port
+from services.ops.local_postgres import free_port
 from tests.conftest import ROOT, alembic_config, create_database
 from tests.harness import TOKEN, BotProcess
 

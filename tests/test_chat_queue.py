@@ -1,4 +1,4 @@
-"""services.chat_queue and handlers.flood on their own, with fakes for the work they order."""
+"""services.turn.queue and handlers.flood on their own, with fakes for the work they order."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aiogram.exceptions import TelegramRetryAfter
 from aiogram.methods import GetMe, SendMessage
 
 from handlers.flood import FloodControl
-from services.chat_queue import ChatQueues, Stopped
+from services.turn.queue import ChatQueues, Stopped
 from tests.harness import TOKEN
 
 

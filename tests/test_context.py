@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from services import context, database
-from services.budget import ContextBudget
+from services import context, database, records
 from services.context import RateLimited
 from services.database import Pool
 from services.failures import StorageUnavailable
+from services.llm.budget import ContextBudget
+from services.records import Question
 
 
 async def ask(pool: Pool, text: str, *, message_id: int, rate_limit: int = 0) -> int:
@@ -33,7 +34,7 @@ async def no_list() -> dict[str, int]:
 BUDGET = ContextBudget(context_tokens=4096, max_tokens=3584, models=["m"], model_list=no_list)
 
 
-async def contents(turn: database.TurnStart | None, *, history_limit: int = 20, system_prompt: str = "") -> list[str]:
+async def contents(turn: records.TurnStart | None, *, history_limit: int = 20, system_prompt: str = "") -> list[str]:
     assert turn is not None
     window = await BUDGET.choose(turn.dialog, model="m", system_prompt=system_prompt, history_limit=history_limit)
     return [m["content"] for m in window.messages]
@@ -65,8 +66,8 @@ async def test_a_history_window_cut_mid_turn_starts_at_a_question(pool: Pool) ->
 
 
 async def test_the_memory_path_starts_at_a_question_too() -> None:
-    from services.memory import RecentHistory
-    from services.storage import Question, Storage
+    from services.fallback.memory import RecentHistory
+    from services.fallback.storage import Storage
 
     storage = Storage(None, history=RecentHistory(max_chars=10_000, per_dialog=10), spool=None)
     for n in (1, 2, 3):

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 
 from bench.standins import LLMStandIn, TelegramStandIn
-from services import context, database
-from services.budget import SUMMARY_LABEL, ContextBudget, dialog_of
-from services.database import DialogContext, Pool
-from services.summaries import INSTRUCTIONS
-from services.tokens import estimate_tokens
-from services.turns import SUMMARY_NOTICE
+from services import context, database, records
+from services.database import Pool
+from services.llm.budget import SUMMARY_LABEL, ContextBudget, dialog_of
+from services.llm.summaries import INSTRUCTIONS
+from services.llm.tokens import estimate_tokens
+from services.records import DialogContext
+from services.turn.turns import SUMMARY_NOTICE
 from tests.harness import BUSY_CHAT, fetch, history_in, running_bot
 from tests.test_settings import buttons, keyboard_of, press, reply
 
@@ -84,7 +85,7 @@ async def test_the_history_limit_summary_and_quote_count() -> None:
     window = await chooser.choose(dialog, model="m", system_prompt="", history_limit=4)
     # the newest 4 open on an answer, whose question is past the limit: it is left out
     assert [m["content"] for m in window.messages] == [m.content for m in reversed(dialog.history[:3])]
-    summary = database.Summary(through_id=1, covered=9, content="notes", tokens=300)
+    summary = records.Summary(through_id=1, covered=9, content="notes", tokens=300)
     with_summary = DialogContext(dialog.history, summary, dialog.read)
     small = budget(context_tokens=1024 + 512)
     plain = await small.choose(dialog, model="m", system_prompt="", history_limit=100)

@@ -17,7 +17,7 @@ from config import ConfigError, load_config
 from handlers.commands import HELP
 from handlers.messages import over_budget_reply, until_next_utc_day
 from services.database import Pool
-from services.local_postgres import LocalPostgres
+from services.ops.local_postgres import LocalPostgres
 from tests.harness import ROOT, TOKEN, fetch, fetch_after_outage, outage, running_bot, until
 from tests.test_settings import reply
 

@@ -10,7 +10,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from services import chat_signals, database, leases
+from services import database, records
+from services.cluster import leases
+from services.cluster import signals as chat_signals
 from services.database import Connection, Pool
 from tests.harness import BUSY_CHAT, store_question
 
@@ -37,7 +39,7 @@ async def history(pool: Pool, user: int, chat: int, limit: int = 50) -> list[dat
 BUDGET = 100_000  # estimated tokens: more than any history here
 
 
-def oldest_first(start: database.TurnStart) -> list[database.ContextMessage]:
+def oldest_first(start: records.TurnStart) -> list[records.ContextMessage]:
     return start.dialog.history[::-1]
 
 
@@ -244,7 +246,7 @@ async def test_the_budget_refuses_a_retry_and_an_edit_of_the_last_question_only(
 
 
 async def test_a_turn_start_tells_what_is_left_to_do(pool: Pool) -> None:
-    async def start(question: int) -> database.TurnStart | None:
+    async def start(question: int) -> records.TurnStart | None:
         return await database.run(pool, database.fetch_turn_start, question_id=question, history_limit=2, budget=BUDGET)
 
     first = await store_question(pool, USER_A, CHAT_X, "first")
@@ -255,7 +257,7 @@ async def test_a_turn_start_tells_what_is_left_to_do(pool: Pool) -> None:
     assert reply is not None
     await database.run(pool, database.record_sent_part, answer_id=reply, telegram_message_id=501, last=False)
     half_sent = await start(first)
-    assert half_sent is not None and half_sent.answer == database.StoredAnswer(reply, "part one and part two", 1)
+    assert half_sent is not None and half_sent.answer == records.Answer(reply, "part one and part two", 1)
     await database.run(pool, database.record_sent_part, answer_id=reply, telegram_message_id=502, last=True)
     assert await start(first) is None  # delivered: nothing left
     assert await rows(pool, "SELECT sent_message_ids FROM messages WHERE id = %s", (reply,)) == [([501, 502],)]
@@ -664,7 +666,7 @@ async def test_search_in_a_busy_group_reads_only_the_users_rows(pool: Pool) -> N
 
 
 async def test_init_db_fails_fast_when_nothing_listens() -> None:
-    from services.local_postgres import free_port
+    from services.ops.local_postgres import free_port
 
     with pytest.raises(psycopg.OperationalError):
         await database.init_db(f"postgresql://bot:bot@127.0.0.1:{free_port()}/none", size=1, timeout_s=0.5)

@@ -10,8 +10,8 @@ import pytest
 from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.commands import HELP
 from services.database import Pool
-from services.local_postgres import LocalPostgres
-from services.turns import LLM_APOLOGY
+from services.ops.local_postgres import LocalPostgres
+from services.turn.turns import LLM_APOLOGY
 from tests.harness import bot_command, fetch_after_outage, outage, running_bot, stored
 from tests.test_outage import back_to_the_database, spooled_lines
 

@@ -14,7 +14,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "doc").rglob("*.md"))]
 SOURCES = [
     *ROOT.glob("*.py"),
     *ROOT.glob("handlers/*.py"),
-    *ROOT.glob("services/*.py"),
+    *ROOT.glob("services/**/*.py"),
     *ROOT.glob("tests/*.py"),
     ROOT / "Makefile",
     ROOT / "docker-compose.yml",

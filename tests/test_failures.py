@@ -16,10 +16,10 @@ from bench.standins import LLMStandIn, TelegramStandIn
 from services import database
 from services.database import Pool
 from services.failures import BadRequest, Failure, classify
-from services.local_postgres import LocalPostgres, free_port
-from services.memory import RecentHistory
-from services.storage import Storage
-from services.turns import DB_APOLOGY, HISTORY_MISSING
+from services.fallback.memory import RecentHistory
+from services.fallback.storage import Storage
+from services.ops.local_postgres import LocalPostgres, free_port
+from services.turn.turns import DB_APOLOGY, HISTORY_MISSING
 from tests.harness import bot_command, fetch, fetch_after_outage, running_bot
 from tests.test_health import get
 

@@ -1,4 +1,4 @@
-"""services.formatting: an LLM's Markdown as Telegram text + entities, split into valid messages."""
+"""services.text.formatting: an LLM's Markdown as Telegram text + entities, split into valid messages."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services import formatting
-from services.formatting import (
+from services.text import formatting
+from services.text.formatting import (
     EMPTY_ANSWER,
     HORIZONTAL_RULE,
     MAX_DEPTH,
@@ -414,7 +414,7 @@ def test_a_renderer_bug_sends_the_answer_as_plain_text(
         raise ValueError("a secret the answer holds")
 
     monkeypatch.setattr(formatting._Renderer, "blocks", broken)
-    with caplog.at_level(logging.ERROR, "services.formatting"):
+    with caplog.at_level(logging.ERROR, "services.text.formatting"):
         assert render("some **private** words") == Part("some **private** words")
     assert "ValueError" in caplog.text and "secret" not in caplog.text and "private" not in caplog.text
 

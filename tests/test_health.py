@@ -11,9 +11,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.standins import LLMStandIn, TelegramStandIn
-from services import metrics
 from services.database import Pool
-from services.local_postgres import LocalPostgres
+from services.ops import metrics
+from services.ops.local_postgres import LocalPostgres
 from tests.harness import free_port, outage, running_bot, until
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -14,10 +14,10 @@ import pytest
 from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.history import NOTHING_TO_EXPORT, NOTHING_TO_RETRY, NOTHING_TO_UNDO, SEARCH_USAGE
 from services.database import Pool
-from services.export import export_dialog
-from services.formatting import utf16_slice
-from services.memory import RecentHistory
-from services.storage import Storage
+from services.fallback.memory import RecentHistory
+from services.fallback.storage import Storage
+from services.text.export import export_dialog
+from services.text.formatting import utf16_slice
 from tests.harness import command, edit, fetch, history_of, running_bot, store_question, until
 from tests.test_outage import delivered
 

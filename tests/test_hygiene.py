@@ -19,8 +19,8 @@ import pytest
 from bench.standins import BOT_USER, LLMStandIn, TelegramStandIn
 from handlers.middlewares import NOT_ALLOWED
 from services.database import Pool
-from services.spool import Spool, Spooled, now
-from services.tokens import estimate_tokens
+from services.fallback.spool import Spool, Spooled, now
+from services.llm.tokens import estimate_tokens
 from tests.harness import (
     ROOT,
     WEBHOOK_SECRET,

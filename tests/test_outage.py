@@ -11,8 +11,8 @@ from aiogram import Dispatcher
 
 from bench.standins import LLMStandIn, TelegramStandIn
 from services.database import Pool
-from services.local_postgres import LocalPostgres
-from services.turns import DB_APOLOGY, HISTORY_MISSING
+from services.ops.local_postgres import LocalPostgres
+from services.turn.turns import DB_APOLOGY, HISTORY_MISSING
 from tests.harness import BotProcess, fetch_after_outage, history_of, outage, running_bot, until
 
 
@@ -160,8 +160,9 @@ async def test_without_a_database_the_bot_converses_from_memory(
 async def test_spooled_writes_written_back_twice_store_nothing_twice(pool: Pool, tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from services import database, spool
-    from services.spool import Spool, Spooled
+    from services import database
+    from services.fallback import spool
+    from services.fallback.spool import Spool, Spooled
 
     t0 = datetime.now(UTC) - timedelta(minutes=5)
     items = [
@@ -197,10 +198,10 @@ async def test_spooled_writes_written_back_twice_store_nothing_twice(pool: Pool,
 async def test_a_spooled_write_the_database_refuses_is_set_aside_and_the_rest_written_back(
     pool: Pool, tmp_path: Path
 ) -> None:
-    from services.memory import RecentHistory
-    from services.metrics import REGISTRY
-    from services.spool import Spool, Spooled, now
-    from services.storage import Storage
+    from services.fallback.memory import RecentHistory
+    from services.fallback.spool import Spool, Spooled, now
+    from services.fallback.storage import Storage
+    from services.ops.metrics import REGISTRY
 
     path = tmp_path / "writes.jsonl"
     left = Spool(path, max_items=10)  # what a process stopped during an outage left

@@ -10,8 +10,9 @@ import pytest
 
 from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.messages import SLOW_DOWN
-from services import database, retention
+from services import database
 from services.database import Pool
+from services.ops import retention
 from tests.harness import TOKEN, BotProcess, fetch, running_bot
 
 

@@ -14,8 +14,8 @@ from bench.standins import BOT_USER, LLMStandIn, Sent, TelegramStandIn
 from config import ConfigError, load_config
 from handlers.settings import ADMINS_ONLY, NO_PROMPT, PROMPT_MAX_CHARS, STALE_CHOICE, TEMPERATURE_USAGE, model_key
 from services.database import Pool
-from services.local_postgres import LocalPostgres
-from services.turns import DB_APOLOGY
+from services.ops.local_postgres import LocalPostgres
+from services.turn.turns import DB_APOLOGY
 from tests.harness import ROOT, TOKEN, fetch, outage, running_bot
 
 GROUP = -100777

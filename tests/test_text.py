@@ -1,8 +1,8 @@
-"""services.text: what PostgreSQL can store."""
+"""services.text.clean: what PostgreSQL can store."""
 
 from __future__ import annotations
 
-from services.text import storable
+from services.text.clean import storable
 
 
 def test_storable_replaces_nul_and_lone_surrogates_only() -> None:

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from services import database, retention, seed
+from services import database
 from services.database import Pool
-from services.local_postgres import free_port
+from services.ops import retention, seed
+from services.ops.local_postgres import free_port
 from tests.harness import ROOT
 
 
@@ -81,17 +82,19 @@ def run_tool(module: str, *args: str, database_url: str) -> subprocess.Completed
 
 
 async def test_command_lines(pool: Pool, database_url: str) -> None:
-    seeded = run_tool("services.seed", database_url=database_url)
+    seeded = run_tool("services.ops.seed", database_url=database_url)
     assert seeded.returncode == 0, seeded.stderr
     assert "seeded 10 new message(s); Ann's private chat holds 4 live message(s)" in seeded.stdout
-    purged = run_tool("services.retention", "--days", "30", database_url=database_url)
+    purged = run_tool("services.ops.retention", "--days", "30", database_url=database_url)
     assert purged.returncode == 0, purged.stderr
     assert "purged 0 message(s)" in purged.stdout
-    refused = run_tool("services.retention", "--days", "-1", database_url=database_url)
+    refused = run_tool("services.ops.retention", "--days", "-1", database_url=database_url)
     assert refused.returncode == 2 and "--days must be 0 or more" in refused.stderr
 
 
-@pytest.mark.parametrize("tool", [["services.seed"], ["services.retention", "--days", "30"]], ids=["seed", "purge"])
+@pytest.mark.parametrize(
+    "tool", [["services.ops.seed"], ["services.ops.retention", "--days", "30"]], ids=["seed", "purge"]
+)
 def test_command_lines_without_a_database_say_so_in_one_line(tool: list[str]) -> None:
     nowhere = f"postgresql://bot:bot@127.0.0.1:{free_port()}/llmbot"  # nothing listens: refused at once
     failed = run_tool(*tool, database_url=nowhere)
@@ -103,7 +106,7 @@ def test_command_lines_without_a_database_say_so_in_one_line(tool: list[str]) ->
 
 
 def test_a_bad_database_url_is_one_line_too() -> None:
-    failed = run_tool("services.seed", database_url="mysql://bot@localhost/llmbot")
+    failed = run_tool("services.ops.seed", database_url="mysql://bot@localhost/llmbot")
     assert failed.returncode == 1
     assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1, failed.stderr
     assert "DATABASE_URL" in failed.stderr

@@ -13,8 +13,8 @@ import pytest
 
 from bench.standins import LLMStandIn, TelegramStandIn
 from config import ConfigError, load_config
-from services import metrics
 from services.database import Pool
+from services.ops import metrics
 from tests.harness import (
     SECRET_HEADER,
     TOKEN,

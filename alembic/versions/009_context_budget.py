@@ -1,6 +1,6 @@
 """Context that fits the model: token estimates, rolling summaries, shared group history, daily use.
 
-- ``messages.tokens``: the message's estimated tokens (``services/tokens.py``), written with the
+- ``messages.tokens``: the message's estimated tokens (``services/llm/tokens.py``), written with the
   message. Rows from before this revision keep NULL and are read as ``length`` (one token per
   character, more than any tokenizer gives for ordinary text), so an old history is never
   under-counted. A turn sums these newest first (a window over the rows it already reads) and

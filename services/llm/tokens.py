@@ -4,7 +4,7 @@ The estimate is a text's UTF-8 bytes over four, plus what a chat format spends o
 Byte length tracks tokenizers across scripts better than characters do: a token is about four
 letters of English, two Cyrillic letters (two bytes each), one CJK character (three bytes).
 Tokenizers differ by model (and OpenRouter serves many), so the budget corrects this estimate
-by the ratio the endpoint's reported ``prompt_tokens`` show (``services.budget``). A tokenizer
+by the ratio the endpoint's reported ``prompt_tokens`` show (``services.llm.budget``). A tokenizer
 library would be exact for one family only, and tiktoken fetches its tables from the network on
 first use, which an offline deployment cannot.
 """

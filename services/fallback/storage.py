@@ -18,34 +18,42 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import psycopg
 
-from services import context, database, metrics, spool
-from services.budget import dialog_of
-from services.context import NO_USAGE, Usage, as_sent
+from services import context, database
 from services.database import (
-    DEFAULT_SETTINGS,
-    ChatSettings,
     Connection,
-    DialogContext,
     DialogStats,
     EditedQuestion,
     ExportedMessage,
-    FinishReason,
     Pool,
     SearchHit,
-    SettingName,
-    StoredAnswer,
     SummarySource,
     Undone,
     UnfinishedTurn,
 )
 from services.failures import RETRY_LATER, StorageUnavailable, classify, reason
-from services.memory import Dialog, RecentHistory, Remembered
-from services.spool import Spool, Spooled, SpooledKind, SpoolFull
+from services.fallback import spool
+from services.fallback.memory import RecentHistory, Remembered
+from services.fallback.spool import Spool, Spooled, SpooledKind, SpoolFull
+from services.llm.budget import dialog_of
+from services.ops import metrics
+from services.records import (
+    NO_USAGE,
+    Answer,
+    ChatSettings,
+    Dialog,
+    DialogContext,
+    FinishReason,
+    Question,
+    SettingName,
+    TurnStart,
+    Usage,
+    as_sent,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,47 +74,6 @@ class Unavailable(enum.Enum):
 
 
 UNAVAILABLE = Unavailable.UNAVAILABLE
-
-
-@dataclass(frozen=True, slots=True)
-class Question:
-    """A question as the pipeline tracks it: Telegram's ids, and the database id once stored."""
-
-    chat_id: int
-    user_id: int
-    message_id: int | None
-    id: int | None = None
-    thread_id: int | None = None
-    # Stored with a lease asked for: whether this process holds the chat's lease, its version.
-    leased: bool | None = field(default=None, compare=False)
-    lease_version: int | None = field(default=None, compare=False)
-
-    @property
-    def dialog(self) -> Dialog:
-        return (self.user_id, self.chat_id)
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """An answer as stored: the database id (None while only spooled), its text, the parts sent."""
-
-    id: int | None
-    content: str
-    sent_parts: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class TurnStart:
-    """A turn's context, the answer already stored for it, whether its dialog's history is
-    missing right now (a degraded bot that never saw this dialog), and the chat's settings
-    (while degraded: the defaults)."""
-
-    dialog: DialogContext
-    answer: Answer | None
-    history_missing: bool = False
-    settings: ChatSettings = DEFAULT_SETTINGS
-    from_database: bool = True  # False: read from memory while degraded (no summary there)
-    quoted: str | None = None  # the text the question replies to, as stored with it
 
 
 @dataclass
@@ -267,7 +234,7 @@ class Storage:
                 return None
             if start is not UNAVAILABLE:
                 self._remember(question, start.dialog)
-                return TurnStart(start.dialog, _answer(start), settings=start.settings, quoted=start.quoted)
+                return start
         state = self._spooled_turn(question)
         if state.settled or question.message_id is None:
             return None
@@ -627,8 +594,3 @@ async def _write_batch(conn: Connection, batch: list[Spooled]) -> None:
     async with conn.transaction():
         for item in batch:
             await spool.write_back(conn, item)
-
-
-def _answer(start: database.TurnStart) -> Answer | None:
-    stored: StoredAnswer | None = start.answer
-    return Answer(stored.id, stored.content, stored.sent_parts) if stored is not None else None

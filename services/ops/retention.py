@@ -4,7 +4,7 @@ than a day (each process's lease tending purges those hourly too, so they never 
 
 Command line (``make db-purge days=N``)::
 
-    python -m services.retention --days 30
+    python -m services.ops.retention --days 30
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from contextlib import asynccontextmanager
 
 import psycopg
 
-from services import database, leases
+from services import database
+from services.cluster import leases
 from services.database import Pool
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ first use) on folders that user can reach.
 
 Command line::
 
-    python -m services.local_postgres up [--data-dir .pgdata]    # uses DATABASE_URL
-    python -m services.local_postgres down [--data-dir .pgdata]
+    python -m services.ops.local_postgres up [--data-dir .pgdata]    # uses DATABASE_URL
+    python -m services.ops.local_postgres down [--data-dir .pgdata]
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Text rules of Telegram and PostgreSQL: what can be stored, and how long one message may be
-(splitting and formatting: ``services.formatting``)."""
+(splitting and formatting: ``services.text.formatting``)."""
 
 from __future__ import annotations
 

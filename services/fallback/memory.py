@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from services.context import ChatMessage
-
-Dialog = tuple[int, int]  # (telegram user id, telegram chat id)
+from services.records import ChatMessage, Dialog
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from markdown_it.tree import SyntaxTreeNode
 
-from services.text import TELEGRAM_MESSAGE_LIMIT, storable
+from services.text.clean import TELEGRAM_MESSAGE_LIMIT, storable
 
 logger = logging.getLogger(__name__)
 

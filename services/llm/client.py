@@ -13,8 +13,8 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from config import Config
-from services import metrics
-from services.context import ChatMessage, Usage
+from services.ops import metrics
+from services.records import ChatMessage, Usage
 
 logger = logging.getLogger(__name__)
 

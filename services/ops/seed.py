@@ -6,7 +6,7 @@ import asyncio
 
 from services import database
 from services.database import Connection
-from services.retention import tool_pool
+from services.ops.retention import tool_pool
 
 ANN, BOB = 1001, 1002
 GROUP = -1001000000001

@@ -3,7 +3,7 @@
 A prompt may take the model's context length less ``LLM_MAX_TOKENS`` (kept for the answer).
 The context length is ``CONTEXT_TOKENS`` when set, else what the endpoint's model list
 publishes (OpenRouter's ``context_length``), else 8192. Stored messages carry estimated tokens
-(``services.tokens``); the ratio of the tokens an endpoint reports to the estimate of what was
+(``services.llm.tokens``); the ratio of the tokens an endpoint reports to the estimate of what was
 sent calibrates the estimate per model, so a model whose tokenizer counts more gets less history.
 """
 
@@ -15,9 +15,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from services.context import ChatMessage, as_sent
-from services.database import ContextMessage, DialogContext, Summary
-from services.tokens import estimate_tokens
+from services.llm.tokens import estimate_tokens
+from services.records import ChatMessage, ContextMessage, DialogContext, Summary, as_sent
 
 logger = logging.getLogger(__name__)
 

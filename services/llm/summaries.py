@@ -17,12 +17,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from services.budget import Window
-from services.context import ChatMessage, Usage, as_sent
-from services.database import ContextMessage
-from services.llm import LLM
-from services.storage import Question, Storage
-from services.text import storable
+from services.fallback.storage import Storage
+from services.llm.budget import Window
+from services.llm.client import LLM
+from services.records import ChatMessage, ContextMessage, Question, Usage, as_sent
+from services.text.clean import storable
 
 logger = logging.getLogger(__name__)
 

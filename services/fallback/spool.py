@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services import database
-from services.database import Connection, FinishReason
+from services.database import Connection
+from services.records import FinishReason
 
 logger = logging.getLogger(__name__)
 SpooledKind = Literal["question", "answer", "sent", "failed", "clear"]

@@ -5,7 +5,7 @@ stop button); wherever drafts are refused (groups, an older Bot API) the first p
 message and edited in place. Either way Telegram is called at most once per interval (the draft
 interval for drafts, the edit interval for edits, also after a refused draft), always with the
 latest text (never a backlog), and a reply longer than one message continues in a new one.
-What is shown is rendered from the Markdown so far (``services.formatting``), so a half-written
+What is shown is rendered from the Markdown so far (``services.text.formatting``), so a half-written
 construct renders as text until it closes.
 """
 
@@ -16,8 +16,8 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused, DraftsUnavailable
-from services.formatting import Part, render, split
+from services.text.formatting import Part, render, split
+from services.turn.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused, DraftsUnavailable
 
 logger = logging.getLogger(__name__)
 

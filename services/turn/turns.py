@@ -17,21 +17,21 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, replace
 
 from config import Config
-from services import metrics
-from services.budget import ContextBudget, Window
-from services.chat_queue import ChatQueues, Stopped
-from services.chat_signals import ChatSignal, ChatSignals
-from services.context import ChatMessage, Usage
-from services.database import ChatSettings, DialogContext, FinishReason, Undone
-from services.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
+from services.cluster.leases import Handover, LeaseLost, Leases, NextQuestion
+from services.cluster.signals import ChatSignal, ChatSignals
+from services.database import Undone
 from services.failures import BadRequest, StorageUnavailable
-from services.formatting import Part, render, split
-from services.leases import Handover, LeaseLost, Leases, NextQuestion
-from services.llm import LLM, LLMError, system_prompt_of
-from services.storage import Answer, Question, Storage
-from services.streaming import LiveReply, Shown
-from services.summaries import Summariser
-from services.text import storable
+from services.fallback.storage import Storage
+from services.llm.budget import ContextBudget, Window
+from services.llm.client import LLM, LLMError, system_prompt_of
+from services.llm.summaries import Summariser
+from services.ops import metrics
+from services.records import Answer, ChatMessage, ChatSettings, DialogContext, FinishReason, Question, Usage
+from services.text.clean import storable
+from services.text.formatting import Part, render, split
+from services.turn.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
+from services.turn.queue import ChatQueues, Stopped
+from services.turn.streaming import LiveReply, Shown
 
 logger = logging.getLogger(__name__)
 

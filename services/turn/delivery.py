@@ -8,7 +8,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.formatting import Part
+from services.text.formatting import Part
 
 
 class DeliveryRefused(Exception):
@@ -39,7 +39,7 @@ class DraftsUnavailable(Exception):
 
 class Delivery(Protocol):
     """Telegram as the pipeline sees it (``handlers.delivery`` implements it). A part is at most
-    one Telegram message (``services.formatting.split``); if Telegram refuses its entities, it
+    one Telegram message (``services.text.formatting.split``); if Telegram refuses its entities, it
     goes out as plain text: an answer is never lost to formatting."""
 
     async def send(self, address: Address, part: Part, *, quote: bool) -> int:

@@ -1,0 +1,1 @@
+"""Who answers a chat: this process alone, or several processes agreeing through PostgreSQL leases and signals."""

@@ -1,0 +1,1 @@
+"""Running the bot: metrics, the retention purge, demo data, a local PostgreSQL for development and tests."""
