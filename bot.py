@@ -172,10 +172,12 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
 
     from handlers import create_routers
     from handlers.delivery import TelegramDelivery
+    from handlers.filters import AddressedInGroups
     from handlers.health import Health
-    from handlers.middlewares import AccessMiddleware, ChatIntake, GroupTrigger, InFlight, UpdateClaims
+    from handlers.middlewares import AccessMiddleware, ChatIntake, InFlight, UpdateClaims
     from handlers.settings import ChatAdmins
     from services.cluster.leases import Leases
+    from services.cluster.ownership import Leased, Ownership, SingleProcess
     from services.ops.gauges import BotCollector
     from services.turn.turns import Turns
 
@@ -184,9 +186,11 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     # Leases and claims order several processes; in polling mode there is one (Telegram answers
     # a second getUpdates consumer with 409 Conflict), so they would cost a commit per turn for nothing.
     leases = None
+    owner: Ownership = SingleProcess()
     if pool is not None and config.bot_mode == "webhook":
         leases = Leases(pool, holder=config.instance_id, ttl_s=config.lease_ttl_s)
-    turns = Turns(storage, llm, delivery, config, leases)
+        owner = Leased(leases, degraded=lambda: storage.degraded)
+    turns = Turns(storage, llm, delivery, config, owner)
     dp = Dispatcher(
         config=config, pool=pool, dialog_store=storage, turns=turns, delivery=delivery, in_flight=InFlight()
     )
@@ -197,7 +201,8 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     dp.update.outer_middleware(ChatIntake(dp["turns"]))
     access = AccessMiddleware(config.allowed_user_ids)
     dp.message.outer_middleware(access)
-    dp.message.outer_middleware(GroupTrigger(config.group_trigger))
+    if config.group_trigger == "mention":
+        dp.message.filter(AddressedInGroups())
     dp.edited_message.outer_middleware(access)
     dp.callback_query.outer_middleware(access)
     claims = UpdateClaims(leases, storage)

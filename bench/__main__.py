@@ -47,7 +47,7 @@ from bot import create_dispatcher
 from config import load_config
 from services import context, database, records
 from services.cluster import leases
-from services.database import Pool
+from services.database import Connection, Pool
 from services.llm.client import LLM
 from services.ops.local_postgres import LocalPostgres, throwaway
 
@@ -57,7 +57,7 @@ TOKEN = "123456:BENCH-token-abcdefghijklmnopqrstuvwxyz"
 CONTEXT_BUDGET = 7_168  # the read bound of an 8192-token model with LLM_MAX_TOKENS=1024
 HISTORY_LIMIT = 20
 COMMITS_PER_TURN = 3
-STATEMENTS_PER_TURN = 4  # ADD_QUESTION, SELECT_TURN_START, INSERT_ANSWER, RECORD_SENT_PART
+STATEMENTS_PER_TURN = 4  # ADD_QUESTION, FETCH_TURN_START, ADD_ANSWER, RECORD_SENT_PART
 # A spool of its own, never written unless the bench database fails: the default path, relative
 # to the working directory, could hold another run's writes.
 SPOOL_PATH = Path(tempfile.gettempdir()) / f"llmbot-bench-{os.getpid()}" / "writes.jsonl"
@@ -138,14 +138,16 @@ async def one_turn(pool: Pool, user: int, chat: int, message_id: int, holder: st
         telegram_chat_id=chat,
         telegram_message_id=message_id,
         telegram_thread_id=None,
-        text=f"question {message_id} from {user}",
-        rate_limit_per_minute=1_000_000,  # counted, as with the default config, never hit
+        content=f"question {message_id} from {user}",
+        rate_limit=1_000_000,  # counted, as with the default config, never hit
         holder=holder,
         lease_ttl_s=30,
     )
-    turn = await context.start_turn(pool, question_id=question.id, history_limit=HISTORY_LIMIT, budget=CONTEXT_BUDGET)
+    turn = await context.fetch_turn_start(
+        pool, question_id=question.id, history_limit=HISTORY_LIMIT, budget=CONTEXT_BUDGET
+    )
     assert turn is not None
-    answer = await context.add_answer(pool, question_id=question.id, text=f"answer to {message_id}")
+    answer = await context.add_answer(pool, question_id=question.id, content=f"answer to {message_id}")
     assert answer is not None
     if holder is None:
         await context.record_sent_part(pool, answer_id=answer, telegram_message_id=message_id, last=True)
@@ -345,8 +347,8 @@ def pgbench_script() -> str:
                 .replace("%(created_at)s", "NULL")
                 .replace("%(content)s", "'q'")
             ),
-            pgbench_sql(database.SELECT_TURN_START.replace("%(question_id)s", latest)),
-            pgbench_sql(database.INSERT_ANSWER.replace("%(question_id)s", latest).replace("%(content)s", "'a'")),
+            pgbench_sql(database.FETCH_TURN_START.replace("%(question_id)s", latest)),
+            pgbench_sql(database.ADD_ANSWER.replace("%(question_id)s", latest).replace("%(content)s", "'a'")),
             pgbench_sql(
                 database.RECORD_SENT_PART.replace("%(answer_id)s", latest)
                 .replace("%(telegram_message_id)s", "1")
@@ -411,19 +413,36 @@ async def fill(pool: Pool, rows: int, dialogs: int = 10_000) -> None:
         await conn.execute("VACUUM ANALYZE messages")
 
 
+# The plain history read the context read is measured against: a dialog's last HISTORY_LIMIT
+# live messages by Telegram ids, newest first (messages_turn_idx read backwards, no sort).
+HISTORY_READ = """
+    SELECT id, role, content, length, created_at, finish_reason
+    FROM messages
+    WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
+      AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+      AND deleted_at IS NULL
+    ORDER BY coalesce(reply_to_id, id) DESC, id DESC
+    LIMIT %(limit)s::integer
+"""
+
+
+async def read_history(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> list[tuple[Any, ...]]:
+    params = {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, "limit": HISTORY_LIMIT}
+    cur = await conn.execute(HISTORY_READ, params, prepare=True)
+    return await cur.fetchall()
+
+
 async def history_latency(pool: Pool, n: int, dialogs: int = 10_000) -> dict[str, float]:
     async def read(i: int) -> None:
         user = (i * 7919) % dialogs + 1
-        await database.run(
-            pool, database.fetch_history, telegram_user_id=user, telegram_chat_id=user, limit=HISTORY_LIMIT
-        )
+        await database.run(pool, read_history, telegram_user_id=user, telegram_chat_id=user)
 
     await timed(200, read)
     return summary(await timed(n, read))
 
 
 async def context_latency(pool: Pool, n: int, dialogs: int = 10_000) -> dict[str, float]:
-    """The context read a turn makes (SELECT_NEXT_CONTEXT: the same dialog lookup as the history
+    """The context read a turn makes (FETCH_NEXT_CONTEXT: the same dialog lookup as the history
     read, plus the summary probe and the running sum), for the same dialogs."""
 
     async def read(i: int) -> None:

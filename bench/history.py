@@ -12,7 +12,7 @@ size and nothing else. Then it measures:
 - ``/search`` latency, p50/p99, through ``database.search_messages`` (the bot's SQL, prepared, on
   the bot's pool) for each kind of query, over many dialogs; goal: p50 <= 20 ms at 1,000,000
   messages and within 3x of the 10,000-message figure;
-- ``/export`` of one dialog of ``--export-messages`` messages through ``context.export`` and
+- ``/export`` of one dialog of ``--export-messages`` messages through ``context.dialog_messages`` and
   ``export_dialog`` (a server-side cursor feeding the file writer), Markdown and JSON: messages
   per second, and the peak of Python's allocations (tracemalloc, in a second run: it slows
   Python down) next to the same for a 1,000-message dialog, to show it does not grow;
@@ -45,7 +45,6 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from alembic import command
 from psycopg import sql
 from psycopg.rows import scalar_row
@@ -298,7 +297,7 @@ async def export_once(pool: Pool, dialog: int, fmt: Format, directory: Path) -> 
             counted += 1
             await write(message)
 
-        await context.export(
+        await context.dialog_messages(
             pool, telegram_user_id=telegram_user(dialog), telegram_chat_id=telegram_chat(dialog), write=counting
         )
 
@@ -358,7 +357,7 @@ async def explain(url: str, dialog: int, only: tuple[str, ...] = ()) -> dict[str
     for its values (``custom``) and as the generic plan a prepared statement may switch to
     (``generic``). Writes are rolled back."""
     user, chat = telegram_user(dialog), telegram_chat(dialog)
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+    async with await database.connect(url) as conn:
         cur = conn.cursor(row_factory=scalar_row)
         await cur.execute(
             """
@@ -382,14 +381,14 @@ async def explain(url: str, dialog: int, only: tuple[str, ...] = ()) -> dict[str
                 database.SEARCH_MESSAGES,
                 {**dialog_params, "query": RARE["ru"], "everything": False, "limit": 10, "options": HEADLINE_OPTIONS},
             ),
-            "SELECT_STATS": (database.SELECT_STATS, dialog_params),
+            "FETCH_STATS": (database.FETCH_STATS, dialog_params),
             "UNDO_LAST_TURN": (database.UNDO_LAST_TURN, admission),
             "RETRY_LAST_TURN": (database.RETRY_LAST_TURN, admission),
             "EDIT_QUESTION": (
                 database.EDIT_QUESTION,
                 {**admission, "telegram_message_id": last_question, "content": "кошки пьют молоко", "tokens": 6},
             ),
-            "SELECT_DIALOG": (database.SELECT_DIALOG, dialog_params),
+            "DIALOG_MESSAGES": (database.DIALOG_MESSAGES, dialog_params),
         }
         plans: dict[str, dict[str, Any]] = {}
         for number, (name, (statement, params)) in enumerate(statements.items()):
@@ -475,7 +474,7 @@ async def probe(url: str, dialog: int, stop: asyncio.Event) -> dict[str, float]:
     worst = {"read": 0.0, "write": 0.0}
     slow = 0
     ops = 0
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+    async with await database.connect(url) as conn:
         ids = await (
             await conn.execute("SELECT user_id, chat_id FROM bench_dialogs WHERE dialog = %s", (dialog,))
         ).fetchone()
@@ -495,7 +494,7 @@ async def probe(url: str, dialog: int, stop: asyncio.Event) -> dict[str, float]:
 async def migration_at_size(cluster: LocalPostgres, texts: Texts, rows: int, per_dialog: int) -> dict[str, Any]:
     url = cluster.create_database("bench_migration")
     command.upgrade(alembic_config(url), "006")
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+    async with await database.connect(url) as conn:
         started = time.perf_counter()
         await seed(conn, texts, first=0, stop=rows // per_dialog, per_dialog=per_dialog, revision_007=False)
         seeded_s = time.perf_counter() - started
@@ -533,7 +532,7 @@ async def migration_at_size(cluster: LocalPostgres, texts: Texts, rows: int, per
             step["count"] += 1
             step["total_s"] += ms / 1000
             step["max_ms"] = max(step["max_ms"], ms)
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+    async with await database.connect(url) as conn:
         missing = await (await conn.execute("SELECT count(*) FROM messages WHERE search_vector IS NULL")).fetchone()
         await conn.execute("ALTER DATABASE bench_migration RESET log_min_duration_statement")
     cluster.drop_database("bench_migration")
@@ -597,7 +596,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await database.close_db(pool)
         results["explain"] = await explain(url, dialog=min(dialogs - 1, 500) // 4 * 4)
         results["explain_long_dialog"] = await explain(
-            url, dialog=big, only=("SEARCH_MESSAGES (common word)", "SEARCH_MESSAGES (rare word)", "SELECT_DIALOG")
+            url, dialog=big, only=("SEARCH_MESSAGES (common word)", "SEARCH_MESSAGES (rare word)", "DIALOG_MESSAGES")
         )
         results["table_rows"] = max(args.rows) + args.export_messages
         cluster.drop_database("bench_history")

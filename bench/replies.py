@@ -13,7 +13,7 @@ from typing import Final, Literal
 
 from handlers.errors import NO_HISTORY
 from handlers.messages import SLOW_DOWN, over_budget_reply
-from services.turn.turns import APOLOGY, BAD_INPUT, DB_APOLOGY, HISTORY_MISSING, LLM_APOLOGY, SUMMARY_NOTICE
+from services.turn.turn import APOLOGY, BAD_INPUT, DB_APOLOGY, HISTORY_MISSING, LLM_APOLOGY, SUMMARY_NOTICE
 
 REFUSALS: Final = frozenset({DB_APOLOGY, LLM_APOLOGY, BAD_INPUT, APOLOGY, SLOW_DOWN, NO_HISTORY})
 NOTICES: Final = frozenset({SUMMARY_NOTICE, HISTORY_MISSING})

@@ -16,7 +16,7 @@ from handlers.settings import SettingsRefused
 from services.context import OverBudget, RateLimited
 from services.failures import BadRequest, StorageUnavailable
 from services.fallback.storage import HistoryDisabled
-from services.turn.turns import APOLOGY, BAD_INPUT, DB_APOLOGY
+from services.turn.turn import APOLOGY, BAD_INPUT, DB_APOLOGY
 
 logger = logging.getLogger(__name__)
 NO_HISTORY = "This bot runs without a database, so there is no stored history to work with."

@@ -20,6 +20,7 @@ import psycopg
 from aiogram import Bot
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg.rows import scalar_row
 
 from services import database
 from services.database import Pool
@@ -54,14 +55,15 @@ class Health:
         if self.pool is None:
             return {"database": {"ok": True, "detail": "disabled (DATABASE_ENABLED=false)"}}
         started = time.perf_counter()
-        conninfo = self.pool.conninfo
-        assert isinstance(conninfo, str)  # bot.py builds the pool from DATABASE_URL
         try:
-            async with await psycopg.AsyncConnection.connect(
-                conninfo, connect_timeout=CHECK_TIMEOUT_S, autocommit=True
+            # A fresh connection where the pool's open. The statement, not fetch_schema_version:
+            # a database never migrated fails this check (that one would read None).
+            async with await database.connect_session(
+                self.pool, pooled_url=True, connect_timeout=CHECK_TIMEOUT_S
             ) as conn:
-                cur = await conn.execute("SELECT version_num FROM alembic_version")
-                row = await cur.fetchone()
+                cur = conn.cursor(row_factory=scalar_row)
+                await cur.execute(database.FETCH_SCHEMA_VERSION)
+                version: str | None = await cur.fetchone()
         except psycopg.Error as error:
             logger.warning("health: the database does not answer: %s", type(error).__name__)
             return {
@@ -69,7 +71,6 @@ class Health:
                 "schema": {"ok": False, "detail": "unknown: the database does not answer"},
                 "storage": self._storage(),
             }
-        version = row[0] if row else None
         return {
             "database": {"ok": True, "answered_in_ms": round((time.perf_counter() - started) * 1000, 1)},
             "schema": {"ok": version == self.schema_head, "version": version, "head": self.schema_head},

@@ -18,6 +18,7 @@ from aiogram.types import FSInputFile, Message, User
 
 from config import Config
 from handlers.messages import address_of, asked
+from services import context
 from services.database import DialogStats, SearchHit, Undone
 from services.fallback.storage import Storage
 from services.llm.budget import Window
@@ -97,14 +98,16 @@ async def cmd_search(
     if not words:
         await message.answer(SEARCH_USAGE)
         return
-    hits = await dialog_store.search(
-        user_id=event_from_user.id,
-        chat_id=message.chat.id,
-        query=words,
-        everything=everything,
-        limit=SEARCH_LIMIT,
-        options=HEADLINE_OPTIONS,
-    )
+    async with dialog_store.database() as pool:
+        hits = await context.search_messages(
+            pool,
+            telegram_user_id=event_from_user.id,
+            telegram_chat_id=message.chat.id,
+            query=words,
+            everything=everything,
+            limit=SEARCH_LIMIT,
+            options=HEADLINE_OPTIONS,
+        )
     logger.info("user %s in chat %s: search of %d chars, %d hit(s)", event_from_user.id, message.chat.id,
                 len(words), len(hits))  # fmt: skip
     for part in split(search_report(words, hits)):
@@ -138,13 +141,16 @@ def _highlighted(snippet: str) -> list[tuple[str, str | None]]:
 async def cmd_export(message: Message, command: CommandObject, event_from_user: User, dialog_store: Storage) -> None:
     fmt: Format = "json" if (command.args or "").strip().lower() == "json" else "markdown"
     with tempfile.TemporaryDirectory(prefix="llmbot-export-") as directory:
-        paths = await export_dialog(
-            lambda write: dialog_store.export(user_id=event_from_user.id, chat_id=message.chat.id, write=write),
-            Path(directory),
-            chat_id=message.chat.id,
-            fmt=fmt,
-            now=datetime.now(UTC),
-        )
+        async with dialog_store.database() as pool:
+            paths = await export_dialog(
+                lambda write: context.dialog_messages(
+                    pool, telegram_user_id=event_from_user.id, telegram_chat_id=message.chat.id, write=write
+                ),
+                Path(directory),
+                chat_id=message.chat.id,
+                fmt=fmt,
+                now=datetime.now(UTC),
+            )
         logger.info("user %s in chat %s: export in %d file(s)", event_from_user.id, message.chat.id, len(paths))
         if not paths:
             await message.answer(NOTHING_TO_EXPORT)
@@ -155,7 +161,8 @@ async def cmd_export(message: Message, command: CommandObject, event_from_user: 
 
 
 async def cmd_stats(message: Message, event_from_user: User, dialog_store: Storage, config: Config) -> None:
-    stats = await dialog_store.stats(user_id=event_from_user.id, chat_id=message.chat.id)
+    async with dialog_store.database() as pool:
+        stats = await context.fetch_stats(pool, telegram_user_id=event_from_user.id, telegram_chat_id=message.chat.id)
     await message.answer(stats_report(stats, config.daily_token_budget_per_user))
 
 

@@ -10,7 +10,7 @@ from aiogram import Bot, F, Router
 from aiogram.enums import ChatType, MessageEntityType
 from aiogram.types import Message, MessageGenerationStopped, User
 
-from handlers.middlewares import replied_to
+from handlers.filters import replied_to
 from services.turn.delivery import Address
 from services.turn.turns import Turns
 

@@ -8,11 +8,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiogram import BaseMiddleware, Bot
+from aiogram import BaseMiddleware
 from aiogram.dispatcher.flags import get_flag
-from aiogram.enums import ChatType, MessageEntityType
+from aiogram.enums import ChatType
 from aiogram.types import CallbackQuery, Message, TelegramObject, Update
 
+from handlers.filters import addressed
 from services.cluster.leases import Leases
 from services.failures import StorageUnavailable
 from services.fallback.storage import Storage
@@ -54,53 +55,6 @@ class AccessMiddleware(BaseMiddleware):
                 await event.answer(NOT_ALLOWED)
             return None
         return await handler(event, data)
-
-
-class GroupTrigger(BaseMiddleware):
-    """In groups with GROUP_TRIGGER=mention, lets through only what is addressed to the bot: a
-    command for it, a mention of the bot, a reply to one of its messages. The rest of the group's
-    talk is not the bot's business: nothing is stored or said."""
-
-    def __init__(self, trigger: str) -> None:
-        self.trigger = trigger
-
-    async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
-        assert isinstance(event, Message)
-        if self.trigger == "all" or event.chat.type == ChatType.PRIVATE or await addressed(event, data["bot"]):
-            return await handler(event, data)
-        return None
-
-
-async def addressed(message: Message, bot: Bot) -> bool:
-    """Whether a group message starts with a command (``/x``, ``/x@this_bot``, not
-    ``/x@other_bot``), mentions the bot or replies to it."""
-    me = await bot.me()  # cached by aiogram after the first call
-    replied = replied_to(message)
-    if replied is not None and replied.from_user is not None and replied.from_user.id == me.id:
-        return True
-    text = message.text or message.caption or ""
-    mention = f"@{me.username}".lower()
-    for entity in message.entities or message.caption_entities or ():
-        if (
-            (
-                entity.type == MessageEntityType.BOT_COMMAND
-                and entity.offset == 0
-                and entity.extract_from(text).partition("@")[2].lower() in ("", mention[1:])
-            )
-            or (entity.type == MessageEntityType.MENTION and entity.extract_from(text).lower() == mention)
-            or (entity.type == MessageEntityType.TEXT_MENTION and entity.user is not None and entity.user.id == me.id)
-        ):
-            return True
-    return False
-
-
-def replied_to(message: Message) -> Message | None:
-    """The message ``message`` replies to; in a forum topic, not the topic's first message, which
-    Telegram sets as the reply of every message in the topic."""
-    replied = message.reply_to_message
-    if replied is None or (message.is_topic_message and replied.message_id == message.message_thread_id):
-        return None
-    return replied
 
 
 class InFlight(BaseMiddleware):

@@ -24,6 +24,7 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, User
 
 from config import Config
+from services import context
 from services.fallback.storage import Storage
 from services.records import ChatSettings, SettingName
 
@@ -230,14 +231,22 @@ def change_report(config: Config, change: Change, settings: ChatSettings) -> str
     return f"Temperature in this chat: {temperature_shown(config, settings)}. It applies from your next message."
 
 
+async def chat_settings(store: Storage, chat_id: int) -> ChatSettings:
+    """The chat's settings as stored (None in a field: the default)."""
+    async with store.database() as pool:
+        return await context.get_chat_settings(pool, telegram_chat_id=chat_id)
+
+
 async def on_setting_change(
     message: Message, change: Change, event_from_user: User, config: Config, dialog_store: Storage
 ) -> None:
     """/model <name>, /prompt <text>, /temperature <value> (or reset), valid and allowed: the
     filters before it said so."""
-    settings = await dialog_store.set_chat_setting(
-        chat_id=message.chat.id, name=change.name, value=change.value, user_id=event_from_user.id
-    )
+    async with dialog_store.database() as pool:
+        settings = await context.set_chat_setting(
+            pool, telegram_chat_id=message.chat.id, name=change.name, value=change.value,
+            telegram_user_id=event_from_user.id,
+        )  # fmt: skip
     logger.info("user %s in chat %s set %s (%s)", event_from_user.id, message.chat.id, change.name,
                 "default" if change.value is None else "set")  # fmt: skip
     await message.answer(change_report(config, change, settings))
@@ -252,7 +261,7 @@ async def cmd_model(
         logger.info("user %s in chat %s: /model with a model not allowed", event_from_user.id, message.chat.id)
         await message.answer(unknown_model(config, name))
         return
-    settings = await dialog_store.chat_settings(chat_id=message.chat.id)
+    settings = await chat_settings(dialog_store, message.chat.id)
     await message.answer(
         model_report(config, settings), reply_markup=model_keyboard(config, current_model(config, settings))
     )
@@ -264,7 +273,7 @@ async def cmd_prompt(message: Message, command: CommandObject, dialog_store: Sto
     if text:
         await message.answer(f"That prompt is {len(text):,} characters; at most {PROMPT_MAX_CHARS:,} fit.")
         return
-    await message.answer(prompt_report(await dialog_store.chat_settings(chat_id=message.chat.id)))
+    await message.answer(prompt_report(await chat_settings(dialog_store, message.chat.id)))
 
 
 async def cmd_temperature(message: Message, command: CommandObject, config: Config, dialog_store: Storage) -> None:
@@ -272,7 +281,7 @@ async def cmd_temperature(message: Message, command: CommandObject, config: Conf
     if (command.args or "").strip():
         await message.answer(TEMPERATURE_USAGE)
         return
-    await message.answer(temperature_report(config, await dialog_store.chat_settings(chat_id=message.chat.id)))
+    await message.answer(temperature_report(config, await chat_settings(dialog_store, message.chat.id)))
 
 
 class OfferedModel(Filter):
@@ -292,9 +301,10 @@ async def on_model_chosen(
     callback: CallbackQuery, chosen: str, event_chat: Chat, config: Config, dialog_store: Storage
 ) -> None:
     """A button of /model's keyboard, offered and allowed: the filters before it said so."""
-    settings = await dialog_store.set_chat_setting(
-        chat_id=event_chat.id, name="model", value=chosen, user_id=callback.from_user.id
-    )
+    async with dialog_store.database() as pool:
+        settings = await context.set_chat_setting(
+            pool, telegram_chat_id=event_chat.id, name="model", value=chosen, telegram_user_id=callback.from_user.id
+        )
     logger.info("user %s in chat %s set model", callback.from_user.id, event_chat.id)
     await callback.answer(f"Model: {chosen}")
     message = callback.message

@@ -1,13 +1,14 @@
 """The dialog context service: what the turn pipeline calls to remember and recall a conversation.
 
-Functional and stateless: every function takes the pool and Telegram ids, runs its SQL through
-``services.database`` and returns plain values. Database failures surface by their class
-(``services.failures``): ``StorageUnavailable`` (the database is out) or ``BadRequest`` (it
-refused this request's input), so callers need not know the driver.
+Functional and stateless: every function takes the pool, then the keyword arguments the
+``services.database`` function it runs names, and returns plain values. Database failures
+surface by their class (``services.failures``): ``StorageUnavailable`` (the database is out) or
+``BadRequest`` (it refused this request's input), so callers need not know the driver.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,17 +20,14 @@ from services import database
 from services.database import (
     AddedQuestion,
     Connection,
-    DialogStats,
     EditedQuestion,
+    ExportedMessage,
     Pool,
     RetriedQuestion,
-    SearchHit,
-    SummarySource,
     Undone,
-    UnfinishedTurn,
 )
 from services.failures import RETRY_LATER, BadRequest, Failure, StorageUnavailable, classify, reason
-from services.records import NO_USAGE, ChatSettings, DialogContext, FinishReason, SettingName, TurnStart, Usage
+from services.records import NO_USAGE, FinishReason, Usage
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -64,59 +62,6 @@ async def call(
         raise
 
 
-async def register(pool: Pool, *, telegram_user_id: int, first_name: str | None, telegram_chat_id: int) -> None:
-    """Register the user and the chat on first contact, keeping ``first_name`` current."""
-    await call(
-        pool,
-        database.upsert_user_and_chat,
-        telegram_user_id=telegram_user_id,
-        first_name=first_name,
-        telegram_chat_id=telegram_chat_id,
-    )
-
-
-async def add_question(
-    pool: Pool,
-    *,
-    telegram_user_id: int,
-    first_name: str | None,
-    telegram_chat_id: int,
-    telegram_message_id: int | None,
-    telegram_thread_id: int | None,
-    text: str,
-    quoted: str | None = None,
-    rate_limit_per_minute: int = 0,
-    daily_token_budget: int = 0,
-    holder: str | None = None,
-    lease_ttl_s: int = 0,
-) -> AddedQuestion:
-    """Store the user's message (registering user and chat) in one round trip; with ``holder``,
-    taking or bumping the chat's lease in the same statement.
-
-    Raises ``RateLimited`` when the user is over ``rate_limit_per_minute`` (0: no limit), and
-    ``OverBudget`` when their tokens today have reached ``daily_token_budget`` (0: no budget):
-    the message is then stored set aside, so it neither enters the history nor awaits an
-    answer. A message stored before raises nothing: it was told once.
-    """
-    added = await call(
-        pool,
-        database.add_question,
-        telegram_user_id=telegram_user_id,
-        first_name=first_name,
-        telegram_chat_id=telegram_chat_id,
-        content=text,
-        telegram_message_id=telegram_message_id,
-        telegram_thread_id=telegram_thread_id,
-        quoted=quoted,
-        rate_limit=rate_limit_per_minute,
-        token_budget=daily_token_budget,
-        holder=holder,
-        lease_ttl_s=lease_ttl_s,
-    )
-    refuse(rate_limited=added.new and added.set_aside, over_budget=added.over_budget)
-    return added
-
-
 def refuse(*, rate_limited: bool, over_budget: bool) -> None:
     """The admission's verdict, as the statement that stored or re-opened a question (or that
     would have cleared or undone) decided it: ``OverBudget`` before ``RateLimited``, as for a new
@@ -127,54 +72,97 @@ def refuse(*, rate_limited: bool, over_budget: bool) -> None:
         raise RateLimited
 
 
-async def start_turn(
-    pool: Pool, *, question_id: int, history_limit: int, budget: int, shared: bool = False
-) -> TurnStart | None:
-    """The context of a question's turn (``database.fetch_turn_start``), its stored answer and
-    the chat's settings; None when nothing is left to do."""
-    return await call(
-        pool,
-        database.fetch_turn_start,
-        question_id=question_id,
-        history_limit=history_limit,
-        budget=budget,
-        shared=shared,
-    )
+def _service(
+    query: Callable[Concatenate[Connection, P], Awaitable[T]],
+) -> Callable[Concatenate[Pool, P], Awaitable[T]]:
+    """``query(conn, **kw)`` as ``service(pool, **kw)`` through ``call``: same name, keywords
+    and docstring."""
+
+    @functools.wraps(query, assigned=("__name__", "__qualname__", "__doc__"))
+    async def service(pool: Pool, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await call(pool, query, *args, **kwargs)
+
+    return service
 
 
-async def next_context(
-    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, history_limit: int, budget: int, shared: bool
-) -> DialogContext:
-    """What the dialog's next turn would read."""
-    return await call(
+# -- reads and writes as the database runs them ---------------------------------------------------
+
+upsert_user_and_chat = _service(database.upsert_user_and_chat)
+fetch_turn_start = _service(database.fetch_turn_start)
+fetch_next_context = _service(database.fetch_next_context)
+fetch_summary_source = _service(database.fetch_summary_source)
+record_sent_part = _service(database.record_sent_part)
+set_failed = _service(database.set_failed)
+search_messages = _service(database.search_messages)
+fetch_stats = _service(database.fetch_stats)
+get_chat_settings = _service(database.get_chat_settings)
+set_chat_setting = _service(database.set_chat_setting)
+fetch_unfinished_turns = _service(database.fetch_unfinished_turns)
+
+
+# -- what adds something: the admission's refusals, the tokens of a Usage, a streamed read -------
+
+
+async def add_question(
+    pool: Pool,
+    *,
+    telegram_user_id: int,
+    first_name: str | None,
+    telegram_chat_id: int,
+    telegram_message_id: int | None,
+    telegram_thread_id: int | None,
+    content: str,
+    quoted: str | None = None,
+    rate_limit: int = 0,
+    token_budget: int = 0,
+    holder: str | None = None,
+    lease_ttl_s: int = 0,
+) -> AddedQuestion:
+    """Store the user's message (registering user and chat) in one round trip; with ``holder``,
+    taking or bumping the chat's lease in the same statement.
+
+    Raises ``RateLimited`` when the user is over ``rate_limit`` a minute (0: no limit), and
+    ``OverBudget`` when their tokens today have reached ``token_budget`` (0: no budget): the
+    message is then stored set aside, so it neither enters the history nor awaits an answer. A
+    message stored before raises nothing: it was told once.
+    """
+    added = await call(
         pool,
-        database.fetch_next_context,
+        database.add_question,
         telegram_user_id=telegram_user_id,
+        first_name=first_name,
         telegram_chat_id=telegram_chat_id,
-        history_limit=history_limit,
-        budget=budget,
-        shared=shared,
+        content=content,
+        telegram_message_id=telegram_message_id,
+        telegram_thread_id=telegram_thread_id,
+        quoted=quoted,
+        rate_limit=rate_limit,
+        token_budget=token_budget,
+        holder=holder,
+        lease_ttl_s=lease_ttl_s,
     )
+    refuse(rate_limited=added.new and added.set_aside, over_budget=added.over_budget)
+    return added
 
 
-async def summary_source(
-    pool: Pool, *, question_id: int, before: int, budget: int, limit: int, shared: bool
-) -> SummarySource:
-    """The previous summary of the question's dialog and the live messages after it, before
-    turn ``before``, oldest first, up to ``limit`` and about ``budget`` estimated tokens."""
+async def add_answer(
+    pool: Pool, *, question_id: int, content: str, finish_reason: FinishReason | None = None, usage: Usage = NO_USAGE
+) -> int | None:
+    """Store the assistant's answer (``finish_reason``: cut short, and why; ``usage``: its
+    tokens); its id, or None when the question was cleared or answered."""
     return await call(
         pool,
-        database.fetch_summary_source,
+        database.add_answer,
         question_id=question_id,
-        before=before,
-        budget=budget,
-        limit=limit,
-        shared=shared,
+        content=content,
+        finish_reason=finish_reason,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
     )
 
 
 async def add_summary(
-    pool: Pool, *, question_id: int, through_id: int, covered: int, text: str, shared: bool, usage: Usage | None = None
+    pool: Pool, *, question_id: int, through_id: int, covered: int, content: str, shared: bool, usage: Usage = NO_USAGE
 ) -> bool:
     """Store a summary of the question's dialog up to turn ``through_id``; False when the
     question was cleared or undone meanwhile. ``usage``: the tokens its LLM call was reported to
@@ -185,62 +173,29 @@ async def add_summary(
         question_id=question_id,
         through_id=through_id,
         covered=covered,
-        content=text,
+        content=content,
         shared=shared,
-        prompt_tokens=usage.prompt_tokens if usage is not None else None,
-        completion_tokens=usage.completion_tokens if usage is not None else None,
-    )
-
-
-async def add_answer(
-    pool: Pool, *, question_id: int, text: str, finish_reason: FinishReason | None = None, usage: Usage = NO_USAGE
-) -> int | None:
-    """Store the assistant's answer (``finish_reason``: cut short, and why; ``usage``: its
-    tokens); its id, or None when the question was cleared or answered."""
-    return await call(
-        pool,
-        database.add_answer,
-        question_id=question_id,
-        content=text,
-        finish_reason=finish_reason,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
     )
 
 
-async def record_sent_part(pool: Pool, *, answer_id: int, telegram_message_id: int, last: bool) -> None:
-    """Record one part of an answer accepted by Telegram; the last one makes it delivered."""
-    await call(pool, database.record_sent_part, answer_id=answer_id, telegram_message_id=telegram_message_id, last=last)
-
-
-async def set_failed(pool: Pool, *, message_id: int) -> None:
-    """End a turn for good: its question got no answer, or Telegram refused its answer."""
-    await call(pool, database.set_failed, message_id=message_id)
-
-
-async def clear_context(
-    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit_per_minute: int = 0
-) -> int:
+async def soft_delete_messages(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0) -> int:
     """Soft-delete the history of (user, chat); how many messages were cleared. Raises
-    ``RateLimited`` (nothing cleared) when the hit it counts is over ``rate_limit_per_minute``."""
+    ``RateLimited`` (nothing cleared) when the hit it counts is over ``rate_limit``."""
     cleared = await call(
         pool,
         database.soft_delete_messages,
         telegram_user_id=telegram_user_id,
         telegram_chat_id=telegram_chat_id,
-        rate_limit=rate_limit_per_minute,
+        rate_limit=rate_limit,
     )
     refuse(rate_limited=cleared.rate_limited, over_budget=False)
     return cleared.cleared
 
 
-async def retry(
-    pool: Pool,
-    *,
-    telegram_user_id: int,
-    telegram_chat_id: int,
-    rate_limit_per_minute: int = 0,
-    daily_token_budget: int = 0,
+async def retry_last_turn(
+    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0, token_budget: int = 0
 ) -> RetriedQuestion | None:
     """Set aside the answer to the dialog's last question, to ask it again; None if there is
     none. Raises ``RateLimited`` or ``OverBudget`` as a new question would (nothing changed)."""
@@ -249,14 +204,14 @@ async def retry(
         database.retry_last_turn,
         telegram_user_id=telegram_user_id,
         telegram_chat_id=telegram_chat_id,
-        rate_limit=rate_limit_per_minute,
-        token_budget=daily_token_budget,
+        rate_limit=rate_limit,
+        token_budget=token_budget,
     )
     refuse(rate_limited=retried.rate_limited, over_budget=retried.over_budget)
     return retried if retried.id is not None else None
 
 
-async def undo(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit_per_minute: int = 0) -> Undone:
+async def undo_last_turn(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0) -> Undone:
     """Bring back the last /clear if nothing was said since, else take back the last turn.
     Raises ``RateLimited`` (nothing changed) when the hit it counts is over the limit."""
     undone = await call(
@@ -264,7 +219,7 @@ async def undo(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate
         database.undo_last_turn,
         telegram_user_id=telegram_user_id,
         telegram_chat_id=telegram_chat_id,
-        rate_limit=rate_limit_per_minute,
+        rate_limit=rate_limit,
     )
     refuse(rate_limited=undone.rate_limited, over_budget=False)
     return undone
@@ -276,9 +231,9 @@ async def edit_question(
     telegram_user_id: int,
     telegram_chat_id: int,
     telegram_message_id: int,
-    text: str,
-    rate_limit_per_minute: int = 0,
-    daily_token_budget: int = 0,
+    content: str,
+    rate_limit: int = 0,
+    token_budget: int = 0,
 ) -> EditedQuestion | None:
     """Store the edited text of a question; None when the message is not a stored question.
     Raises ``RateLimited``, or (the last question, answered again) ``OverBudget``, as a new
@@ -289,42 +244,21 @@ async def edit_question(
         telegram_user_id=telegram_user_id,
         telegram_chat_id=telegram_chat_id,
         telegram_message_id=telegram_message_id,
-        content=text,
-        rate_limit=rate_limit_per_minute,
-        token_budget=daily_token_budget,
+        content=content,
+        rate_limit=rate_limit,
+        token_budget=token_budget,
     )
     if edited is not None:
         refuse(rate_limited=edited.rate_limited, over_budget=edited.over_budget)
     return edited
 
 
-async def search(
-    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, query: str, everything: bool, limit: int, options: str
-) -> list[SearchHit]:
-    """The dialog's best matches for ``query`` (``everything``: cleared messages too)."""
-    return await call(
-        pool,
-        database.search_messages,
-        telegram_user_id=telegram_user_id,
-        telegram_chat_id=telegram_chat_id,
-        query=query,
-        everything=everything,
-        limit=limit,
-        options=options,
-    )
-
-
-async def stats(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int) -> DialogStats:
-    """The user's message, character and token counts, in this chat and in all."""
-    return await call(pool, database.fetch_stats, telegram_user_id=telegram_user_id, telegram_chat_id=telegram_chat_id)
-
-
-async def export(
+async def dialog_messages(
     pool: Pool,
     *,
     telegram_user_id: int,
     telegram_chat_id: int,
-    write: Callable[[database.ExportedMessage], Awaitable[None]],
+    write: Callable[[ExportedMessage], Awaitable[None]],
 ) -> None:
     """Pass every message of the dialog, in turn order, to ``write`` as it is read."""
 
@@ -334,30 +268,6 @@ async def export(
             await write(message)
 
     await call(pool, read)
-
-
-async def chat_settings(pool: Pool, *, telegram_chat_id: int) -> ChatSettings:
-    """The chat's settings (None in a field: the configuration's default)."""
-    return await call(pool, database.get_chat_settings, telegram_chat_id=telegram_chat_id)
-
-
-async def set_chat_setting(
-    pool: Pool, *, telegram_chat_id: int, name: SettingName, value: str | float | None, telegram_user_id: int
-) -> ChatSettings:
-    """Set one of the chat's settings (None: back to the default); the settings now."""
-    return await call(
-        pool,
-        database.set_chat_setting,
-        telegram_chat_id=telegram_chat_id,
-        name=name,
-        value=value,
-        telegram_user_id=telegram_user_id,
-    )
-
-
-async def unfinished_turns(pool: Pool, *, max_age_s: int) -> list[UnfinishedTurn]:
-    """Turns younger than ``max_age_s`` a crash or an outage left unanswered or undelivered."""
-    return await call(pool, database.fetch_unfinished_turns, max_age_s=max_age_s)
 
 
 @asynccontextmanager

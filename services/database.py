@@ -4,10 +4,18 @@ Every function takes the connection first and binds its values server-side; none
 a value into SQL. Connections are in autocommit mode: each statement is its own transaction,
 so a write costs one round trip and one commit, and nothing holds a transaction open. Users
 and chats are addressed by their Telegram ids; internal ids stay inside the database.
+Parameters are cast to their column types: whatever width psycopg picks for a Python int, the
+comparison is bigint = bigint and the unique indexes apply.
 
 History is read in *turn order*: each question at its own id, its answer right after it
 (``coalesce(reply_to_id, id)``), so a question stored while an earlier one was still being
 answered never comes between that question and its answer.
+
+The catalogue runs by topic, each statement directly above the function that runs it (and
+named after it), the fragments statements share above the first that uses them: the pool and
+running a statement; users and chats; a question and its admission; a turn's context;
+summaries; answers and their delivery; the spool's write-back; history the user controls;
+chat settings; recovery; retention; the schema version.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +32,7 @@ from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.rows import args_row, class_row, dict_row, scalar_row
+from psycopg.rows import class_row, dict_row, scalar_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services import failures
@@ -49,187 +57,11 @@ logger = logging.getLogger(__name__)
 
 Connection: TypeAlias = AsyncConnection[Any]
 T = TypeVar("T")
+R = TypeVar("R")  # a typed row
 P = ParamSpec("P")
 
 
-class StoredMessage(NamedTuple):
-    """One message as the history read returns it. A NamedTuple: one is built per history row
-    on the hot path, and a tuple is the cheapest typed row to build."""
-
-    id: int
-    role: Role
-    content: str
-    length: int
-    created_at: datetime
-    finish_reason: FinishReason | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MessageCounts:
-    """Messages of one (user, chat): still visible and soft-deleted."""
-
-    live: int
-    deleted: int
-
-
-@dataclass(frozen=True, slots=True)
-class AddedQuestion:
-    """A user message as stored: its id; ``new`` is False when this Telegram message was stored
-    before (a redelivered update, or a retry of a statement whose reply was lost); ``set_aside``
-    when it was stored already soft-deleted (over the rate limit, or cleared since);
-    ``over_budget`` when it was stored just now, set aside because its user had spent the daily
-    token budget."""
-
-    id: int
-    new: bool
-    set_aside: bool
-    over_budget: bool = False
-    leased: bool | None = None  # this process holds the chat's lease (None: no lease asked for)
-    lease_version: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class UnfinishedTurn:
-    """A recent question that has no answer, or whose answer Telegram has not accepted yet."""
-
-    question_id: int
-    telegram_user_id: int
-    telegram_chat_id: int
-    telegram_message_id: int | None
-    telegram_thread_id: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class RetriedQuestion:
-    """The question /retry asks again (``id`` None: there is none), unless it was refused: the
-    user is over the rate limit or the daily token budget (then nothing changed)."""
-
-    id: int | None
-    telegram_message_id: int | None
-    telegram_thread_id: int | None
-    rate_limited: bool = False
-    over_budget: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Undone:
-    """What /undo did: ``restored`` messages of the last clear brought back, or ``undone``
-    messages of the last turn set aside (``question``: its text)."""
-
-    restored: int
-    undone: int
-    question: str | None
-    rate_limited: bool = False  # over the rate limit: nothing changed
-
-
-@dataclass(frozen=True, slots=True)
-class Cleared:
-    """What /clear did: how many messages it ``cleared``; ``rate_limited``: none, refused."""
-
-    cleared: int
-    rate_limited: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class EditedQuestion:
-    """A stored question whose text the user edited; ``last``: it is the dialog's newest live
-    turn, whose answer (shown in ``replaced_message_ids``) was set aside for a new one."""
-
-    id: int
-    telegram_thread_id: int | None
-    last: bool
-    replaced_message_ids: list[int]
-    rate_limited: bool = False  # refused (nothing changed): over the rate limit,
-    over_budget: bool = False  # or over the daily token budget (the last turn only)
-
-
-@dataclass(frozen=True, slots=True)
-class SearchHit:
-    """A message found by /search: ``snippet`` has its matches between the marker characters."""
-
-    role: Role
-    created_at: datetime
-    cleared: bool
-    snippet: str
-
-
-@dataclass(frozen=True, slots=True)
-class DialogStats:
-    """A user's messages in one chat and in all chats; token sums are None when never reported."""
-
-    first_contact: datetime | None
-    chat_messages: int
-    chat_cleared: int
-    chat_chars: int
-    chat_prompt_tokens: int | None
-    chat_completion_tokens: int | None
-    all_messages: int
-    all_cleared: int
-    all_chars: int
-    all_prompt_tokens: int | None
-    all_completion_tokens: int | None
-    chats: int
-    tokens_today: int | None = None  # counted for the daily budget; None: none today
-
-
-@dataclass(frozen=True, slots=True)
-class ExportedMessage:
-    """One message of a dialog as /export writes it."""
-
-    role: Role
-    content: str
-    created_at: datetime
-    cleared: bool
-
-
-class _ReadHead(NamedTuple):
-    """What the first row of a context read carries after its message's columns."""
-
-    read: int
-    is_answer: bool
-    settled: bool
-    sent_parts: int
-    model: str | None
-    system_prompt: str | None
-    temperature: float | None
-    summary_through: int | None
-    summary_covered: int | None
-    summary: str | None
-    summary_tokens: int | None
-    quoted: str | None  # the text the question replies to (a turn's read)
-
-    def summary_read(self) -> Summary | None:
-        if self.summary is None or self.summary_through is None or self.summary_covered is None:
-            return None
-        return Summary(self.summary_through, self.summary_covered, self.summary, self.summary_tokens or 0)
-
-
-# A context read's rows are plain tuples (the cheapest row psycopg builds): the message's columns
-# first, in ContextMessage's order, then _ReadHead's, read from the first row only.
-_MESSAGE_COLUMNS: Final = len(ContextMessage._fields)
-
-
-def _dialog_context(rows: list[tuple[Any, ...]], history_limit: int, *, answered: bool = False) -> DialogContext:
-    """A context read's rows as a DialogContext; ``answered``: the first row is the question's
-    answer, not history (it still carries the summary and the read's count)."""
-    if not rows:
-        return EMPTY_CONTEXT
-    head = _ReadHead._make(rows[0][_MESSAGE_COLUMNS:])
-    history = [ContextMessage._make(row[:_MESSAGE_COLUMNS]) for row in rows[answered : answered + history_limit]]
-    return DialogContext(history, head.summary_read(), head.read - answered)
-
-
-@dataclass(frozen=True, slots=True)
-class SummarySource:
-    """What a new summary is written from: the dialog's previous summary, if any, and the live
-    messages after it, oldest first (``turn`` and ``author`` as in ContextMessage)."""
-
-    summary: str | None
-    covered: int
-    messages: list[ContextMessage]
-
-
-# -- the pool -------------------------------------------------------------------------------
+# -- the pool and running a statement ---------------------------------------------------------
 
 
 class Pool(AsyncConnectionPool[Connection]):
@@ -294,6 +126,23 @@ async def close_db(pool: Pool) -> None:
     await pool.close()
 
 
+async def connect(url: str, **options: Any) -> Connection:
+    """A connection of its own on ``url``, outside any pool, in autocommit mode: where there is
+    no pool yet (a command-line tool's first attempt), and under ``connect_session``. ``options``:
+    more of psycopg's ``connect`` arguments (``connect_timeout``)."""
+    return await psycopg.AsyncConnection.connect(url, **{"autocommit": True, **options})
+
+
+async def connect_session(pool: Pool, *, pooled_url: bool = False, **options: Any) -> Connection:
+    """A connection of its own, outside the pool, opened as the pool's are (autocommit, preparing
+    statements as they do): on ``pool.session_url`` for what needs a whole session to itself (a
+    session-level advisory lock, LISTEN, a session setting); with ``pooled_url``, on the pool's
+    own URL, to ask whether a new connection opens where the pool's do (``server_answers``, the
+    health check). ``options``: more of psycopg's ``connect`` arguments (``connect_timeout``)."""
+    url = _conninfo(pool) if pooled_url else pool.session_url
+    return await connect(url, **{**pool.connect_options, **options})
+
+
 def _conninfo(pool: Pool) -> str:
     assert isinstance(pool.conninfo, str)  # init_db passes a URL
     return pool.conninfo
@@ -309,7 +158,7 @@ async def _new_connection_error(pool: Pool) -> str | None:
     try:
         # As long as the pool's own wait: a loaded server slow to accept is not an outage; one that
         # refuses (it is down) answers at once.
-        conn = await psycopg.AsyncConnection.connect(_conninfo(pool), connect_timeout=max(1, int(pool.timeout)))
+        conn = await connect_session(pool, pooled_url=True, connect_timeout=max(1, int(pool.timeout)))
     except psycopg.OperationalError as error:
         return type(error).__name__
     await conn.close()
@@ -411,12 +260,16 @@ def _name(work: Callable[..., object]) -> str:
     return getattr(work, "__name__", type(work).__name__)
 
 
-async def connect_session(pool: Pool, **options: Any) -> Connection:
-    """A connection of its own, outside the pool, for what needs a whole session to itself (a
-    session-level advisory lock, LISTEN, a session setting): on ``pool.session_url``, in
-    autocommit mode, preparing statements as the pool's connections do. ``options``: more of
-    psycopg's ``connect`` arguments (``connect_timeout``)."""
-    return await psycopg.AsyncConnection.connect(pool.session_url, **{**pool.connect_options, **options})
+async def _one_row(
+    conn: Connection, row: type[R], statement: str, params: Mapping[str, object], *, prepare: bool | None = None
+) -> R:
+    """The one row ``statement`` always returns (an aggregate, a SELECT without FROM, the
+    RETURNING of an upsert), as a ``row`` (``class_row``); ``prepare`` as psycopg's."""
+    cur = conn.cursor(row_factory=class_row(row))
+    await cur.execute(statement, params, prepare=prepare)
+    found = await cur.fetchone()
+    assert found is not None, "a statement that always returns a row returned none"
+    return found
 
 
 @asynccontextmanager
@@ -430,9 +283,7 @@ async def advisory_lock(pool: Pool, name: str) -> AsyncIterator[bool]:
         yield bool(await cur.fetchone())
 
 
-# -- SQL --------------------------------------------------------------------------------------
-# Parameters are cast to their column types: whatever width psycopg picks for a Python int,
-# the comparison is bigint = bigint and the unique indexes apply.
+# -- users and chats --------------------------------------------------------------------------
 
 # Registration of the user and the chat, as CTEs shared by the statements below. The common
 # case (known user, same first name, known chat) only reads: no row lock, no WAL, no identity
@@ -466,27 +317,33 @@ _REGISTER_CHAT_CTES: Final = """
 
 _REGISTER_CTES: Final = _REGISTER_USER_CTES + _REGISTER_CHAT_CTES
 
-# A dialog is one user's messages in one chat, found by Telegram's ids.
-_DIALOG: Final = """
-    dialog AS (
-        SELECT (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint) AS user_id,
-               (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint) AS chat_id
-    )
-"""
-
-REGISTER: Final = (
+UPSERT_USER_AND_CHAT: Final = (
     "WITH" + _REGISTER_CTES + "SELECT (SELECT id FROM user_row) AS user_id, (SELECT id FROM chat_row) AS chat_id"
 )
 
 
-# -- admission: the rate limit and the daily token budget --------------------------------------
+async def upsert_user_and_chat(
+    conn: Connection, *, telegram_user_id: int, first_name: str | None, telegram_chat_id: int
+) -> None:
+    """Register a user (keeping ``first_name`` current) and a chat; writes nothing if both are known."""
+    params = {"telegram_user_id": telegram_user_id, "first_name": first_name, "telegram_chat_id": telegram_chat_id}
+    await conn.execute(UPSERT_USER_AND_CHAT, params, prepare=True)
+
+
+def _dialog(telegram_user_id: int, telegram_chat_id: int, **params: object) -> dict[str, object]:
+    """The parameters of a statement about a dialog (one user's messages in one chat), named by
+    Telegram's ids, with ``params``."""
+    return {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, **params}
+
+
+# -- a question and its admission -------------------------------------------------------------
 # One admission for every way a turn can call the LLM: the statement that stores a question
 # (ADD_QUESTION) or re-opens one (/retry, an edit of the last question) decides it itself, in
 # the same transaction as the change it allows, so there is no check to skip and no window
 # between a check and the change. /clear and /undo count against the rate limit the same way.
 # A turn recovered after a restart or handed over by a chat's lease runs a question admitted
 # when it was stored (or re-opened), and is not charged again; a summary is part of the turn
-# that made it (its tokens are counted, INSERT_SUMMARY).
+# that made it (its tokens are counted, ADD_SUMMARY).
 #
 # ``rate``: a hit for the user in a fixed one-minute window, when %(rate_limit)s > 0 and the
 # statement's ``counted`` condition holds (an edit counts only when it edits a stored question).
@@ -521,22 +378,21 @@ def _admission(counted: str = "true") -> str:
     )"""
 
 
-# Every LLM call's reported tokens go to (a user, a UTC day) in token_usage, budget or not
-# (cheap, and right when a budget is turned on mid-day), from the RETURNING of the statement
-# that stores what the call made: each statement names its ``spent`` rows (user_id,
-# created_at, prompt_tokens, completion_tokens). An answer counts for its question's user on the
-# day it was made, once (a write-back repeated after a crash, or an answer to a question
-# answered already, counts nothing); so does one dropped because its question was cleared or
-# undone meanwhile; a summary counts for the user whose turn made it.
-_COUNT_TOKENS_CTE: Final = """
-    counted AS (
-        INSERT INTO token_usage AS t (user_id, day, tokens)
-        SELECT user_id, (created_at AT TIME ZONE 'UTC')::date,
-               coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)
-        FROM spent
-        WHERE prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL
-        ON CONFLICT (user_id, day) DO UPDATE SET tokens = t.tokens + EXCLUDED.tokens
-    )"""
+@dataclass(frozen=True, slots=True)
+class AddedQuestion:
+    """A user message as stored: its id; ``new`` is False when this Telegram message was stored
+    before (a redelivered update, or a retry of a statement whose reply was lost); ``set_aside``
+    when it was stored already soft-deleted (over the rate limit, or cleared since);
+    ``over_budget`` when it was stored just now, set aside because its user had spent the daily
+    token budget."""
+
+    id: int
+    new: bool
+    set_aside: bool
+    over_budget: bool = False
+    leased: bool | None = None  # this process holds the chat's lease (None: no lease asked for)
+    lease_version: int | None = None
+
 
 # A question, stored in one statement: register, decide its admission and store the message,
 # set aside (soft-deleted) at once when it is refused, so no crash can leave a refused question
@@ -579,6 +435,58 @@ ADD_QUESTION: Final = (
               (SELECT leased FROM lease) AS leased, (SELECT version FROM lease) AS lease_version
 """
 )
+
+
+async def add_question(
+    conn: Connection,
+    *,
+    telegram_user_id: int,
+    first_name: str | None,
+    telegram_chat_id: int,
+    content: str,
+    telegram_message_id: int | None = None,
+    telegram_thread_id: int | None = None,
+    quoted: str | None = None,
+    rate_limit: int = 0,
+    token_budget: int = 0,
+    created_at: datetime | None = None,
+    holder: str | None = None,
+    lease_ttl_s: int = 0,
+) -> AddedQuestion:
+    """Store a user's message, registering user and chat, in one round trip and one transaction.
+
+    With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
+    minute's hits exceed the limit; with ``token_budget`` > 0, also when the user's tokens
+    today (UTC) have reached it. ``quoted``: the text it replies to. ``created_at`` defaults to
+    now. With ``holder``, the chat's lease is taken for it when free or held by it already, and
+    bumped in any case (``services/cluster/leases.py``); a question set aside neither takes nor bumps it.
+    """
+    # INSERT ... ON CONFLICT DO UPDATE returns the row either way
+    return await _one_row(
+        conn,
+        AddedQuestion,
+        ADD_QUESTION,
+        {
+            "telegram_user_id": telegram_user_id,
+            "first_name": first_name,
+            "telegram_chat_id": telegram_chat_id,
+            "content": content,
+            "tokens": estimate_tokens(content),
+            "quoted": quoted,
+            "telegram_message_id": telegram_message_id,
+            "telegram_thread_id": telegram_thread_id,
+            "rate_limit": rate_limit,
+            "token_budget": token_budget,
+            "created_at": created_at,
+            "holder": holder,
+            "lease_ttl_s": lease_ttl_s,
+        },
+        prepare=True,
+    )
+
+
+# -- a turn's context -------------------------------------------------------------------------
+
 
 # A turn's context, read in one statement: the dialog's newest live summary (revision 009),
 # then the live history after it, newest first in turn order, up to the question, with a
@@ -653,14 +561,82 @@ def _context_read(question: str, *, shared: bool) -> str:
 """
 
 
+class _ReadHead(NamedTuple):
+    """What the first row of a context read carries after its message's columns."""
+
+    read: int
+    is_answer: bool
+    settled: bool
+    sent_parts: int
+    model: str | None
+    system_prompt: str | None
+    temperature: float | None
+    summary_through: int | None
+    summary_covered: int | None
+    summary: str | None
+    summary_tokens: int | None
+    quoted: str | None  # the text the question replies to (a turn's read)
+
+    def summary_read(self) -> Summary | None:
+        if self.summary is None or self.summary_through is None or self.summary_covered is None:
+            return None
+        return Summary(self.summary_through, self.summary_covered, self.summary, self.summary_tokens or 0)
+
+
+# A context read's rows are plain tuples (the cheapest row psycopg builds): the message's columns
+# first, in ContextMessage's order, then _ReadHead's, read from the first row only.
+_MESSAGE_COLUMNS: Final = len(ContextMessage._fields)
+
+
+def _dialog_context(rows: list[tuple[Any, ...]], history_limit: int, *, answered: bool = False) -> DialogContext:
+    """A context read's rows as a DialogContext; ``answered``: the first row is the question's
+    answer, not history (it still carries the summary and the read's count)."""
+    if not rows:
+        return EMPTY_CONTEXT
+    head = _ReadHead._make(rows[0][_MESSAGE_COLUMNS:])
+    history = [ContextMessage._make(row[:_MESSAGE_COLUMNS]) for row in rows[answered : answered + history_limit]]
+    return DialogContext(history, head.summary_read(), head.read - answered)
+
+
 # What a turn needs when it starts: its context, and its answer when one was stored but not yet
 # fully delivered (then it comes first). Nothing comes back for a question that is cleared or
 # failed.
 _TURN_QUESTION: Final = """
         SELECT id, user_id, chat_id, quoted FROM messages
         WHERE id = %(question_id)s::bigint AND role = 'user' AND deleted_at IS NULL AND failed_at IS NULL"""
-SELECT_TURN_START: Final = _context_read(_TURN_QUESTION, shared=False)
-SELECT_TURN_START_SHARED: Final = _context_read(_TURN_QUESTION, shared=True)
+FETCH_TURN_START: Final = _context_read(_TURN_QUESTION, shared=False)
+FETCH_TURN_START_SHARED: Final = _context_read(_TURN_QUESTION, shared=True)
+
+
+async def fetch_turn_start(
+    conn: Connection, *, question_id: int, history_limit: int, budget: int, shared: bool = False
+) -> TurnStart | None:
+    """The context up to the question (at most ``history_limit`` messages, and no more past
+    ``budget`` estimated tokens than the newest) and its stored answer, if any; None when the
+    turn has nothing left to do (the question is cleared or failed, its answer delivered or
+    refused). ``shared``: the group's history across its users."""
+    statement = FETCH_TURN_START_SHARED if shared else FETCH_TURN_START
+    cur = await conn.execute(
+        statement, {"question_id": question_id, "limit": history_limit, "budget": budget}, prepare=True
+    )
+    rows = await cur.fetchall()
+    if not rows:
+        return None
+    head = _ReadHead._make(rows[0][_MESSAGE_COLUMNS:])
+    settings = ChatSettings(head.model, head.system_prompt, head.temperature)
+    answer: Answer | None = None
+    if head.is_answer:
+        if head.settled:
+            return None
+        stored = ContextMessage._make(rows[0][:_MESSAGE_COLUMNS])
+        answer = Answer(id=stored.id, content=stored.content, sent_parts=head.sent_parts)
+    return TurnStart(
+        dialog=_dialog_context(rows, history_limit, answered=answer is not None),
+        answer=answer,
+        settings=settings,
+        quoted=head.quoted,
+    )
+
 
 # /context: what the dialog's next turn would read (its question not yet asked).
 _NEXT_QUESTION: Final = """
@@ -668,8 +644,31 @@ _NEXT_QUESTION: Final = """
                (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint) AS user_id,
                (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint) AS chat_id,
                NULL::text AS quoted"""
-SELECT_NEXT_CONTEXT: Final = _context_read(_NEXT_QUESTION, shared=False)
-SELECT_NEXT_CONTEXT_SHARED: Final = _context_read(_NEXT_QUESTION, shared=True)
+FETCH_NEXT_CONTEXT: Final = _context_read(_NEXT_QUESTION, shared=False)
+FETCH_NEXT_CONTEXT_SHARED: Final = _context_read(_NEXT_QUESTION, shared=True)
+
+
+async def fetch_next_context(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, history_limit: int, budget: int, shared: bool
+) -> DialogContext:
+    """What the dialog's next turn would read (as ``fetch_turn_start``, before its question)."""
+    statement = FETCH_NEXT_CONTEXT_SHARED if shared else FETCH_NEXT_CONTEXT
+    params = _dialog(telegram_user_id, telegram_chat_id, limit=history_limit, budget=budget)
+    cur = await conn.execute(statement, params, prepare=True)
+    return _dialog_context(await cur.fetchall(), history_limit)
+
+
+# -- summaries --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SummarySource:
+    """What a new summary is written from: the dialog's previous summary, if any, and the live
+    messages after it, oldest first (``turn`` and ``author`` as in ContextMessage)."""
+
+    summary: str | None
+    covered: int
+    messages: list[ContextMessage]
 
 
 # A rolling summary's source: the live turns after the dialog's summary (if any) and before
@@ -702,8 +701,43 @@ def _summary_source(*, shared: bool) -> str:
 """
 
 
-SELECT_SUMMARY_SOURCE: Final = _summary_source(shared=False)
-SELECT_SUMMARY_SOURCE_SHARED: Final = _summary_source(shared=True)
+FETCH_SUMMARY_SOURCE: Final = _summary_source(shared=False)
+FETCH_SUMMARY_SOURCE_SHARED: Final = _summary_source(shared=True)
+
+
+async def fetch_summary_source(
+    conn: Connection, *, question_id: int, before: int, budget: int, limit: int, shared: bool
+) -> SummarySource:
+    """The live messages of the question's dialog after its summary and before turn ``before``,
+    oldest first, up to ``limit`` and (past the first) ``budget`` estimated tokens."""
+    cur = conn.cursor(row_factory=dict_row)
+    statement = FETCH_SUMMARY_SOURCE_SHARED if shared else FETCH_SUMMARY_SOURCE
+    params = {"question_id": question_id, "before": before, "budget": budget, "limit": limit}
+    await cur.execute(statement, params, prepare=True)
+    rows = await cur.fetchall()
+    head = rows[0] if rows else {}
+    messages = [
+        ContextMessage(0, r["role"], r["content"], 0, 0, r["turn"], r["finish_reason"], r["author"]) for r in rows
+    ]
+    return SummarySource(head.get("summary"), head.get("summary_covered") or 0, messages)
+
+
+# Every LLM call's reported tokens go to (a user, a UTC day) in token_usage, budget or not
+# (cheap, and right when a budget is turned on mid-day), from the RETURNING of the statement
+# that stores what the call made: each statement names its ``spent`` rows (user_id,
+# created_at, prompt_tokens, completion_tokens). An answer counts for its question's user on the
+# day it was made, once (a write-back repeated after a crash, or an answer to a question
+# answered already, counts nothing); so does one dropped because its question was cleared or
+# undone meanwhile; a summary counts for the user whose turn made it.
+_COUNT_TOKENS_CTE: Final = """
+    counted AS (
+        INSERT INTO token_usage AS t (user_id, day, tokens)
+        SELECT user_id, (created_at AT TIME ZONE 'UTC')::date,
+               coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)
+        FROM spent
+        WHERE prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL
+        ON CONFLICT (user_id, day) DO UPDATE SET tokens = t.tokens + EXCLUDED.tokens
+    )"""
 
 
 # A new summary replaces the dialog's live one, in one statement. It is written only while the
@@ -711,7 +745,7 @@ SELECT_SUMMARY_SOURCE_SHARED: Final = _summary_source(shared=True)
 # Nor is an empty one (the LLM wrote nothing). Its tokens count either way, for the user whose
 # turn made it (in a shared group too: the summary is part of that turn, which was admitted when
 # its question was stored).
-def _insert_summary(*, shared: bool) -> str:
+def _add_summary(*, shared: bool) -> str:
     owner = "NULL::bigint" if shared else "q.user_id"
     return f"""
     WITH q AS (
@@ -738,13 +772,42 @@ def _insert_summary(*, shared: bool) -> str:
 """
 
 
-INSERT_SUMMARY: Final = _insert_summary(shared=False)
-INSERT_SUMMARY_SHARED: Final = _insert_summary(shared=True)
+ADD_SUMMARY: Final = _add_summary(shared=False)
+ADD_SUMMARY_SHARED: Final = _add_summary(shared=True)
 
+
+async def add_summary(
+    conn: Connection,
+    *,
+    question_id: int,
+    through_id: int,
+    covered: int,
+    content: str,
+    shared: bool,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+) -> bool:
+    """Store a summary of the question's dialog up to turn ``through_id`` in place of its live
+    one; False when the question was cleared or undone meanwhile, or ``content`` is empty (nothing
+    stored). The tokens the endpoint reported for it count for the question's user either way."""
+    params = {
+        "question_id": question_id,
+        "through_id": through_id,
+        "covered": covered,
+        "content": content,
+        "tokens": estimate_tokens(content),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
+    cur = await conn.execute(ADD_SUMMARY_SHARED if shared else ADD_SUMMARY, params)
+    return await cur.fetchone() is not None
+
+
+# -- answers and their delivery ---------------------------------------------------------------
 # Only a live question gets an answer, and only one live answer (messages_live_answer_key): a
 # /clear that came first wins, and nothing is stored; the call's tokens count all the same. An
 # answer to a question answered already (the statement run again) counts nothing.
-INSERT_ANSWER: Final = (
+ADD_ANSWER: Final = (
     """
     WITH question AS (
         SELECT id, user_id, chat_id, telegram_thread_id, deleted_at IS NULL AS live
@@ -772,6 +835,32 @@ INSERT_ANSWER: Final = (
 """
 )
 
+
+async def add_answer(
+    conn: Connection,
+    *,
+    question_id: int,
+    content: str,
+    finish_reason: FinishReason | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+) -> int | None:
+    """Store the assistant's answer to a live question (``finish_reason``: cut short, and why;
+    the tokens the endpoint reported); None if it has a live answer already or was cleared."""
+    cur = conn.cursor(row_factory=scalar_row)
+    params = {
+        "question_id": question_id,
+        "content": content,
+        "tokens": estimate_tokens(content),
+        "finish_reason": finish_reason,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
+    await cur.execute(ADD_ANSWER, params, prepare=True)
+    answer_id: int | None = await cur.fetchone()
+    return answer_id
+
+
 # A part already recorded is not recorded again: the statement may run twice (database.run).
 RECORD_SENT_PART: Final = """
     UPDATE messages
@@ -781,19 +870,142 @@ RECORD_SENT_PART: Final = """
       AND NOT coalesce(sent_message_ids @> ARRAY[%(telegram_message_id)s::bigint], false)
 """
 
+
+async def record_sent_part(conn: Connection, *, answer_id: int, telegram_message_id: int, last: bool) -> None:
+    """Record that Telegram accepted one more part of an answer; ``last`` marks it delivered."""
+    params = {"answer_id": answer_id, "telegram_message_id": telegram_message_id, "last": last}
+    await conn.execute(RECORD_SENT_PART, params, prepare=True)
+
+
 SET_FAILED: Final = """
     UPDATE messages SET failed_at = now() WHERE id = %(message_id)s::bigint AND failed_at IS NULL
 """
 
-# Newest first so the partial index is read backwards with LIMIT and no sort; callers reverse.
-SELECT_HISTORY: Final = """
-    SELECT id, role, content, length, created_at, finish_reason
-    FROM messages
-    WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
-      AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
-      AND deleted_at IS NULL
-    ORDER BY coalesce(reply_to_id, id) DESC, id DESC
-    LIMIT %(limit)s::integer
+
+async def set_failed(conn: Connection, *, message_id: int) -> None:
+    """Mark a turn ended for good: a question with no answer, or an answer Telegram refused."""
+    await conn.execute(SET_FAILED, {"message_id": message_id})
+
+
+# -- the spool's write-back -------------------------------------------------------------------
+# Writing back what an outage spooled: each statement finds the question by its Telegram key
+# (the unique (chat_id, telegram_message_id) index) and is idempotent, so a write-back repeated
+# after a crash stores nothing twice (an answer is known by its question and its time, even when
+# a clear written back after it has set it aside).
+_QUESTION_BY_KEY: Final = """
+    SELECT m.id, m.user_id, m.chat_id, m.telegram_thread_id FROM messages m
+    WHERE m.chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+      AND m.telegram_message_id = %(telegram_message_id)s::bigint
+"""
+
+
+def _by_key(telegram_chat_id: int, telegram_message_id: int, **params: object) -> dict[str, object]:
+    """The parameters of a statement about the question Telegram knows as (chat, message id)
+    (``_QUESTION_BY_KEY``), with ``params``."""
+    return {"telegram_chat_id": telegram_chat_id, "telegram_message_id": telegram_message_id, **params}
+
+
+WRITE_BACK_ANSWER: Final = (
+    "WITH q AS ("
+    + _QUESTION_BY_KEY
+    + """),
+    answer AS (
+    INSERT INTO messages
+        (user_id, chat_id, role, content, tokens, reply_to_id, telegram_thread_id, created_at, finish_reason,
+         prompt_tokens, completion_tokens)
+    SELECT user_id, chat_id, 'assistant', %(content)s::text, %(tokens)s::integer, id, telegram_thread_id,
+           %(created_at)s::timestamptz, %(finish_reason)s::text, %(prompt_tokens)s::integer,
+           %(completion_tokens)s::integer
+    FROM q
+    WHERE NOT EXISTS (
+        SELECT FROM messages a WHERE a.reply_to_id = q.id AND a.created_at = %(created_at)s::timestamptz
+    )
+    ON CONFLICT (reply_to_id) WHERE deleted_at IS NULL DO NOTHING
+    RETURNING user_id, created_at, prompt_tokens, completion_tokens
+    ),
+    spent AS (SELECT user_id, created_at, prompt_tokens, completion_tokens FROM answer),"""
+    + _COUNT_TOKENS_CTE
+    + """
+    SELECT FROM answer
+"""
+)
+
+
+async def write_back_answer(
+    conn: Connection,
+    *,
+    telegram_chat_id: int,
+    telegram_message_id: int,
+    content: str,
+    created_at: datetime,
+    finish_reason: FinishReason | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+) -> None:
+    """Store a spooled answer to the question Telegram knows as (chat, message id), unless stored."""
+    params = _by_key(
+        telegram_chat_id,
+        telegram_message_id,
+        content=content,
+        tokens=estimate_tokens(content),
+        created_at=created_at,
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
+    await conn.execute(WRITE_BACK_ANSWER, params)
+
+
+WRITE_BACK_SENT_PART: Final = (
+    "WITH q AS ("
+    + _QUESTION_BY_KEY
+    + """)
+    UPDATE messages a
+    SET sent_message_ids = coalesce(a.sent_message_ids, '{}') || %(sent_message_id)s::bigint,
+        delivered_at = CASE WHEN %(last)s::boolean THEN %(at)s::timestamptz ELSE a.delivered_at END
+    FROM q
+    WHERE a.reply_to_id = q.id AND a.deleted_at IS NULL
+      AND NOT coalesce(a.sent_message_ids @> ARRAY[%(sent_message_id)s::bigint], false)
+"""
+)
+
+
+async def write_back_sent_part(
+    conn: Connection, *, telegram_chat_id: int, telegram_message_id: int, sent_message_id: int, last: bool, at: datetime
+) -> None:
+    """Record a spooled delivery of one part of the answer to (chat, message id), unless recorded."""
+    params = _by_key(telegram_chat_id, telegram_message_id, sent_message_id=sent_message_id, last=last, at=at)
+    await conn.execute(WRITE_BACK_SENT_PART, params)
+
+
+WRITE_BACK_FAILURE: Final = (
+    "WITH q AS ("
+    + _QUESTION_BY_KEY
+    + """)
+    UPDATE messages m SET failed_at = %(at)s::timestamptz
+    FROM q
+    WHERE m.failed_at IS NULL
+      AND ((%(answer)s::boolean AND m.reply_to_id = q.id AND m.deleted_at IS NULL)
+           OR (NOT %(answer)s::boolean AND m.id = q.id))
+"""
+)
+
+
+async def write_back_failure(
+    conn: Connection, *, telegram_chat_id: int, telegram_message_id: int, answer: bool, at: datetime
+) -> None:
+    """Mark the question (chat, message id), or its answer, failed, unless marked."""
+    params = _by_key(telegram_chat_id, telegram_message_id, answer=answer, at=at)
+    await conn.execute(WRITE_BACK_FAILURE, params)
+
+
+# -- history the user controls (/clear, /retry, /undo, edits, /search, /stats, /export) -------
+# A dialog is one user's messages in one chat, found by Telegram's ids.
+_DIALOG: Final = """
+    dialog AS (
+        SELECT (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint) AS user_id,
+               (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint) AS chat_id
+    )
 """
 
 
@@ -808,6 +1020,14 @@ def _withhold(taken_back: str) -> str:
         WHERE s.chat_id = (SELECT chat_id FROM dialog) AND s.user_id IS NULL AND s.deleted_reason = 'clear'
           AND s.through_id >= (SELECT min(turn) FROM {taken_back})
     )"""
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """What /clear did: how many messages it ``cleared``; ``rate_limited``: none, refused."""
+
+    cleared: int
+    rate_limited: bool = False
 
 
 # /clear: one hit against the rate limit; over it, nothing is cleared. ``before`` is given only
@@ -842,6 +1062,29 @@ SOFT_DELETE_MESSAGES: Final = (
 """
 )
 
+
+async def soft_delete_messages(
+    conn: Connection,
+    *,
+    telegram_user_id: int,
+    telegram_chat_id: int,
+    before: datetime | None = None,
+    rate_limit: int = 0,
+) -> Cleared:
+    """Mark every live message of (user, chat) created up to ``before`` (default: now) deleted,
+    counting a hit against ``rate_limit`` (0: no limit): nothing, when that is over it."""
+    params = _dialog(telegram_user_id, telegram_chat_id, before=before, rate_limit=rate_limit, token_budget=0)
+    return await _one_row(conn, Cleared, SOFT_DELETE_MESSAGES, params, prepare=True)  # a SELECT without FROM
+
+
+@dataclass(frozen=True, slots=True)
+class MessageCounts:
+    """Messages of one (user, chat): still visible and soft-deleted."""
+
+    live: int
+    deleted: int
+
+
 COUNT_MESSAGES: Final = """
     SELECT count(*) FILTER (WHERE deleted_at IS NULL) AS live,
            count(*) FILTER (WHERE deleted_at IS NOT NULL) AS deleted
@@ -850,87 +1093,13 @@ COUNT_MESSAGES: Final = """
       AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
 """
 
-# A turn is unfinished when its live question is neither failed nor answered by an answer that
-# Telegram accepted (or refused for good). The BRIN index on created_at limits the scan to
-# recent rows.
-SELECT_UNFINISHED_TURNS: Final = """
-    SELECT q.id AS question_id, u.telegram_user_id, c.telegram_chat_id, q.telegram_message_id, q.telegram_thread_id
-    FROM messages q
-    JOIN users u ON u.id = q.user_id
-    JOIN chats c ON c.id = q.chat_id
-    WHERE q.role = 'user'
-      AND q.deleted_at IS NULL
-      AND q.failed_at IS NULL
-      AND q.created_at > now() - make_interval(secs => %(max_age_s)s::integer)
-      AND NOT EXISTS (
-          SELECT FROM messages a
-          WHERE a.reply_to_id = q.id AND a.deleted_at IS NULL
-            AND (a.delivered_at IS NOT NULL OR a.failed_at IS NOT NULL)
-      )
-    ORDER BY q.id
-"""
 
-# Writing back what an outage spooled: each statement finds the question by its Telegram key
-# (the unique (chat_id, telegram_message_id) index) and is idempotent, so a write-back repeated
-# after a crash stores nothing twice (an answer is known by its question and its time, even when
-# a clear written back after it has set it aside).
-_QUESTION_BY_KEY: Final = """
-    SELECT m.id, m.user_id, m.chat_id, m.telegram_thread_id FROM messages m
-    WHERE m.chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
-      AND m.telegram_message_id = %(telegram_message_id)s::bigint
-"""
+async def count_messages(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> MessageCounts:
+    """How many messages (user, chat) has, live and soft-deleted."""
+    params = _dialog(telegram_user_id, telegram_chat_id)
+    return await _one_row(conn, MessageCounts, COUNT_MESSAGES, params)  # an aggregate
 
-WRITE_BACK_ANSWER: Final = (
-    "WITH q AS ("
-    + _QUESTION_BY_KEY
-    + """),
-    answer AS (
-    INSERT INTO messages
-        (user_id, chat_id, role, content, tokens, reply_to_id, telegram_thread_id, created_at, finish_reason,
-         prompt_tokens, completion_tokens)
-    SELECT user_id, chat_id, 'assistant', %(content)s::text, %(tokens)s::integer, id, telegram_thread_id,
-           %(created_at)s::timestamptz, %(finish_reason)s::text, %(prompt_tokens)s::integer,
-           %(completion_tokens)s::integer
-    FROM q
-    WHERE NOT EXISTS (
-        SELECT FROM messages a WHERE a.reply_to_id = q.id AND a.created_at = %(created_at)s::timestamptz
-    )
-    ON CONFLICT (reply_to_id) WHERE deleted_at IS NULL DO NOTHING
-    RETURNING user_id, created_at, prompt_tokens, completion_tokens
-    ),
-    spent AS (SELECT user_id, created_at, prompt_tokens, completion_tokens FROM answer),"""
-    + _COUNT_TOKENS_CTE
-    + """
-    SELECT FROM answer
-"""
-)
 
-WRITE_BACK_SENT_PART: Final = (
-    "WITH q AS ("
-    + _QUESTION_BY_KEY
-    + """)
-    UPDATE messages a
-    SET sent_message_ids = coalesce(a.sent_message_ids, '{}') || %(sent_message_id)s::bigint,
-        delivered_at = CASE WHEN %(last)s::boolean THEN %(at)s::timestamptz ELSE a.delivered_at END
-    FROM q
-    WHERE a.reply_to_id = q.id AND a.deleted_at IS NULL
-      AND NOT coalesce(a.sent_message_ids @> ARRAY[%(sent_message_id)s::bigint], false)
-"""
-)
-
-WRITE_BACK_FAILURE: Final = (
-    "WITH q AS ("
-    + _QUESTION_BY_KEY
-    + """)
-    UPDATE messages m SET failed_at = %(at)s::timestamptz
-    FROM q
-    WHERE m.failed_at IS NULL
-      AND ((%(answer)s::boolean AND m.reply_to_id = q.id AND m.deleted_at IS NULL)
-           OR (NOT %(answer)s::boolean AND m.id = q.id))
-"""
-)
-
-# -- history the user controls (/retry, /undo, edits, /search, /stats, /export) ---------------
 # The dialog's newest live turn: the top of messages_turn_idx, read backwards.
 _LAST_TURN: Final = """
     last_turn AS (
@@ -942,6 +1111,19 @@ _LAST_TURN: Final = """
         LIMIT 1
     )
 """
+
+
+@dataclass(frozen=True, slots=True)
+class RetriedQuestion:
+    """The question /retry asks again (``id`` None: there is none), unless it was refused: the
+    user is over the rate limit or the daily token budget (then nothing changed)."""
+
+    id: int | None
+    telegram_message_id: int | None
+    telegram_thread_id: int | None
+    rate_limited: bool = False
+    over_budget: bool = False
+
 
 # /retry: the last question is asked again, when admitted (a hit, and the budget, as for a new
 # question; refused, nothing changes). Its live answer is set aside ('retry'), so the new answer
@@ -972,6 +1154,28 @@ RETRY_LAST_TURN: Final = (
     FROM admission a LEFT JOIN question q ON true
 """
 )
+
+
+async def retry_last_turn(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0, token_budget: int = 0
+) -> RetriedQuestion:
+    """Set aside the answer to the dialog's last question so it is asked again, when the user
+    is within ``rate_limit`` (a hit counted) and ``token_budget`` (0: none); that question (its
+    ``id`` None when the dialog has no live question, or the retry was refused)."""
+    params = _dialog(telegram_user_id, telegram_chat_id, rate_limit=rate_limit, token_budget=token_budget)
+    return await _one_row(conn, RetriedQuestion, RETRY_LAST_TURN, params)  # the admission's, joined to the question
+
+
+@dataclass(frozen=True, slots=True)
+class Undone:
+    """What /undo did: ``restored`` messages of the last clear brought back, or ``undone``
+    messages of the last turn set aside (``question``: its text)."""
+
+    restored: int
+    undone: int
+    question: str | None
+    rate_limited: bool = False  # over the rate limit: nothing changed
+
 
 # /undo: one hit against the rate limit; over it, nothing changes. When the dialog's latest
 # deletion is a /clear and nothing was said since, that clear's rows come back, with the
@@ -1037,6 +1241,29 @@ UNDO_LAST_TURN: Final = (
 """
 )
 
+
+async def undo_last_turn(
+    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0
+) -> Undone:
+    """Bring back the last /clear if nothing was said since, else set aside the last turn;
+    nothing when the hit it counts is over ``rate_limit`` (0: no limit)."""
+    params = _dialog(telegram_user_id, telegram_chat_id, rate_limit=rate_limit, token_budget=0)
+    return await _one_row(conn, Undone, UNDO_LAST_TURN, params)  # a SELECT without FROM
+
+
+@dataclass(frozen=True, slots=True)
+class EditedQuestion:
+    """A stored question whose text the user edited; ``last``: it is the dialog's newest live
+    turn, whose answer (shown in ``replaced_message_ids``) was set aside for a new one."""
+
+    id: int
+    telegram_thread_id: int | None
+    last: bool
+    replaced_message_ids: list[int]
+    rate_limited: bool = False  # refused (nothing changed): over the rate limit,
+    over_budget: bool = False  # or over the daily token budget (the last turn only)
+
+
 # An edited question takes the new text (found by its Telegram key). When it is the dialog's
 # newest live turn, its live answer is set aside ('edit') for a new one, and the ids of the
 # messages that showed the old answer come back, to be edited in place. Only an edit that
@@ -1082,439 +1309,6 @@ EDIT_QUESTION: Final = (
 """
 )
 
-# /search: the dialog's messages matching a web-search-style query (words, "phrases", -not, or),
-# best first. messages_search_idx (btree_gin) intersects the dialog's posting lists with the
-# query's, so the cost follows the dialog's matches, not the table. ts_headline runs on the
-# hits only, marking matches with the characters in %(options)s.
-SEARCH_MESSAGES: Final = (
-    "WITH"
-    + _DIALOG
-    + """,
-    hits AS (
-        SELECT m.id, m.role, m.content, m.created_at, m.deleted_at IS NOT NULL AS cleared,
-               ts_rank(m.search_vector, websearch_to_tsquery('pg_catalog.russian', %(query)s::text)) AS rank
-        FROM messages m
-        WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
-          AND m.search_vector @@ websearch_to_tsquery('pg_catalog.russian', %(query)s::text)
-          AND (%(everything)s::boolean OR m.deleted_at IS NULL)
-        ORDER BY rank DESC, m.id DESC
-        LIMIT %(limit)s::integer
-    )
-    SELECT role, created_at, cleared,
-           ts_headline('pg_catalog.russian', content, websearch_to_tsquery('pg_catalog.russian', %(query)s::text),
-                       %(options)s::text) AS snippet
-    FROM hits
-    ORDER BY rank DESC, id DESC
-"""
-)
-
-# /stats: one pass over the user's messages (all chats), through messages_search_idx's user_id;
-# today's tokens (UTC) by token_usage's primary key.
-SELECT_STATS: Final = (
-    "WITH"
-    + _DIALOG
-    + """
-    SELECT (SELECT created_at FROM users WHERE id = (SELECT user_id FROM dialog)) AS first_contact,
-           count(*) FILTER (WHERE in_chat) AS chat_messages,
-           count(*) FILTER (WHERE in_chat AND deleted_at IS NOT NULL) AS chat_cleared,
-           coalesce(sum(length) FILTER (WHERE in_chat), 0) AS chat_chars,
-           sum(prompt_tokens) FILTER (WHERE in_chat) AS chat_prompt_tokens,
-           sum(completion_tokens) FILTER (WHERE in_chat) AS chat_completion_tokens,
-           count(*) AS all_messages,
-           count(*) FILTER (WHERE deleted_at IS NOT NULL) AS all_cleared,
-           coalesce(sum(length), 0) AS all_chars,
-           sum(prompt_tokens) AS all_prompt_tokens,
-           sum(completion_tokens) AS all_completion_tokens,
-           count(DISTINCT chat_id) AS chats,
-           (SELECT tokens FROM token_usage
-            WHERE user_id = (SELECT user_id FROM dialog) AND day = (now() AT TIME ZONE 'UTC')::date) AS tokens_today
-    FROM (
-        SELECT m.chat_id, m.length, m.deleted_at, m.prompt_tokens, m.completion_tokens,
-               m.chat_id = (SELECT chat_id FROM dialog) AS in_chat
-        FROM messages m
-        WHERE m.user_id = (SELECT user_id FROM dialog)
-    ) mine
-"""
-)
-
-# /export: every message of the dialog, cleared ones too, in turn order, read through a
-# server-side cursor.
-SELECT_DIALOG: Final = (
-    "WITH"
-    + _DIALOG
-    + """
-    SELECT m.role, m.content, m.created_at, m.deleted_at IS NOT NULL AS cleared
-    FROM messages m
-    WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
-    ORDER BY coalesce(m.reply_to_id, m.id), m.id
-"""
-)
-
-
-# Retention, one batch per statement: at most %(limit)s of the oldest rows soft-deleted before
-# the cutoff, found by an ordered range scan of the partial index messages_deleted_idx (it holds
-# soft-deleted rows only, revision 005), then deleted by primary key. ``= ANY (ARRAY(...))``
-# rather than ``IN (...)``: the ids are collected once and looked up in the key's index, where
-# IN may be planned as a join that scans the whole table. A batch is a short transaction: no
-# long lock, no burst of WAL, and the bot's statements run in between. SKIP LOCKED: two
-# processes purging at once take different rows instead of waiting for each other. Summaries
-# set aside (a /clear, an /undo, a newer summary) go the same way, through summaries_deleted_idx.
-def _purge_deleted(table: Literal["messages", "summaries"]) -> str:
-    return f"""
-    DELETE FROM {table}
-    WHERE id = ANY (ARRAY(
-        SELECT id FROM {table}
-        WHERE deleted_at < now() - make_interval(days => %(days)s::integer)
-        ORDER BY deleted_at
-        LIMIT %(limit)s::integer
-        FOR UPDATE SKIP LOCKED
-    ))
-"""
-
-
-PURGE_DELETED: Final = _purge_deleted("messages")
-PURGE_DELETED_SUMMARIES: Final = _purge_deleted("summaries")
-
-# A chat's settings by its Telegram id: /model, /prompt and /temperature show them (a turn reads
-# them within SELECT_TURN_START). No row: every setting is the default.
-SELECT_CHAT_SETTINGS: Final = """
-    SELECT s.model, s.system_prompt, s.temperature::numeric::float8 AS temperature
-    FROM chats c JOIN chat_settings s ON s.chat_id = c.id
-    WHERE c.telegram_chat_id = %(telegram_chat_id)s::bigint
-"""
-
-# One setting of a chat, the others kept (NULL: back to the default), registering the chat if
-# no one has written in it yet. ``name`` picks the setting; the three values are bound typed,
-# so no name or value is ever spliced into the SQL. Returns the settings as they now stand.
-SET_CHAT_SETTING: Final = (
-    "WITH"
-    + _REGISTER_CHAT_CTES
-    + """
-    INSERT INTO chat_settings AS s (chat_id, model, system_prompt, temperature, updated_by)
-    SELECT (SELECT id FROM chat_row),
-           %(model)s::text, %(system_prompt)s::text, %(temperature)s::real, %(updated_by)s::bigint
-    ON CONFLICT (chat_id) DO UPDATE SET
-        model = CASE WHEN %(name)s::text = 'model' THEN EXCLUDED.model ELSE s.model END,
-        system_prompt = CASE WHEN %(name)s::text = 'system_prompt' THEN EXCLUDED.system_prompt ELSE s.system_prompt END,
-        temperature = CASE WHEN %(name)s::text = 'temperature' THEN EXCLUDED.temperature ELSE s.temperature END,
-        updated_at = now(),
-        updated_by = EXCLUDED.updated_by
-    RETURNING s.model, s.system_prompt, s.temperature::numeric::float8 AS temperature
-"""
-)
-
-# Rate-limit counters of windows that are over: the user's next message starts a new window
-# anyway (ADD_QUESTION), so they hold nothing but space.
-PURGE_RATE_LIMITS: Final = """
-    DELETE FROM rate_limits WHERE window_start < now() - interval '1 minute'
-"""
-
-# Token counts of days that are over. Yesterday's and the day before's stay: an answer written
-# back after an outage counts on the day it was made. The table holds a row per user active in
-# those days, so a scan of it is cheap (no index on day alone is needed).
-PURGE_DAILY_USAGE: Final = """
-    DELETE FROM token_usage WHERE day < (now() AT TIME ZONE 'UTC')::date - 2
-"""
-
-
-# -- functions ------------------------------------------------------------------------------
-
-
-async def upsert_user_and_chat(
-    conn: Connection, *, telegram_user_id: int, first_name: str | None, telegram_chat_id: int
-) -> None:
-    """Register a user (keeping ``first_name`` current) and a chat; writes nothing if both are known."""
-    params = {"telegram_user_id": telegram_user_id, "first_name": first_name, "telegram_chat_id": telegram_chat_id}
-    await conn.execute(REGISTER, params, prepare=True)
-
-
-async def add_question(
-    conn: Connection,
-    *,
-    telegram_user_id: int,
-    first_name: str | None,
-    telegram_chat_id: int,
-    content: str,
-    telegram_message_id: int | None = None,
-    telegram_thread_id: int | None = None,
-    quoted: str | None = None,
-    rate_limit: int = 0,
-    token_budget: int = 0,
-    created_at: datetime | None = None,
-    holder: str | None = None,
-    lease_ttl_s: int = 0,
-) -> AddedQuestion:
-    """Store a user's message, registering user and chat, in one round trip and one transaction.
-
-    With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
-    minute's hits exceed the limit; with ``token_budget`` > 0, also when the user's tokens
-    today (UTC) have reached it. ``quoted``: the text it replies to. ``created_at`` defaults to
-    now. With ``holder``, the chat's lease is taken for it when free or held by it already, and
-    bumped in any case (``services/cluster/leases.py``); a question set aside neither takes nor bumps it.
-    """
-    cur = conn.cursor(row_factory=class_row(AddedQuestion))
-    await cur.execute(
-        ADD_QUESTION,
-        {
-            "telegram_user_id": telegram_user_id,
-            "first_name": first_name,
-            "telegram_chat_id": telegram_chat_id,
-            "content": content,
-            "tokens": estimate_tokens(content),
-            "quoted": quoted,
-            "telegram_message_id": telegram_message_id,
-            "telegram_thread_id": telegram_thread_id,
-            "rate_limit": rate_limit,
-            "token_budget": token_budget,
-            "created_at": created_at,
-            "holder": holder,
-            "lease_ttl_s": lease_ttl_s,
-        },
-        prepare=True,
-    )
-    added = await cur.fetchone()
-    assert added is not None  # INSERT ... ON CONFLICT DO UPDATE returns the row either way
-    return added
-
-
-async def fetch_turn_start(
-    conn: Connection, *, question_id: int, history_limit: int, budget: int, shared: bool = False
-) -> TurnStart | None:
-    """The context up to the question (at most ``history_limit`` messages, and no more past
-    ``budget`` estimated tokens than the newest) and its stored answer, if any; None when the
-    turn has nothing left to do (the question is cleared or failed, its answer delivered or
-    refused). ``shared``: the group's history across its users."""
-    statement = SELECT_TURN_START_SHARED if shared else SELECT_TURN_START
-    cur = await conn.execute(
-        statement, {"question_id": question_id, "limit": history_limit, "budget": budget}, prepare=True
-    )
-    rows = await cur.fetchall()
-    if not rows:
-        return None
-    head = _ReadHead._make(rows[0][_MESSAGE_COLUMNS:])
-    settings = ChatSettings(head.model, head.system_prompt, head.temperature)
-    answer: Answer | None = None
-    if head.is_answer:
-        if head.settled:
-            return None
-        answer = Answer(id=rows[0][0], content=rows[0][2], sent_parts=head.sent_parts)
-    return TurnStart(
-        dialog=_dialog_context(rows, history_limit, answered=answer is not None),
-        answer=answer,
-        settings=settings,
-        quoted=head.quoted,
-    )
-
-
-async def fetch_next_context(
-    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, history_limit: int, budget: int, shared: bool
-) -> DialogContext:
-    """What the dialog's next turn would read (as ``fetch_turn_start``, before its question)."""
-    statement = SELECT_NEXT_CONTEXT_SHARED if shared else SELECT_NEXT_CONTEXT
-    params = _dialog(telegram_user_id, telegram_chat_id, limit=history_limit, budget=budget)
-    cur = await conn.execute(statement, params, prepare=True)
-    return _dialog_context(await cur.fetchall(), history_limit)
-
-
-async def fetch_summary_source(
-    conn: Connection, *, question_id: int, before: int, budget: int, limit: int, shared: bool
-) -> SummarySource:
-    """The live messages of the question's dialog after its summary and before turn ``before``,
-    oldest first, up to ``limit`` and (past the first) ``budget`` estimated tokens."""
-    cur = conn.cursor(row_factory=dict_row)
-    statement = SELECT_SUMMARY_SOURCE_SHARED if shared else SELECT_SUMMARY_SOURCE
-    params = {"question_id": question_id, "before": before, "budget": budget, "limit": limit}
-    await cur.execute(statement, params, prepare=True)
-    rows = await cur.fetchall()
-    head = rows[0] if rows else {}
-    messages = [
-        ContextMessage(0, r["role"], r["content"], 0, 0, r["turn"], r["finish_reason"], r["author"]) for r in rows
-    ]
-    return SummarySource(head.get("summary"), head.get("summary_covered") or 0, messages)
-
-
-async def add_summary(
-    conn: Connection,
-    *,
-    question_id: int,
-    through_id: int,
-    covered: int,
-    content: str,
-    shared: bool,
-    prompt_tokens: int | None = None,
-    completion_tokens: int | None = None,
-) -> bool:
-    """Store a summary of the question's dialog up to turn ``through_id`` in place of its live
-    one; False when the question was cleared or undone meanwhile, or ``content`` is empty (nothing
-    stored). The tokens the endpoint reported for it count for the question's user either way."""
-    params = {
-        "question_id": question_id,
-        "through_id": through_id,
-        "covered": covered,
-        "content": content,
-        "tokens": estimate_tokens(content),
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-    }
-    cur = await conn.execute(INSERT_SUMMARY_SHARED if shared else INSERT_SUMMARY, params)
-    return await cur.fetchone() is not None
-
-
-async def add_answer(
-    conn: Connection,
-    *,
-    question_id: int,
-    content: str,
-    finish_reason: FinishReason | None = None,
-    prompt_tokens: int | None = None,
-    completion_tokens: int | None = None,
-) -> int | None:
-    """Store the assistant's answer to a live question (``finish_reason``: cut short, and why;
-    the tokens the endpoint reported); None if it has a live answer already or was cleared."""
-    cur = conn.cursor(row_factory=scalar_row)
-    params = {
-        "question_id": question_id,
-        "content": content,
-        "tokens": estimate_tokens(content),
-        "finish_reason": finish_reason,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-    }
-    await cur.execute(INSERT_ANSWER, params, prepare=True)
-    answer_id: int | None = await cur.fetchone()
-    return answer_id
-
-
-async def record_sent_part(conn: Connection, *, answer_id: int, telegram_message_id: int, last: bool) -> None:
-    """Record that Telegram accepted one more part of an answer; ``last`` marks it delivered."""
-    params = {"answer_id": answer_id, "telegram_message_id": telegram_message_id, "last": last}
-    await conn.execute(RECORD_SENT_PART, params, prepare=True)
-
-
-async def set_failed(conn: Connection, *, message_id: int) -> None:
-    """Mark a turn ended for good: a question with no answer, or an answer Telegram refused."""
-    await conn.execute(SET_FAILED, {"message_id": message_id})
-
-
-async def fetch_history(
-    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, limit: int
-) -> list[StoredMessage]:
-    """The last ``limit`` live messages of (user, chat) in turn order, oldest first."""
-    cur = conn.cursor(row_factory=args_row(StoredMessage))
-    params = {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, "limit": limit}
-    await cur.execute(SELECT_HISTORY, params, prepare=True)
-    return (await cur.fetchall())[::-1]
-
-
-async def soft_delete_messages(
-    conn: Connection,
-    *,
-    telegram_user_id: int,
-    telegram_chat_id: int,
-    before: datetime | None = None,
-    rate_limit: int = 0,
-) -> Cleared:
-    """Mark every live message of (user, chat) created up to ``before`` (default: now) deleted,
-    counting a hit against ``rate_limit`` (0: no limit): nothing, when that is over it."""
-    cur = conn.cursor(row_factory=class_row(Cleared))
-    params = _dialog(telegram_user_id, telegram_chat_id, before=before, rate_limit=rate_limit, token_budget=0)
-    await cur.execute(SOFT_DELETE_MESSAGES, params, prepare=True)
-    cleared = await cur.fetchone()
-    assert cleared is not None  # a SELECT without FROM returns one row
-    return cleared
-
-
-async def write_back_answer(
-    conn: Connection,
-    *,
-    telegram_chat_id: int,
-    telegram_message_id: int,
-    content: str,
-    created_at: datetime,
-    finish_reason: FinishReason | None = None,
-    prompt_tokens: int | None = None,
-    completion_tokens: int | None = None,
-) -> None:
-    """Store a spooled answer to the question Telegram knows as (chat, message id), unless stored."""
-    params = {
-        "telegram_chat_id": telegram_chat_id,
-        "telegram_message_id": telegram_message_id,
-        "content": content,
-        "tokens": estimate_tokens(content),
-        "created_at": created_at,
-        "finish_reason": finish_reason,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-    }
-    await conn.execute(WRITE_BACK_ANSWER, params)
-
-
-async def write_back_sent_part(
-    conn: Connection, *, telegram_chat_id: int, telegram_message_id: int, sent_message_id: int, last: bool, at: datetime
-) -> None:
-    """Record a spooled delivery of one part of the answer to (chat, message id), unless recorded."""
-    params = {
-        "telegram_chat_id": telegram_chat_id,
-        "telegram_message_id": telegram_message_id,
-        "sent_message_id": sent_message_id,
-        "last": last,
-        "at": at,
-    }
-    await conn.execute(WRITE_BACK_SENT_PART, params)
-
-
-async def write_back_failure(
-    conn: Connection, *, telegram_chat_id: int, telegram_message_id: int, answer: bool, at: datetime
-) -> None:
-    """Mark the question (chat, message id), or its answer, failed, unless marked."""
-    params = {
-        "telegram_chat_id": telegram_chat_id,
-        "telegram_message_id": telegram_message_id,
-        "answer": answer,
-        "at": at,
-    }
-    await conn.execute(WRITE_BACK_FAILURE, params)
-
-
-async def count_messages(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> MessageCounts:
-    """How many messages (user, chat) has, live and soft-deleted."""
-    cur = conn.cursor(row_factory=class_row(MessageCounts))
-    await cur.execute(COUNT_MESSAGES, {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id})
-    counts = await cur.fetchone()
-    assert counts is not None  # an aggregate always returns a row
-    return counts
-
-
-def _dialog(telegram_user_id: int, telegram_chat_id: int, **params: object) -> dict[str, object]:
-    return {"telegram_user_id": telegram_user_id, "telegram_chat_id": telegram_chat_id, **params}
-
-
-async def retry_last_turn(
-    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0, token_budget: int = 0
-) -> RetriedQuestion:
-    """Set aside the answer to the dialog's last question so it is asked again, when the user
-    is within ``rate_limit`` (a hit counted) and ``token_budget`` (0: none); that question (its
-    ``id`` None when the dialog has no live question, or the retry was refused)."""
-    cur = conn.cursor(row_factory=class_row(RetriedQuestion))
-    params = _dialog(telegram_user_id, telegram_chat_id, rate_limit=rate_limit, token_budget=token_budget)
-    await cur.execute(RETRY_LAST_TURN, params)
-    retried = await cur.fetchone()
-    assert retried is not None  # the admission's row, joined to the question if any
-    return retried
-
-
-async def undo_last_turn(
-    conn: Connection, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0
-) -> Undone:
-    """Bring back the last /clear if nothing was said since, else set aside the last turn;
-    nothing when the hit it counts is over ``rate_limit`` (0: no limit)."""
-    cur = conn.cursor(row_factory=class_row(Undone))
-    params = _dialog(telegram_user_id, telegram_chat_id, rate_limit=rate_limit, token_budget=0)
-    await cur.execute(UNDO_LAST_TURN, params)
-    undone = await cur.fetchone()
-    assert undone is not None  # a SELECT without FROM returns one row
-    return undone
-
 
 async def edit_question(
     conn: Connection,
@@ -1543,6 +1337,43 @@ async def edit_question(
     return await cur.fetchone()
 
 
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """A message found by /search: ``snippet`` has its matches between the marker characters."""
+
+    role: Role
+    created_at: datetime
+    cleared: bool
+    snippet: str
+
+
+# /search: the dialog's messages matching a web-search-style query (words, "phrases", -not, or),
+# best first. messages_search_idx (btree_gin) intersects the dialog's posting lists with the
+# query's, so the cost follows the dialog's matches, not the table. ts_headline runs on the
+# hits only, marking matches with the characters in %(options)s.
+SEARCH_MESSAGES: Final = (
+    "WITH"
+    + _DIALOG
+    + """,
+    hits AS (
+        SELECT m.id, m.role, m.content, m.created_at, m.deleted_at IS NOT NULL AS cleared,
+               ts_rank(m.search_vector, websearch_to_tsquery('pg_catalog.russian', %(query)s::text)) AS rank
+        FROM messages m
+        WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
+          AND m.search_vector @@ websearch_to_tsquery('pg_catalog.russian', %(query)s::text)
+          AND (%(everything)s::boolean OR m.deleted_at IS NULL)
+        ORDER BY rank DESC, m.id DESC
+        LIMIT %(limit)s::integer
+    )
+    SELECT role, created_at, cleared,
+           ts_headline('pg_catalog.russian', content, websearch_to_tsquery('pg_catalog.russian', %(query)s::text),
+                       %(options)s::text) AS snippet
+    FROM hits
+    ORDER BY rank DESC, id DESC
+"""
+)
+
+
 # websearch_to_tsquery nests each "-" of a run in the one before, and its parser's stack ends at
 # 32 ("tsquery stack too small", XX000): a run of them is read as one.
 _NEGATIONS: Final = re.compile(r"-(?:\s*-)+")
@@ -1569,13 +1400,83 @@ async def search_messages(
     return await cur.fetchall()
 
 
+@dataclass(frozen=True, slots=True)
+class DialogStats:
+    """A user's messages in one chat and in all chats; token sums are None when never reported."""
+
+    first_contact: datetime | None
+    chat_messages: int
+    chat_cleared: int
+    chat_chars: int
+    chat_prompt_tokens: int | None
+    chat_completion_tokens: int | None
+    all_messages: int
+    all_cleared: int
+    all_chars: int
+    all_prompt_tokens: int | None
+    all_completion_tokens: int | None
+    chats: int
+    tokens_today: int | None = None  # counted for the daily budget; None: none today
+
+
+# /stats: one pass over the user's messages (all chats), through messages_search_idx's user_id;
+# today's tokens (UTC) by token_usage's primary key.
+FETCH_STATS: Final = (
+    "WITH"
+    + _DIALOG
+    + """
+    SELECT (SELECT created_at FROM users WHERE id = (SELECT user_id FROM dialog)) AS first_contact,
+           count(*) FILTER (WHERE in_chat) AS chat_messages,
+           count(*) FILTER (WHERE in_chat AND deleted_at IS NOT NULL) AS chat_cleared,
+           coalesce(sum(length) FILTER (WHERE in_chat), 0) AS chat_chars,
+           sum(prompt_tokens) FILTER (WHERE in_chat) AS chat_prompt_tokens,
+           sum(completion_tokens) FILTER (WHERE in_chat) AS chat_completion_tokens,
+           count(*) AS all_messages,
+           count(*) FILTER (WHERE deleted_at IS NOT NULL) AS all_cleared,
+           coalesce(sum(length), 0) AS all_chars,
+           sum(prompt_tokens) AS all_prompt_tokens,
+           sum(completion_tokens) AS all_completion_tokens,
+           count(DISTINCT chat_id) AS chats,
+           (SELECT tokens FROM token_usage
+            WHERE user_id = (SELECT user_id FROM dialog) AND day = (now() AT TIME ZONE 'UTC')::date) AS tokens_today
+    FROM (
+        SELECT m.chat_id, m.length, m.deleted_at, m.prompt_tokens, m.completion_tokens,
+               m.chat_id = (SELECT chat_id FROM dialog) AS in_chat
+        FROM messages m
+        WHERE m.user_id = (SELECT user_id FROM dialog)
+    ) mine
+"""
+)
+
+
 async def fetch_stats(conn: Connection, *, telegram_user_id: int, telegram_chat_id: int) -> DialogStats:
     """How much the user has said and read, in this chat and in all."""
-    cur = conn.cursor(row_factory=class_row(DialogStats))
-    await cur.execute(SELECT_STATS, _dialog(telegram_user_id, telegram_chat_id))
-    stats = await cur.fetchone()
-    assert stats is not None  # an aggregate always returns a row
-    return stats
+    params = _dialog(telegram_user_id, telegram_chat_id)
+    return await _one_row(conn, DialogStats, FETCH_STATS, params)  # an aggregate
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedMessage:
+    """One message of a dialog as /export writes it."""
+
+    role: Role
+    content: str
+    created_at: datetime
+    cleared: bool
+
+
+# /export: every message of the dialog, cleared ones too, in turn order, read through a
+# server-side cursor.
+DIALOG_MESSAGES: Final = (
+    "WITH"
+    + _DIALOG
+    + """
+    SELECT m.role, m.content, m.created_at, m.deleted_at IS NOT NULL AS cleared
+    FROM messages m
+    WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
+    ORDER BY coalesce(m.reply_to_id, m.id), m.id
+"""
+)
 
 
 async def dialog_messages(
@@ -1587,49 +1488,47 @@ async def dialog_messages(
         cur = conn.cursor("dialog_export", row_factory=class_row(ExportedMessage))
         cur.itersize = batch
         async with cur:
-            await cur.execute(SELECT_DIALOG, _dialog(telegram_user_id, telegram_chat_id))
+            await cur.execute(DIALOG_MESSAGES, _dialog(telegram_user_id, telegram_chat_id))
             async for message in cur:
                 yield message
 
 
-async def fetch_unfinished_turns(conn: Connection, *, max_age_s: int) -> list[UnfinishedTurn]:
-    """Turns younger than ``max_age_s`` still to answer or deliver, oldest first."""
-    cur = conn.cursor(row_factory=class_row(UnfinishedTurn))
-    await cur.execute(SELECT_UNFINISHED_TURNS, {"max_age_s": max_age_s})
-    return await cur.fetchall()
-
-
-async def purge_deleted_messages(conn: Connection, *, days: int, limit: int) -> int:
-    """Hard-delete at most ``limit`` of the messages soft-deleted more than ``days`` days ago,
-    oldest first; how many were."""
-    cur = await conn.execute(PURGE_DELETED, {"days": days, "limit": limit})
-    return cur.rowcount
-
-
-async def purge_deleted_summaries(conn: Connection, *, days: int, limit: int) -> int:
-    """Hard-delete at most ``limit`` of the summaries set aside more than ``days`` days ago,
-    oldest first; how many were."""
-    cur = await conn.execute(PURGE_DELETED_SUMMARIES, {"days": days, "limit": limit})
-    return cur.rowcount
-
-
-async def purge_rate_limits(conn: Connection) -> int:
-    """Delete the rate-limit counters of past windows; how many."""
-    cur = await conn.execute(PURGE_RATE_LIMITS)
-    return cur.rowcount
-
-
-async def purge_token_usage(conn: Connection) -> int:
-    """Delete the token counts of days before the day before yesterday (UTC); how many."""
-    cur = await conn.execute(PURGE_DAILY_USAGE)
-    return cur.rowcount
+# -- chat settings ----------------------------------------------------------------------------
+# A chat's settings by its Telegram id: /model, /prompt and /temperature show them (a turn reads
+# them within FETCH_TURN_START). No row: every setting is the default.
+GET_CHAT_SETTINGS: Final = """
+    SELECT s.model, s.system_prompt, s.temperature::numeric::float8 AS temperature
+    FROM chats c JOIN chat_settings s ON s.chat_id = c.id
+    WHERE c.telegram_chat_id = %(telegram_chat_id)s::bigint
+"""
 
 
 async def get_chat_settings(conn: Connection, *, telegram_chat_id: int) -> ChatSettings:
     """The chat's settings; every one None (the default) when it has chosen none."""
     cur = conn.cursor(row_factory=class_row(ChatSettings))
-    await cur.execute(SELECT_CHAT_SETTINGS, {"telegram_chat_id": telegram_chat_id})
+    await cur.execute(GET_CHAT_SETTINGS, {"telegram_chat_id": telegram_chat_id})
     return await cur.fetchone() or DEFAULT_SETTINGS
+
+
+# One setting of a chat, the others kept (NULL: back to the default), registering the chat if
+# no one has written in it yet. ``name`` picks the setting; the three values are bound typed,
+# so no name or value is ever spliced into the SQL. Returns the settings as they now stand.
+SET_CHAT_SETTING: Final = (
+    "WITH"
+    + _REGISTER_CHAT_CTES
+    + """
+    INSERT INTO chat_settings AS s (chat_id, model, system_prompt, temperature, updated_by)
+    SELECT (SELECT id FROM chat_row),
+           %(model)s::text, %(system_prompt)s::text, %(temperature)s::real, %(updated_by)s::bigint
+    ON CONFLICT (chat_id) DO UPDATE SET
+        model = CASE WHEN %(name)s::text = 'model' THEN EXCLUDED.model ELSE s.model END,
+        system_prompt = CASE WHEN %(name)s::text = 'system_prompt' THEN EXCLUDED.system_prompt ELSE s.system_prompt END,
+        temperature = CASE WHEN %(name)s::text = 'temperature' THEN EXCLUDED.temperature ELSE s.temperature END,
+        updated_at = now(),
+        updated_by = EXCLUDED.updated_by
+    RETURNING s.model, s.system_prompt, s.temperature::numeric::float8 AS temperature
+"""
+)
 
 
 async def set_chat_setting(
@@ -1651,18 +1550,133 @@ async def set_chat_setting(
         "updated_by": telegram_user_id,
     }
     params[name] = value
-    cur = conn.cursor(row_factory=class_row(ChatSettings))
-    await cur.execute(SET_CHAT_SETTING, params)
-    settings = await cur.fetchone()
-    assert settings is not None  # INSERT ... ON CONFLICT DO UPDATE returns the row either way
-    return settings
+    # INSERT ... ON CONFLICT DO UPDATE returns the row either way
+    return await _one_row(conn, ChatSettings, SET_CHAT_SETTING, params)
+
+
+# -- recovery ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedTurn:
+    """A recent question that has no answer, or whose answer Telegram has not accepted yet."""
+
+    question_id: int
+    telegram_user_id: int
+    telegram_chat_id: int
+    telegram_message_id: int | None
+    telegram_thread_id: int | None
+
+
+# A turn is unfinished when its live question is neither failed nor answered by an answer that
+# Telegram accepted (or refused for good). The BRIN index on created_at limits the scan to
+# recent rows.
+FETCH_UNFINISHED_TURNS: Final = """
+    SELECT q.id AS question_id, u.telegram_user_id, c.telegram_chat_id, q.telegram_message_id, q.telegram_thread_id
+    FROM messages q
+    JOIN users u ON u.id = q.user_id
+    JOIN chats c ON c.id = q.chat_id
+    WHERE q.role = 'user'
+      AND q.deleted_at IS NULL
+      AND q.failed_at IS NULL
+      AND q.created_at > now() - make_interval(secs => %(max_age_s)s::integer)
+      AND NOT EXISTS (
+          SELECT FROM messages a
+          WHERE a.reply_to_id = q.id AND a.deleted_at IS NULL
+            AND (a.delivered_at IS NOT NULL OR a.failed_at IS NOT NULL)
+      )
+    ORDER BY q.id
+"""
+
+
+async def fetch_unfinished_turns(conn: Connection, *, max_age_s: int) -> list[UnfinishedTurn]:
+    """Turns younger than ``max_age_s`` still to answer or deliver, oldest first."""
+    cur = conn.cursor(row_factory=class_row(UnfinishedTurn))
+    await cur.execute(FETCH_UNFINISHED_TURNS, {"max_age_s": max_age_s})
+    return await cur.fetchall()
+
+
+# -- retention --------------------------------------------------------------------------------
+
+
+# Retention, one batch per statement: at most %(limit)s of the oldest rows soft-deleted before
+# the cutoff, found by an ordered range scan of the partial index messages_deleted_idx (it holds
+# soft-deleted rows only, revision 005), then deleted by primary key. ``= ANY (ARRAY(...))``
+# rather than ``IN (...)``: the ids are collected once and looked up in the key's index, where
+# IN may be planned as a join that scans the whole table. A batch is a short transaction: no
+# long lock, no burst of WAL, and the bot's statements run in between. SKIP LOCKED: two
+# processes purging at once take different rows instead of waiting for each other. Summaries
+# set aside (a /clear, an /undo, a newer summary) go the same way, through summaries_deleted_idx.
+def _purge_deleted(table: Literal["messages", "summaries"]) -> str:
+    return f"""
+    DELETE FROM {table}
+    WHERE id = ANY (ARRAY(
+        SELECT id FROM {table}
+        WHERE deleted_at < now() - make_interval(days => %(days)s::integer)
+        ORDER BY deleted_at
+        LIMIT %(limit)s::integer
+        FOR UPDATE SKIP LOCKED
+    ))
+"""
+
+
+PURGE_DELETED_MESSAGES: Final = _purge_deleted("messages")
+
+
+async def purge_deleted_messages(conn: Connection, *, days: int, limit: int) -> int:
+    """Hard-delete at most ``limit`` of the messages soft-deleted more than ``days`` days ago,
+    oldest first; how many were."""
+    cur = await conn.execute(PURGE_DELETED_MESSAGES, {"days": days, "limit": limit})
+    return cur.rowcount
+
+
+PURGE_DELETED_SUMMARIES: Final = _purge_deleted("summaries")
+
+
+async def purge_deleted_summaries(conn: Connection, *, days: int, limit: int) -> int:
+    """Hard-delete at most ``limit`` of the summaries set aside more than ``days`` days ago,
+    oldest first; how many were."""
+    cur = await conn.execute(PURGE_DELETED_SUMMARIES, {"days": days, "limit": limit})
+    return cur.rowcount
+
+
+# Rate-limit counters of windows that are over: the user's next message starts a new window
+# anyway (ADD_QUESTION), so they hold nothing but space.
+PURGE_RATE_LIMITS: Final = """
+    DELETE FROM rate_limits WHERE window_start < now() - interval '1 minute'
+"""
+
+
+async def purge_rate_limits(conn: Connection) -> int:
+    """Delete the rate-limit counters of past windows; how many."""
+    cur = await conn.execute(PURGE_RATE_LIMITS)
+    return cur.rowcount
+
+
+# Token counts of days that are over. Yesterday's and the day before's stay: an answer written
+# back after an outage counts on the day it was made. The table holds a row per user active in
+# those days, so a scan of it is cheap (no index on day alone is needed).
+PURGE_TOKEN_USAGE: Final = """
+    DELETE FROM token_usage WHERE day < (now() AT TIME ZONE 'UTC')::date - 2
+"""  # noqa: S105 - SQL, not a password
+
+
+async def purge_token_usage(conn: Connection) -> int:
+    """Delete the token counts of days before the day before yesterday (UTC); how many."""
+    cur = await conn.execute(PURGE_TOKEN_USAGE)
+    return cur.rowcount
+
+
+# -- the schema version -----------------------------------------------------------------------
+
+FETCH_SCHEMA_VERSION: Final = "SELECT version_num FROM alembic_version"
 
 
 async def fetch_schema_version(conn: Connection) -> str | None:
     """The Alembic revision the database is at, or None if it was never migrated."""
     try:
         cur = conn.cursor(row_factory=scalar_row)
-        await cur.execute("SELECT version_num FROM alembic_version")
+        await cur.execute(FETCH_SCHEMA_VERSION)
         version: str | None = await cur.fetchone()
         return version
     except psycopg.errors.UndefinedTable:

@@ -14,12 +14,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiogram import Dispatcher
 from psycopg.abc import Params
+from psycopg.rows import class_row
 
 from bench.standins import LLMStandIn, Sent, TelegramStandIn
 from bot import create_bot, create_dispatcher, create_pool, poll, serve_webhook
@@ -28,6 +30,7 @@ from services import database
 from services.database import Pool
 from services.llm.client import create_llm
 from services.ops.local_postgres import LocalPostgres
+from services.records import FinishReason, Role
 from services.text.formatting import render, split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -332,3 +335,40 @@ class BotProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+# -- a dialog's live history, read back as it is stored ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One live message of a dialog, as ``live_history`` reads it."""
+
+    id: int
+    role: Role
+    content: str
+    length: int
+    created_at: datetime
+    finish_reason: FinishReason | None
+
+
+# Newest first so the partial index (messages_turn_idx) is read backwards with LIMIT and no
+# sort; ``live_history`` reverses.
+LIVE_HISTORY = """
+    SELECT id, role, content, length, created_at, finish_reason
+    FROM messages
+    WHERE user_id = (SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)
+      AND chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+      AND deleted_at IS NULL
+    ORDER BY coalesce(reply_to_id, id) DESC, id DESC
+    LIMIT %(limit)s::integer
+"""
+
+
+async def live_history(pool: Pool, user: int, chat: int, limit: int = 50) -> list[StoredMessage]:
+    """The last ``limit`` live messages of (user, chat) in turn order, oldest first."""
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=class_row(StoredMessage))
+        params = {"telegram_user_id": user, "telegram_chat_id": chat, "limit": limit}
+        await cur.execute(LIVE_HISTORY, params, prepare=True)
+        return (await cur.fetchall())[::-1]

@@ -14,7 +14,7 @@ from handlers.messages import SLOW_DOWN
 from services.database import Pool
 from services.llm.budget import SUMMARY_LABEL
 from services.llm.summaries import INSTRUCTIONS
-from services.turn.turns import SUMMARY_NOTICE
+from services.turn.turn import SUMMARY_NOTICE
 from tests.harness import command, edit, fetch, history_in, running_bot
 from tests.test_daily_budget import REFUSED, USAGE, spent
 from tests.test_settings import reply

@@ -13,7 +13,7 @@ import pytest
 
 from bench import replies
 from handlers import errors, messages
-from services.turn import turns
+from services.turn import turn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,10 +31,10 @@ def said_by_name(path: Path, call: str) -> set[str]:
 
 
 def test_every_text_the_turn_pipeline_says_is_no_answer() -> None:
-    said = said_by_name(ROOT / "services" / "turn" / "turns.py", "_say")
+    said = said_by_name(ROOT / "services" / "turn" / "turn.py", "_say")
     assert said, "the turn pipeline says nothing through _say any more: look again at how it answers"
     for name in sorted(said):
-        assert replies.kind(getattr(turns, name)) != "answer", name
+        assert replies.kind(getattr(turn, name)) != "answer", name
 
 
 def test_every_text_the_error_handlers_answer_is_no_answer() -> None:
@@ -51,4 +51,4 @@ def test_the_over_budget_reply_is_a_refusal_at_any_hour(hour: int) -> None:
 
 def test_an_answer_is_an_answer() -> None:
     assert replies.kind("echo: chat 1 turn 1") == "answer"
-    assert replies.kind(turns.SUMMARY_NOTICE) == "notice"
+    assert replies.kind(turn.SUMMARY_NOTICE) == "notice"

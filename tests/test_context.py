@@ -20,8 +20,8 @@ async def ask(pool: Pool, text: str, *, message_id: int, rate_limit: int = 0) ->
         telegram_chat_id=1,
         telegram_message_id=message_id,
         telegram_thread_id=None,
-        text=text,
-        rate_limit_per_minute=rate_limit,
+        content=text,
+        rate_limit=rate_limit,
     )
     return added.id
 
@@ -42,15 +42,15 @@ async def contents(turn: records.TurnStart | None, *, history_limit: int = 20, s
 
 async def test_a_turn_reads_its_context_within_budget(pool: Pool) -> None:
     first = await ask(pool, "one", message_id=1)
-    assert await context.add_answer(pool, question_id=first, text="1") is not None
+    assert await context.add_answer(pool, question_id=first, content="1") is not None
     second = await ask(pool, "two", message_id=2)
-    turn = await context.start_turn(pool, question_id=second, history_limit=20, budget=1000)
+    turn = await context.fetch_turn_start(pool, question_id=second, history_limit=20, budget=1000)
     assert turn is not None and turn.answer is None
     assert await contents(turn) == ["one", "1", "two"]
     # each message takes 5 tokens; a 500-token system prompt leaves room for "two" and "1" but
     # not "one", and "1" goes too: without "one" it answers nothing the LLM can see
     assert await contents(turn, system_prompt="x" * 4 * 496) == ["two"]
-    bounded = await context.start_turn(pool, question_id=second, history_limit=20, budget=6)
+    bounded = await context.fetch_turn_start(pool, question_id=second, history_limit=20, budget=6)
     assert bounded is not None and [m.content for m in bounded.dialog.history] == ["two"]  # the read stops
     assert bounded.dialog.read == 3  # ...but counts what it found
 
@@ -58,10 +58,10 @@ async def test_a_turn_reads_its_context_within_budget(pool: Pool) -> None:
 async def test_a_history_window_cut_mid_turn_starts_at_a_question(pool: Pool) -> None:
     for n in (1, 2):
         question = await ask(pool, f"q{n}", message_id=n)
-        assert await context.add_answer(pool, question_id=question, text=f"a{n}") is not None
+        assert await context.add_answer(pool, question_id=question, content=f"a{n}") is not None
     third = await ask(pool, "q3", message_id=3)
     # the last 4 messages are a1, q2, a2, q3: the window opens on an answer
-    turn = await context.start_turn(pool, question_id=third, history_limit=4, budget=1000)
+    turn = await context.fetch_turn_start(pool, question_id=third, history_limit=4, budget=1000)
     assert await contents(turn, history_limit=4) == ["q2", "a2", "q3"]
 
 
@@ -72,7 +72,7 @@ async def test_the_memory_path_starts_at_a_question_too() -> None:
     storage = Storage(None, history=RecentHistory(max_chars=10_000, per_dialog=10), spool=None)
     for n in (1, 2, 3):
         added = await storage.add_question(
-            user_id=1, first_name="Ann", chat_id=1, message_id=n, thread_id=None, text=f"q{n}", rate_limit=0
+            user_id=1, first_name="Ann", chat_id=1, message_id=n, thread_id=None, content=f"q{n}", rate_limit=0
         )
         if n < 3:
             assert await storage.add_answer(added, f"a{n}") is not None
@@ -90,8 +90,8 @@ async def test_over_the_rate_limit_is_refused_but_a_redelivery_is_not(pool: Pool
 
 
 async def test_register_keeps_the_first_name_current(pool: Pool) -> None:
-    await context.register(pool, telegram_user_id=5, first_name="Bob", telegram_chat_id=5)
-    await context.register(pool, telegram_user_id=5, first_name="Robert", telegram_chat_id=-5)
+    await context.upsert_user_and_chat(pool, telegram_user_id=5, first_name="Bob", telegram_chat_id=5)
+    await context.upsert_user_and_chat(pool, telegram_user_id=5, first_name="Robert", telegram_chat_id=-5)
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT first_name FROM users WHERE telegram_user_id = 5")
         assert await cur.fetchall() == [("Robert",)]
@@ -99,9 +99,9 @@ async def test_register_keeps_the_first_name_current(pool: Pool) -> None:
 
 async def test_clear_and_unfinished(pool: Pool) -> None:
     await ask(pool, "q1", message_id=1)
-    assert [q.telegram_message_id for q in await context.unfinished_turns(pool, max_age_s=60)] == [1]
-    assert await context.clear_context(pool, telegram_user_id=1, telegram_chat_id=1) == 1
-    assert await context.unfinished_turns(pool, max_age_s=60) == []  # cleared questions are not answered
+    assert [q.telegram_message_id for q in await context.fetch_unfinished_turns(pool, max_age_s=60)] == [1]
+    assert await context.soft_delete_messages(pool, telegram_user_id=1, telegram_chat_id=1) == 1
+    assert await context.fetch_unfinished_turns(pool, max_age_s=60) == []  # cleared questions are not answered
 
 
 async def test_only_one_holder_of_an_exclusive_lock(pool: Pool) -> None:
@@ -115,4 +115,4 @@ async def test_a_closed_pool_raises_storage_unavailable(database_url: str) -> No
     pool = await database.init_db(database_url, size=1)
     await database.close_db(pool)
     with pytest.raises(StorageUnavailable):
-        await context.clear_context(pool, telegram_user_id=1, telegram_chat_id=1)
+        await context.soft_delete_messages(pool, telegram_user_id=1, telegram_chat_id=1)

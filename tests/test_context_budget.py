@@ -16,7 +16,7 @@ from services.llm.budget import SUMMARY_LABEL, ContextBudget, dialog_of
 from services.llm.summaries import INSTRUCTIONS
 from services.llm.tokens import estimate_tokens
 from services.records import DialogContext
-from services.turn.turns import SUMMARY_NOTICE
+from services.turn.turn import SUMMARY_NOTICE
 from tests.harness import BUSY_CHAT, fetch, history_in, running_bot
 from tests.test_settings import buttons, keyboard_of, press, reply
 
@@ -149,11 +149,11 @@ async def store(pool: Pool, user: int, chat: int, texts: list[str]) -> list[int]
                 telegram_chat_id=chat,
                 telegram_message_id=1000 + n,
                 telegram_thread_id=None,
-                text=text,
+                content=text,
             )
             ids.append(added.id)
         else:
-            answer = await context.add_answer(pool, question_id=ids[-1], text=text)
+            answer = await context.add_answer(pool, question_id=ids[-1], content=text)
             assert answer is not None
             ids.append(answer)
     return ids
@@ -186,19 +186,19 @@ async def test_rows_from_before_the_estimates_count_one_token_per_character(pool
 @pytest.mark.parametrize(
     ("statement", "params", "index"),
     [
-        (database.SELECT_TURN_START_SHARED, {"question_id": 0, "limit": 20, "budget": 8000}, "messages_chat_turn_idx"),
+        (database.FETCH_TURN_START_SHARED, {"question_id": 0, "limit": 20, "budget": 8000}, "messages_chat_turn_idx"),
         (
-            database.SELECT_NEXT_CONTEXT,
+            database.FETCH_NEXT_CONTEXT,
             {"telegram_user_id": 1, "telegram_chat_id": GROUP, "limit": 20, "budget": 8000},
             "messages_turn_idx",
         ),
         (
-            database.SELECT_SUMMARY_SOURCE,
+            database.FETCH_SUMMARY_SOURCE,
             {"question_id": 0, "before": 10**9, "budget": 8000, "limit": 1000},
             "messages_turn_idx",
         ),
         (
-            database.INSERT_SUMMARY,
+            database.ADD_SUMMARY,
             {**SUMMARY, "question_id": 0},
             "summaries_dialog_idx",
         ),

@@ -14,7 +14,7 @@ from services import database, records
 from services.cluster import leases
 from services.cluster import signals as chat_signals
 from services.database import Connection, Pool
-from tests.harness import BUSY_CHAT, store_question
+from tests.harness import BUSY_CHAT, LIVE_HISTORY, live_history, store_question
 
 USER_A, USER_B = 111, 222
 CHAT_X, CHAT_Y = 111, -1001234567890  # a private chat and a supergroup (beyond 32 bits)
@@ -30,10 +30,6 @@ async def register(pool: Pool, user: int, chat: int, first_name: str | None = "A
 
 async def answer(pool: Pool, question: int, content: str) -> int | None:
     return await database.run(pool, database.add_answer, question_id=question, content=content)
-
-
-async def history(pool: Pool, user: int, chat: int, limit: int = 50) -> list[database.StoredMessage]:
-    return await database.run(pool, database.fetch_history, telegram_user_id=user, telegram_chat_id=chat, limit=limit)
 
 
 BUDGET = 100_000  # estimated tokens: more than any history here
@@ -75,7 +71,7 @@ async def test_add_question_and_history_oldest_first(pool: Pool) -> None:
             ids.append(await store_question(pool, USER_A, CHAT_X, f"m{i}"))
         else:
             ids.append(await answer(pool, ids[-1] or 0, f"m{i}"))
-    got = await history(pool, USER_A, CHAT_X, limit=3)
+    got = await live_history(pool, USER_A, CHAT_X, limit=3)
     assert [m.content for m in got] == ["m2", "m3", "m4"]
     assert [m.id for m in got] == ids[2:]
     assert [m.role for m in got] == ["user", "assistant", "user"]
@@ -87,7 +83,7 @@ async def test_history_is_in_turn_order_when_a_question_overtakes_an_answer(pool
     b = await store_question(pool, USER_A, CHAT_X, "B")
     await answer(pool, a, "echo: A")
     await answer(pool, b, "echo: B")
-    assert [m.content for m in await history(pool, USER_A, CHAT_X)] == ["A", "echo: A", "B", "echo: B"]
+    assert [m.content for m in await live_history(pool, USER_A, CHAT_X)] == ["A", "echo: A", "B", "echo: B"]
     start = await database.run(pool, database.fetch_turn_start, question_id=b, history_limit=10, budget=BUDGET)
     assert start is not None and start.answer is not None and start.answer.content == "echo: B"
     assert [m.content for m in oldest_first(start)] == ["A", "echo: A", "B"]
@@ -104,7 +100,7 @@ async def test_created_at_and_length_in_characters(pool: Pool) -> None:
     texts = ["hello", "Привет, мир", "👍🏽 ok", "👨‍👩‍👧", "a\u0301", ""]
     for text in texts:
         await store_question(pool, USER_A, CHAT_X, text)
-    got = await history(pool, USER_A, CHAT_X)
+    got = await live_history(pool, USER_A, CHAT_X)
     assert [m.length for m in got] == [len(t) for t in texts] == [5, 11, 5, 5, 2, 0]
     assert all(m.created_at.tzinfo is not None for m in got)
     [(now,)] = await rows(pool, "SELECT now()")
@@ -131,7 +127,7 @@ async def test_same_millisecond_inserts_keep_insertion_order(pool: Pool) -> None
                 )
 
     await database.run(pool, burst)
-    got = await history(pool, USER_A, CHAT_X)
+    got = await live_history(pool, USER_A, CHAT_X)
     assert len({m.created_at for m in got}) == 1
     assert [m.content for m in got] == [f"{i:02}" for i in range(30)]
 
@@ -141,7 +137,7 @@ async def test_sql_looking_and_unusual_text_is_stored_verbatim(pool: Pool) -> No
     texts = ["'; DROP TABLE messages; --", "%(content)s %s $1 {}", "\\x00 \\\\", "שלום עולם ‏", "<b>bold</b> *md*"]
     for text in texts:
         await store_question(pool, USER_A, CHAT_X, text)
-    assert [m.content for m in await history(pool, USER_A, CHAT_X)] == texts
+    assert [m.content for m in await live_history(pool, USER_A, CHAT_X)] == texts
     assert await rows(pool, "SELECT count(*) FROM users") == [(1,)]
 
 
@@ -175,7 +171,7 @@ async def test_add_answer_links_to_the_question_once(pool: Pool) -> None:
     question = await store_question(pool, USER_A, CHAT_X, "2+2?", message_id=1)
     assert await answer(pool, question, "4") is not None
     assert await answer(pool, question, "four") is None
-    got = await history(pool, USER_A, CHAT_X)
+    got = await live_history(pool, USER_A, CHAT_X)
     assert [(m.role, m.content) for m in got] == [("user", "2+2?"), ("assistant", "4")]
     cleared = await store_question(pool, USER_A, CHAT_X, "cleared before its answer")
     await database.run(pool, database.soft_delete_messages, telegram_user_id=USER_A, telegram_chat_id=CHAT_X)
@@ -193,7 +189,7 @@ async def test_the_rate_limit_is_decided_by_the_storing_statement(pool: Pool) ->
     assert [s.set_aside for s in stored] == [False, False, True, True]
     assert await rows(pool, "SELECT hits FROM rate_limits") == [(4,)]
     # set aside in the same row: out of the history, never awaiting an answer
-    assert [m.content for m in await history(pool, USER_B, CHAT_Y)] == ["m1", "m2"]
+    assert [m.content for m in await live_history(pool, USER_B, CHAT_Y)] == ["m1", "m2"]
     assert [t.question_id for t in await database.run(pool, database.fetch_unfinished_turns, max_age_s=60)] == [
         stored[0].id,
         stored[1].id,
@@ -279,10 +275,10 @@ async def test_soft_delete_keeps_rows_and_hides_them(pool: Pool) -> None:
     params: dict[str, Any] = {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X}
     assert await database.run(pool, database.soft_delete_messages, **params) == database.Cleared(3)
     assert await database.run(pool, database.soft_delete_messages, **params) == database.Cleared(0)
-    assert await history(pool, USER_A, CHAT_X) == []
+    assert await live_history(pool, USER_A, CHAT_X) == []
     assert await rows(pool, "SELECT count(*) FROM messages WHERE deleted_at IS NOT NULL") == [(3,)]
     await store_question(pool, USER_A, CHAT_X, "new")
-    assert [m.content for m in await history(pool, USER_A, CHAT_X)] == ["new"]
+    assert [m.content for m in await live_history(pool, USER_A, CHAT_X)] == ["new"]
     counts = await database.run(pool, database.count_messages, **params)
     assert counts == database.MessageCounts(live=1, deleted=3)
 
@@ -294,11 +290,11 @@ async def test_users_and_chats_are_isolated(pool: Pool) -> None:
             await store_question(pool, user, chat, f"{user}@{chat}")
     for user in (USER_A, USER_B):
         for chat in (CHAT_X, CHAT_Y):
-            assert [m.content for m in await history(pool, user, chat)] == [f"{user}@{chat}"]
+            assert [m.content for m in await live_history(pool, user, chat)] == [f"{user}@{chat}"]
     await database.run(pool, database.soft_delete_messages, telegram_user_id=USER_A, telegram_chat_id=CHAT_Y)
-    assert await history(pool, USER_A, CHAT_Y) == []
-    assert len(await history(pool, USER_B, CHAT_Y)) == 1
-    assert len(await history(pool, USER_A, CHAT_X)) == 1
+    assert await live_history(pool, USER_A, CHAT_Y) == []
+    assert len(await live_history(pool, USER_B, CHAT_Y)) == 1
+    assert len(await live_history(pool, USER_A, CHAT_X)) == 1
 
 
 async def test_unfinished_turns_are_recent_unanswered_or_undelivered(pool: Pool) -> None:
@@ -363,7 +359,7 @@ async def test_purge_finds_soft_deleted_rows_through_their_partial_index(pool: P
     )
     await rows(pool, "ANALYZE messages")
     async with pool.connection() as conn:
-        cur = await conn.execute("EXPLAIN " + database.PURGE_DELETED, {"days": 30, "limit": 1000})
+        cur = await conn.execute("EXPLAIN " + database.PURGE_DELETED_MESSAGES, {"days": 30, "limit": 1000})
         plan = "\n".join(row[0] for row in await cur.fetchall())
     # the batch's rows come oldest first straight from the partial index, then go by primary key:
     # no scan of the table, no sort, whatever its size
@@ -497,7 +493,7 @@ async def test_purge_of_token_usage_keeps_the_last_three_utc_days(pool: Pool) ->
             "Index Scan using token_usage_pkey on token_usage",
         ),
         (
-            database.INSERT_ANSWER,
+            database.ADD_ANSWER,
             {"question_id": 1, "content": "a", "tokens": 5, "finish_reason": None, "prompt_tokens": 1,
              "completion_tokens": 1},
             "Conflict Arbiter Indexes: token_usage_pkey",
@@ -508,7 +504,7 @@ async def test_purge_of_token_usage_keeps_the_last_three_utc_days(pool: Pool) ->
              "created_at": "2026-11-24", "finish_reason": None, "prompt_tokens": 1, "completion_tokens": 1},
             "Conflict Arbiter Indexes: token_usage_pkey",
         ),
-        (database.SELECT_STATS, DIALOG, "Index Scan using token_usage_pkey on token_usage"),
+        (database.FETCH_STATS, DIALOG, "Index Scan using token_usage_pkey on token_usage"),
         (database.RETRY_LAST_TURN, ADMITTED, "Index Scan using token_usage_pkey on token_usage"),
         (
             database.EDIT_QUESTION,
@@ -516,7 +512,7 @@ async def test_purge_of_token_usage_keeps_the_last_three_utc_days(pool: Pool) ->
             "Index Scan using token_usage_pkey on token_usage",
         ),
         (
-            database.INSERT_SUMMARY,
+            database.ADD_SUMMARY,
             {"question_id": 1, "through_id": 1, "covered": 1, "content": "s", "tokens": 5, "prompt_tokens": 1,
              "completion_tokens": 1},
             "Conflict Arbiter Indexes: token_usage_pkey",
@@ -560,8 +556,8 @@ async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
 @pytest.mark.parametrize(
     ("statement", "params"),
     [
-        (database.SELECT_HISTORY, {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X, "limit": 20}),
-        (database.SELECT_TURN_START, {"question_id": 1, "limit": 20, "budget": BUDGET}),
+        (LIVE_HISTORY, {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X, "limit": 20}),
+        (database.FETCH_TURN_START, {"question_id": 1, "limit": 20, "budget": BUDGET}),
     ],
     ids=["history", "turn-start"],
 )
@@ -603,8 +599,8 @@ async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement:
             {**ADMITTED, "before": None},
             ["messages_turn_idx|messages_history_idx", "summaries_cleared_idx", "summaries_dialog_idx"],
         ),
-        (database.SELECT_STATS, DIALOG, ["messages_search_idx"]),
-        (database.SELECT_DIALOG, DIALOG, ["messages_search_idx|messages_telegram_message_key"]),
+        (database.FETCH_STATS, DIALOG, ["messages_search_idx"]),
+        (database.DIALOG_MESSAGES, DIALOG, ["messages_search_idx|messages_telegram_message_key"]),
     ],
     ids=["search", "retry", "undo", "edit", "clear", "stats", "export"],
 )

@@ -11,7 +11,7 @@ from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.commands import HELP
 from services.database import Pool
 from services.ops.local_postgres import LocalPostgres
-from services.turn.turns import LLM_APOLOGY
+from services.turn.turn import LLM_APOLOGY
 from tests.harness import bot_command, fetch_after_outage, outage, running_bot, stored
 from tests.test_outage import back_to_the_database, spooled_lines
 

@@ -11,7 +11,7 @@ import pytest
 from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.unsupported import TEXT_ONLY
 from services.database import Pool
-from services.turn.turns import LLM_APOLOGY
+from services.turn.turn import LLM_APOLOGY
 from tests.harness import BotProcess, fetch, running_bot, stored
 
 

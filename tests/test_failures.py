@@ -13,13 +13,13 @@ import pytest
 from psycopg_pool import PoolTimeout
 
 from bench.standins import LLMStandIn, TelegramStandIn
-from services import database
+from services import context, database
 from services.database import Pool
 from services.failures import BadRequest, Failure, classify
 from services.fallback.memory import RecentHistory
 from services.fallback.storage import Storage
 from services.ops.local_postgres import LocalPostgres, free_port
-from services.turn.turns import DB_APOLOGY, HISTORY_MISSING
+from services.turn.turn import DB_APOLOGY, HISTORY_MISSING
 from tests.harness import bot_command, fetch, fetch_after_outage, running_bot
 from tests.test_health import get
 
@@ -56,9 +56,13 @@ async def test_each_error_postgresql_raises_has_its_class(pool: Pool, database_u
 async def test_input_the_database_refuses_is_a_bad_request_and_the_storage_stays_healthy(pool: Pool) -> None:
     storage = Storage(pool, history=RecentHistory(1000, per_dialog=10), spool=None)
     with pytest.raises(BadRequest, match="22003"):
-        await storage.set_chat_setting(chat_id=1, name="temperature", value=1e-50, user_id=1)
+        async with storage.database() as stored:
+            await context.set_chat_setting(
+                stored, telegram_chat_id=1, name="temperature", value=1e-50, telegram_user_id=1
+            )
     assert not storage.degraded
-    assert (await storage.chat_settings(chat_id=1)).temperature is None
+    async with storage.database() as stored:
+        assert (await context.get_chat_settings(stored, telegram_chat_id=1)).temperature is None
 
 
 async def test_one_users_odd_commands_leave_everyone_else_served(

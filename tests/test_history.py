@@ -13,9 +13,8 @@ import pytest
 
 from bench.standins import LLMStandIn, TelegramStandIn
 from handlers.history import NOTHING_TO_EXPORT, NOTHING_TO_RETRY, NOTHING_TO_UNDO, SEARCH_USAGE
+from services import context
 from services.database import Pool
-from services.fallback.memory import RecentHistory
-from services.fallback.storage import Storage
 from services.text.export import export_dialog
 from services.text.formatting import utf16_slice
 from tests.harness import command, edit, fetch, history_of, running_bot, store_question, until
@@ -418,12 +417,11 @@ async def test_export_holds_one_batch_at_a_time_and_splits_below_the_upload_limi
         "INSERT INTO messages (user_id, chat_id, role, content)"
         " SELECT 1, 1, 'user', n || ' ' || repeat('я', 2000) FROM generate_series(1, 20000) n",
     )
-    storage = Storage(pool, history=RecentHistory(max_chars=0, per_dialog=1), spool=None)
     limit = 5_000_000
     tracemalloc.start()
     try:
         paths = await export_dialog(
-            lambda write: storage.export(user_id=1, chat_id=1, write=write),
+            lambda write: context.dialog_messages(pool, telegram_user_id=1, telegram_chat_id=1, write=write),
             tmp_path,
             chat_id=1,
             fmt="json",
@@ -443,9 +441,8 @@ async def test_export_holds_one_batch_at_a_time_and_splits_below_the_upload_limi
 async def test_markdown_parts_each_have_their_heading(pool: Pool, tmp_path: Path) -> None:
     for n in range(30):
         await store_question(pool, 1, 1, f"question {n} " + "x" * 100)
-    storage = Storage(pool, history=RecentHistory(max_chars=0, per_dialog=1), spool=None)
     paths = await export_dialog(
-        lambda write: storage.export(user_id=1, chat_id=1, write=write),
+        lambda write: context.dialog_messages(pool, telegram_user_id=1, telegram_chat_id=1, write=write),
         tmp_path,
         chat_id=1,
         fmt="markdown",

@@ -12,7 +12,7 @@ from aiogram import Dispatcher
 from bench.standins import LLMStandIn, TelegramStandIn
 from services.database import Pool
 from services.ops.local_postgres import LocalPostgres
-from services.turn.turns import DB_APOLOGY, HISTORY_MISSING
+from services.turn.turn import DB_APOLOGY, HISTORY_MISSING
 from tests.harness import BotProcess, fetch_after_outage, history_of, outage, running_bot, until
 
 

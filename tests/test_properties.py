@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services import context, database
+from tests.harness import live_history
 
 USERS = st.sampled_from([1, 2, 3])
 CHATS = st.sampled_from([1, 2, -1001])
@@ -39,7 +40,7 @@ async def play(url: str, ops: list[tuple[int, int, str, int]]) -> None:
                 for _ in range(pause):  # lets other keys' steps run in between
                     await asyncio.sleep(0)
                 if op == "clear":
-                    await context.clear_context(pool, telegram_user_id=user, telegram_chat_id=chat)
+                    await context.soft_delete_messages(pool, telegram_user_id=user, telegram_chat_id=chat)
                 else:
                     await context.add_question(
                         pool,
@@ -48,14 +49,12 @@ async def play(url: str, ops: list[tuple[int, int, str, int]]) -> None:
                         telegram_chat_id=chat,
                         telegram_message_id=index,
                         telegram_thread_id=None,
-                        text=f"{user}/{chat}/{index}",
+                        content=f"{user}/{chat}/{index}",
                     )
 
         await asyncio.gather(*(run_key(user, chat, steps) for (user, chat), steps in per_key.items()))
         for user, chat in per_key:
-            got = await database.run(
-                pool, database.fetch_history, telegram_user_id=user, telegram_chat_id=chat, limit=1000
-            )
+            got = await live_history(pool, user, chat, limit=1000)
             assert [m.content for m in got] == expected[user, chat]
         async with pool.connection() as conn:
             cur = await conn.execute("SELECT count(*), count(DISTINCT content) FROM messages")

@@ -15,7 +15,7 @@ from config import ConfigError, load_config
 from handlers.settings import ADMINS_ONLY, NO_PROMPT, PROMPT_MAX_CHARS, STALE_CHOICE, TEMPERATURE_USAGE, model_key
 from services.database import Pool
 from services.ops.local_postgres import LocalPostgres
-from services.turn.turns import DB_APOLOGY
+from services.turn.turn import DB_APOLOGY
 from tests.harness import ROOT, TOKEN, fetch, outage, running_bot
 
 GROUP = -100777

@@ -8,7 +8,7 @@ from __future__ import annotations
 from bench.standins import LLMStandIn, TelegramStandIn
 from services.database import Pool
 from services.text.formatting import render
-from services.turn.turns import LLM_APOLOGY
+from services.turn.turn import LLM_APOLOGY
 from tests.harness import accepted, fetch, final_texts, running_bot
 
 LONG = " ".join(f"word{i}" for i in range(60))  # about 420 characters

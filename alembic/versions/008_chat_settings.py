@@ -6,7 +6,7 @@ NULL means "the default from the configuration" (``LLM_MODEL``, ``SYSTEM_PROMPT`
 ``LLM_TEMPERATURE``), so a chat that never chose anything has no row, and a changed default
 reaches every chat that kept it. ``updated_by`` is the Telegram user id of whoever changed the
 row last (an administrator, in a group). A turn reads its chat's row inside the statement that
-reads its history (``SELECT_TURN_START``), by primary key.
+reads its history (``FETCH_TURN_START``), by primary key.
 
 On a big database: a new, empty table; nothing else is touched or locked beyond the catalogue
 and a ``SHARE ROW EXCLUSIVE`` lock on ``chats`` for the foreign key, held for milliseconds.

@@ -26,13 +26,7 @@ import psycopg
 from services import context, database
 from services.database import (
     Connection,
-    DialogStats,
-    EditedQuestion,
-    ExportedMessage,
     Pool,
-    SearchHit,
-    SummarySource,
-    Undone,
     UnfinishedTurn,
 )
 from services.failures import RETRY_LATER, StorageUnavailable, classify, reason
@@ -44,12 +38,10 @@ from services.ops import metrics
 from services.records import (
     NO_USAGE,
     Answer,
-    ChatSettings,
     Dialog,
     DialogContext,
     FinishReason,
     Question,
-    SettingName,
     TurnStart,
     Usage,
     as_sent,
@@ -151,7 +143,7 @@ class Storage:
             unfinished: list[UnfinishedTurn] = []
             try:
                 if await lock.enter_async_context(context.exclusive(self._pool, RECOVERY_LOCK)):
-                    unfinished = await context.unfinished_turns(self._pool, max_age_s=max_age_s)
+                    unfinished = await context.fetch_unfinished_turns(self._pool, max_age_s=max_age_s)
                 else:
                     logger.info("another process is recovering unfinished turns")
             except StorageUnavailable:
@@ -163,7 +155,7 @@ class Storage:
     async def register(self, *, user_id: int, first_name: str | None, chat_id: int) -> None:
         """Register user and chat (degraded: their first question's write-back registers them)."""
         await self._in_database(
-            lambda pool: context.register(
+            lambda pool: context.upsert_user_and_chat(
                 pool, telegram_user_id=user_id, first_name=first_name, telegram_chat_id=chat_id
             )
         )
@@ -176,7 +168,7 @@ class Storage:
         chat_id: int,
         message_id: int,
         thread_id: int | None,
-        text: str,
+        content: str,
         rate_limit: int,
         quoted: str | None = None,
         token_budget: int = 0,
@@ -195,17 +187,17 @@ class Storage:
                 telegram_chat_id=chat_id,
                 telegram_message_id=message_id,
                 telegram_thread_id=thread_id,
-                text=text,
+                content=content,
                 quoted=quoted,
-                rate_limit_per_minute=rate_limit,
-                daily_token_budget=token_budget,
+                rate_limit=rate_limit,
+                token_budget=token_budget,
                 holder=holder,
                 lease_ttl_s=lease_ttl_s,
             )
         )
         if added is not UNAVAILABLE:
             if added.new:
-                self._history.append(dialog, Remembered("user", text, message_id))
+                self._history.append(dialog, Remembered("user", content, message_id))
             return Question(chat_id, user_id, message_id, added.id, thread_id, added.leased, added.lease_version)
         question = Question(chat_id, user_id, message_id, thread_id=thread_id)
         if self._spool is not None and any(
@@ -214,8 +206,10 @@ class Storage:
             return question  # a redelivered update: its turn finds what is left to do
         if dialog not in self._history and self._pool is not None:
             self._history_missing.add(dialog)
-        self._keep(Spooled("question", chat_id, user_id, spool.now(), message_id, first_name, thread_id, text, quoted))
-        self._history.append(dialog, Remembered("user", text, message_id))
+        self._keep(
+            Spooled("question", chat_id, user_id, spool.now(), message_id, first_name, thread_id, content, quoted)
+        )
+        self._history.append(dialog, Remembered("user", content, message_id))
         return question
 
     async def start_turn(
@@ -226,7 +220,7 @@ class Storage:
         question_id = question.id
         if question_id is not None:
             start = await self._in_database(
-                lambda pool: context.start_turn(
+                lambda pool: context.fetch_turn_start(
                     pool, question_id=question_id, history_limit=history_limit, budget=budget, shared=shared
                 )
             )
@@ -244,84 +238,36 @@ class Storage:
         history = self._history.context(question.dialog, question.message_id)
         return TurnStart(dialog_of(history[-history_limit:]), answer, missing, from_database=False)
 
-    async def next_context(
-        self, *, user_id: int, chat_id: int, history_limit: int, budget: int, shared: bool
-    ) -> DialogContext:
-        """What the dialog's next turn would read (/context)."""
-        return await self._required(
-            lambda pool: context.next_context(
-                pool,
-                telegram_user_id=user_id,
-                telegram_chat_id=chat_id,
-                history_limit=history_limit,
-                budget=budget,
-                shared=shared,
-            )
-        )
-
-    async def summary_source(
-        self, question: Question, *, before: int, budget: int, limit: int, shared: bool
-    ) -> SummarySource:
-        """The previous summary of the question's dialog and the live messages after it, before
-        turn ``before`` (``context.summary_source``)."""
-        question_id = question.id
-        assert question_id is not None  # summaries are made only from a context read in the database
-        return await self._required(
-            lambda pool: context.summary_source(
-                pool, question_id=question_id, before=before, budget=budget, limit=limit, shared=shared
-            )
-        )
-
-    async def add_summary(
-        self, question: Question, *, through_id: int, covered: int, text: str, shared: bool, usage: Usage = NO_USAGE
-    ) -> bool:
-        """Store a summary of the question's dialog up to turn ``through_id``; False when the
-        question was cleared or undone meanwhile. ``usage``: its tokens, counted for the user
-        whose question's turn made it."""
-        question_id = question.id
-        assert question_id is not None
-        return await self._required(
-            lambda pool: context.add_summary(
-                pool,
-                question_id=question_id,
-                through_id=through_id,
-                covered=covered,
-                text=text,
-                shared=shared,
-                usage=usage,
-            )
-        )
-
     async def add_answer(
-        self, question: Question, text: str, finish_reason: FinishReason | None = None, usage: Usage = NO_USAGE
+        self, question: Question, content: str, finish_reason: FinishReason | None = None, usage: Usage = NO_USAGE
     ) -> Answer | None:
         """Store an answer (``finish_reason``: cut short, and why; ``usage``: its tokens); None
         when its question was cleared (or answered) meanwhile."""
-        remembered = Remembered("assistant", as_sent(text, finish_reason), question.message_id)
+        remembered = Remembered("assistant", as_sent(content, finish_reason), question.message_id)
         question_id = question.id
         if question_id is not None:
             answer_id = await self._in_database(
                 lambda pool: context.add_answer(
-                    pool, question_id=question_id, text=text, finish_reason=finish_reason, usage=usage
+                    pool, question_id=question_id, content=content, finish_reason=finish_reason, usage=usage
                 )
             )
             if answer_id is None:
                 return None
             if answer_id is not UNAVAILABLE:
                 self._history.append(question.dialog, remembered)
-                return Answer(answer_id, text)
+                return Answer(answer_id, content)
         if question.message_id is None or self._spooled_turn(question).settled:
             return None
         self._keep_for(
             question,
             "answer",
-            text=text,
+            text=content,
             finish_reason=finish_reason,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
         )
         self._history.append(question.dialog, remembered)
-        return Answer(None, text)
+        return Answer(None, content)
 
     async def record_sent_part(self, question: Question, answer: Answer, *, sent_message_id: int, last: bool) -> None:
         """Record one part of an answer accepted by Telegram; the last one makes it delivered."""
@@ -350,8 +296,8 @@ class Storage:
         remembered). Raises ``RateLimited`` when the hit it counts is over ``rate_limit``: then
         nothing is forgotten. Degraded, no limit is checked: the clear is spooled."""
         cleared = await self._in_database(
-            lambda pool: context.clear_context(
-                pool, telegram_user_id=user_id, telegram_chat_id=chat_id, rate_limit_per_minute=rate_limit
+            lambda pool: context.soft_delete_messages(
+                pool, telegram_user_id=user_id, telegram_chat_id=chat_id, rate_limit=rate_limit
             )
         )
         remembered = self._history.forget((user_id, chat_id))
@@ -361,111 +307,27 @@ class Storage:
         self._keep(Spooled("clear", chat_id, user_id, spool.now()))
         return remembered
 
-    # -- the stored history: only while the database is in use ---------------------------------
+    # -- the stored history itself: only while the database is in use --------------------------
 
-    def require_database(self) -> None:
-        """Raise ``HistoryDisabled`` without a database, ``StorageUnavailable`` while degraded."""
+    @asynccontextmanager
+    async def database(self) -> AsyncIterator[Pool]:
+        """The pool, for work on the stored history itself (/search, /stats, /export, settings,
+        /retry, /undo, edits, summaries), which has no fallback: ``HistoryDisabled`` without a
+        database, ``StorageUnavailable`` while degraded. An outage met inside degrades the bot."""
         if self._pool is None:
             raise HistoryDisabled
         if not self._healthy:
             raise StorageUnavailable("degraded")
+        try:
+            yield self._pool
+        except StorageUnavailable:
+            self._degrade()
+            raise
 
-    async def _required(self, work: Callable[[Pool], Awaitable[T]]) -> T:
-        self.require_database()
-        done = await self._in_database(work)
-        if done is UNAVAILABLE:
-            raise StorageUnavailable("database unavailable")
-        return done
-
-    async def retry(self, *, user_id: int, chat_id: int, rate_limit: int = 0, token_budget: int = 0) -> Question | None:
-        """Set aside the answer to the dialog's last question, to ask it again; that question.
-        Raises ``RateLimited`` (``OverBudget``) as a new question would: nothing changed."""
-        retried = await self._required(
-            lambda pool: context.retry(
-                pool,
-                telegram_user_id=user_id,
-                telegram_chat_id=chat_id,
-                rate_limit_per_minute=rate_limit,
-                daily_token_budget=token_budget,
-            )
-        )
-        if retried is None:
-            return None
-        self._history.forget((user_id, chat_id))  # the next turn reads the history afresh
-        return Question(chat_id, user_id, retried.telegram_message_id, retried.id, retried.telegram_thread_id)
-
-    async def undo(self, *, user_id: int, chat_id: int, rate_limit: int = 0) -> Undone:
-        """Bring back the last /clear if nothing was said since, else take back the last turn.
-        Raises ``RateLimited`` when the hit it counts is over ``rate_limit``: nothing changed."""
-        undone = await self._required(
-            lambda pool: context.undo(
-                pool, telegram_user_id=user_id, telegram_chat_id=chat_id, rate_limit_per_minute=rate_limit
-            )
-        )
+    def forget(self, user_id: int, chat_id: int) -> None:
+        """Drop what memory holds of the dialog, changed in the database (/retry, /undo, an edit):
+        the next turn reads it afresh."""
         self._history.forget((user_id, chat_id))
-        return undone
-
-    async def edit(
-        self, *, user_id: int, chat_id: int, message_id: int, text: str, rate_limit: int = 0, token_budget: int = 0
-    ) -> EditedQuestion | None:
-        """Store the edited text of a question; None when the message is not a stored question.
-        Raises ``RateLimited`` (``OverBudget``) as a new question would: nothing changed."""
-        edited = await self._required(
-            lambda pool: context.edit_question(
-                pool,
-                telegram_user_id=user_id,
-                telegram_chat_id=chat_id,
-                telegram_message_id=message_id,
-                text=text,
-                rate_limit_per_minute=rate_limit,
-                daily_token_budget=token_budget,
-            )
-        )
-        if edited is not None:
-            self._history.forget((user_id, chat_id))
-        return edited
-
-    async def search(
-        self, *, user_id: int, chat_id: int, query: str, everything: bool, limit: int, options: str
-    ) -> list[SearchHit]:
-        """The dialog's best matches for ``query`` (``everything``: cleared messages too)."""
-        return await self._required(
-            lambda pool: context.search(
-                pool,
-                telegram_user_id=user_id,
-                telegram_chat_id=chat_id,
-                query=query,
-                everything=everything,
-                limit=limit,
-                options=options,
-            )
-        )
-
-    async def stats(self, *, user_id: int, chat_id: int) -> DialogStats:
-        """The user's message, character and token counts, in this chat and in all."""
-        return await self._required(
-            lambda pool: context.stats(pool, telegram_user_id=user_id, telegram_chat_id=chat_id)
-        )
-
-    async def export(self, *, user_id: int, chat_id: int, write: Callable[[ExportedMessage], Awaitable[None]]) -> None:
-        """Pass every message of the dialog, in turn order, to ``write``, as it is read."""
-        await self._required(
-            lambda pool: context.export(pool, telegram_user_id=user_id, telegram_chat_id=chat_id, write=write)
-        )
-
-    async def chat_settings(self, *, chat_id: int) -> ChatSettings:
-        """The chat's settings (None in a field: the default)."""
-        return await self._required(lambda pool: context.chat_settings(pool, telegram_chat_id=chat_id))
-
-    async def set_chat_setting(
-        self, *, chat_id: int, name: SettingName, value: str | float | None, user_id: int
-    ) -> ChatSettings:
-        """Set one of the chat's settings (None: the default), from its next turn on; the settings now."""
-        return await self._required(
-            lambda pool: context.set_chat_setting(
-                pool, telegram_chat_id=chat_id, name=name, value=value, telegram_user_id=user_id
-            )
-        )
 
     async def _in_database(self, work: Callable[[Pool], Awaitable[T]]) -> T | Literal[Unavailable.UNAVAILABLE]:
         """``work(pool)`` while the database is in use; ``UNAVAILABLE`` when degraded, or when

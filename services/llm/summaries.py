@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from services import context
 from services.fallback.storage import Storage
 from services.llm.budget import Window
 from services.llm.client import LLM
@@ -51,10 +52,13 @@ class Summariser:
         whether a new summary was stored. Raises ``LLMError`` or ``StorageUnavailable``."""
         if not window.recent:
             return False
+        question_id = question.id
+        assert question_id is not None  # summaries are made only from a context read in the database
         before = recent_start(window, history_limit)
-        source = await self.storage.summary_source(
-            question, before=before, budget=window.room // 2, limit=SOURCE_LIMIT, shared=shared
-        )
+        async with self.storage.database() as pool:
+            source = await context.fetch_summary_source(
+                pool, question_id=question_id, before=before, budget=window.room // 2, limit=SOURCE_LIMIT, shared=shared
+            )
         messages = source.messages
         if len(messages) > 1 and messages[-1].role == "user":
             messages = messages[:-1]  # its answer may lie past the budget: it waits for the next summary
@@ -73,14 +77,16 @@ class Summariser:
             else:
                 written.append(piece)
         text = storable("".join(written)).strip()
-        stored = await self.storage.add_summary(
-            question,
-            through_id=messages[-1].turn,
-            covered=source.covered + len(messages),
-            text=text,
-            shared=shared,
-            usage=usage,
-        )
+        async with self.storage.database() as pool:
+            stored = await context.add_summary(
+                pool,
+                question_id=question_id,
+                through_id=messages[-1].turn,
+                covered=source.covered + len(messages),
+                content=text,
+                shared=shared,
+                usage=usage,
+            )
         logger.info("summary of %d message(s) through turn %s: %d chars", len(messages), messages[-1].turn, len(text))
         return stored
 

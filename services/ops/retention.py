@@ -88,7 +88,7 @@ async def tool_pool() -> AsyncIterator[Pool]:
     try:
         # One direct attempt first: refused at once when nothing listens, where the pool would
         # keep retrying (and logging each retry) for its whole timeout.
-        await (await psycopg.AsyncConnection.connect(url, connect_timeout=CONNECT_TIMEOUT_S)).close()
+        await (await database.connect(url, connect_timeout=CONNECT_TIMEOUT_S)).close()
         pool = await database.init_db(url, size=1, timeout_s=CONNECT_TIMEOUT_S)
     except psycopg.OperationalError:
         raise SystemExit(CANNOT_CONNECT) from None

@@ -15,18 +15,20 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
+
+StopReason = Literal["stop", "cancel"]  # the user stopped it (its text is kept); a /clear, /undo or edit
 
 
 class Stopped(Exception):
     """The work awaited through ``ChatQueues.stoppable`` was stopped: ``reason`` is ``"stop"``
     (``ChatQueues.stop``: keep what was done) or ``"cancel"`` (``ChatQueues.cancel``: drop it)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: StopReason) -> None:
         super().__init__(reason)
         self.reason = reason
 
@@ -50,7 +52,7 @@ class _Chat(Generic[T]):
     worker: asyncio.Task[None] | None = None
     running: _Job[T] | None = None
     stoppable: asyncio.Future[Any] | None = None
-    stop_reason: str = ""
+    stop_reason: StopReason = "stop"
 
     def idle(self) -> bool:
         return not (self.entering or self.queue or self.worker)
@@ -157,7 +159,7 @@ class ChatQueues(Generic[T]):
             self._stop(chat, "cancel")
             await asyncio.wait({running.done})
 
-    def stop(self, chat_id: int, matches: Callable[[T], bool], *, reason: str = "stop") -> bool:
+    def stop(self, chat_id: int, matches: Callable[[T], bool], *, reason: StopReason = "stop") -> bool:
         """Stop what the chat's running item awaits through ``stoppable``, if it ``matches``;
         whether there was something to stop. The item goes on with what it has, told ``reason``
         (``Stopped``); queued items are left alone."""
@@ -168,7 +170,7 @@ class ChatQueues(Generic[T]):
         return True
 
     @staticmethod
-    def _stop(chat: _Chat[T], reason: str) -> None:
+    def _stop(chat: _Chat[T], reason: StopReason) -> None:
         if chat.stoppable is not None:
             chat.stop_reason = reason
             chat.stoppable.cancel()

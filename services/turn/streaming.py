@@ -34,7 +34,7 @@ class Shown:
 
 class LiveReply:
     """Streams an answer to ``address``: ``write`` the Markdown so far as it grows, ``finish`` at
-    the end; the turn then delivers the final parts (see ``Turns._deliver``)."""
+    the end; the turn then delivers the final parts (see ``Turn._deliver``)."""
 
     def __init__(
         self,
