@@ -12,19 +12,15 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import psycopg
 
 from services import database
 from services.database import (
-    AddedQuestion,
     Connection,
-    EditedQuestion,
     ExportedMessage,
     Pool,
-    RetriedQuestion,
-    Undone,
 )
 from services.failures import RETRY_LATER, BadRequest, Failure, StorageUnavailable, classify, reason
 from services.records import NO_USAGE, FinishReason, Usage
@@ -85,6 +81,36 @@ def _service(
     return service
 
 
+class Verdict(Protocol):
+    """A statement's admission verdict, read from the row it returns."""
+
+    @property
+    def rate_limited(self) -> bool: ...
+
+    @property
+    def over_budget(self) -> bool: ...
+
+
+V = TypeVar("V", bound="Verdict | None")
+
+
+def _admitted(
+    query: Callable[Concatenate[Connection, P], Awaitable[V]],
+) -> Callable[Concatenate[Pool, P], Awaitable[V]]:
+    """``query`` as a service, like ``_service``, that raises the admission's refusal the
+    statement decided (``refuse``): the statements that store or re-open a question, and /clear
+    and /undo, which count against the rate limit."""
+
+    @functools.wraps(query, assigned=("__name__", "__qualname__", "__doc__"))
+    async def service(pool: Pool, /, *args: P.args, **kwargs: P.kwargs) -> V:
+        verdict = await call(pool, query, *args, **kwargs)
+        if verdict is not None:
+            refuse(rate_limited=verdict.rate_limited, over_budget=verdict.over_budget)
+        return verdict
+
+    return service
+
+
 # -- reads and writes as the database runs them ---------------------------------------------------
 
 upsert_user_and_chat = _service(database.upsert_user_and_chat)
@@ -99,50 +125,16 @@ get_chat_settings = _service(database.get_chat_settings)
 set_chat_setting = _service(database.set_chat_setting)
 fetch_unfinished_turns = _service(database.fetch_unfinished_turns)
 
+# -- what the admission decides: refused, they raise ``OverBudget`` or ``RateLimited`` ----------
 
-# -- what adds something: the admission's refusals, the tokens of a Usage, a streamed read -------
+add_question = _admitted(database.add_question)
+soft_delete_messages = _admitted(database.soft_delete_messages)
+retry_last_turn = _admitted(database.retry_last_turn)
+undo_last_turn = _admitted(database.undo_last_turn)
+edit_question = _admitted(database.edit_question)
 
 
-async def add_question(
-    pool: Pool,
-    *,
-    telegram_user_id: int,
-    first_name: str | None,
-    telegram_chat_id: int,
-    telegram_message_id: int | None,
-    telegram_thread_id: int | None,
-    content: str,
-    quoted: str | None = None,
-    rate_limit: int = 0,
-    token_budget: int = 0,
-    holder: str | None = None,
-    lease_ttl_s: int = 0,
-) -> AddedQuestion:
-    """Store the user's message (registering user and chat) in one round trip; with ``holder``,
-    taking or bumping the chat's lease in the same statement.
-
-    Raises ``RateLimited`` when the user is over ``rate_limit`` a minute (0: no limit), and
-    ``OverBudget`` when their tokens today have reached ``token_budget`` (0: no budget): the
-    message is then stored set aside, so it neither enters the history nor awaits an answer. A
-    message stored before raises nothing: it was told once.
-    """
-    added = await call(
-        pool,
-        database.add_question,
-        telegram_user_id=telegram_user_id,
-        first_name=first_name,
-        telegram_chat_id=telegram_chat_id,
-        content=content,
-        telegram_message_id=telegram_message_id,
-        telegram_thread_id=telegram_thread_id,
-        quoted=quoted,
-        rate_limit=rate_limit,
-        token_budget=token_budget,
-        holder=holder,
-        lease_ttl_s=lease_ttl_s,
-    )
-    refuse(rate_limited=added.new and added.set_aside, over_budget=added.over_budget)
-    return added
+# -- what adds something: the tokens of a Usage, a streamed read -----------------------------------
 
 
 async def add_answer(
@@ -178,79 +170,6 @@ async def add_summary(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
     )
-
-
-async def soft_delete_messages(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0) -> int:
-    """Soft-delete the history of (user, chat); how many messages were cleared. Raises
-    ``RateLimited`` (nothing cleared) when the hit it counts is over ``rate_limit``."""
-    cleared = await call(
-        pool,
-        database.soft_delete_messages,
-        telegram_user_id=telegram_user_id,
-        telegram_chat_id=telegram_chat_id,
-        rate_limit=rate_limit,
-    )
-    refuse(rate_limited=cleared.rate_limited, over_budget=False)
-    return cleared.cleared
-
-
-async def retry_last_turn(
-    pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0, token_budget: int = 0
-) -> RetriedQuestion | None:
-    """Set aside the answer to the dialog's last question, to ask it again; None if there is
-    none. Raises ``RateLimited`` or ``OverBudget`` as a new question would (nothing changed)."""
-    retried = await call(
-        pool,
-        database.retry_last_turn,
-        telegram_user_id=telegram_user_id,
-        telegram_chat_id=telegram_chat_id,
-        rate_limit=rate_limit,
-        token_budget=token_budget,
-    )
-    refuse(rate_limited=retried.rate_limited, over_budget=retried.over_budget)
-    return retried if retried.id is not None else None
-
-
-async def undo_last_turn(pool: Pool, *, telegram_user_id: int, telegram_chat_id: int, rate_limit: int = 0) -> Undone:
-    """Bring back the last /clear if nothing was said since, else take back the last turn.
-    Raises ``RateLimited`` (nothing changed) when the hit it counts is over the limit."""
-    undone = await call(
-        pool,
-        database.undo_last_turn,
-        telegram_user_id=telegram_user_id,
-        telegram_chat_id=telegram_chat_id,
-        rate_limit=rate_limit,
-    )
-    refuse(rate_limited=undone.rate_limited, over_budget=False)
-    return undone
-
-
-async def edit_question(
-    pool: Pool,
-    *,
-    telegram_user_id: int,
-    telegram_chat_id: int,
-    telegram_message_id: int,
-    content: str,
-    rate_limit: int = 0,
-    token_budget: int = 0,
-) -> EditedQuestion | None:
-    """Store the edited text of a question; None when the message is not a stored question.
-    Raises ``RateLimited``, or (the last question, answered again) ``OverBudget``, as a new
-    question would: nothing changed."""
-    edited = await call(
-        pool,
-        database.edit_question,
-        telegram_user_id=telegram_user_id,
-        telegram_chat_id=telegram_chat_id,
-        telegram_message_id=telegram_message_id,
-        content=content,
-        rate_limit=rate_limit,
-        token_budget=token_budget,
-    )
-    if edited is not None:
-        refuse(rate_limited=edited.rate_limited, over_budget=edited.over_budget)
-    return edited
 
 
 async def dialog_messages(

@@ -393,6 +393,11 @@ class AddedQuestion:
     leased: bool | None = None  # this process holds the chat's lease (None: no lease asked for)
     lease_version: int | None = None
 
+    @property
+    def rate_limited(self) -> bool:
+        """Refused now for the rate limit (stored set aside; a message stored before was told once)."""
+        return self.new and self.set_aside
+
 
 # A question, stored in one statement: register, decide its admission and store the message,
 # set aside (soft-deleted) at once when it is refused, so no crash can leave a refused question
@@ -1029,6 +1034,10 @@ class Cleared:
     cleared: int
     rate_limited: bool = False
 
+    @property
+    def over_budget(self) -> bool:
+        return False  # /clear counts against the rate limit only
+
 
 # /clear: one hit against the rate limit; over it, nothing is cleared. ``before`` is given only
 # for a /clear spooled during an outage (then no limit is checked): it clears what was said
@@ -1175,6 +1184,10 @@ class Undone:
     undone: int
     question: str | None
     rate_limited: bool = False  # over the rate limit: nothing changed
+
+    @property
+    def over_budget(self) -> bool:
+        return False  # /undo counts against the rate limit only
 
 
 # /undo: one hit against the rate limit; over it, nothing changes. When the dialog's latest

@@ -100,7 +100,7 @@ async def test_register_keeps_the_first_name_current(pool: Pool) -> None:
 async def test_clear_and_unfinished(pool: Pool) -> None:
     await ask(pool, "q1", message_id=1)
     assert [q.telegram_message_id for q in await context.fetch_unfinished_turns(pool, max_age_s=60)] == [1]
-    assert await context.soft_delete_messages(pool, telegram_user_id=1, telegram_chat_id=1) == 1
+    assert (await context.soft_delete_messages(pool, telegram_user_id=1, telegram_chat_id=1)).cleared == 1
     assert await context.fetch_unfinished_turns(pool, max_age_s=60) == []  # cleared questions are not answered
 
 

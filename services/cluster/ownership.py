@@ -3,10 +3,10 @@ chat's lease.
 
 ``SingleProcess``: polling (Telegram allows one consumer), or no database. Every chat is this
 process's, there is nothing to agree on and no one to tell. ``Leased``: webhook mode, where
-several processes may share one database (ADR-07). A new question takes or bumps the chat's lease in the statement that stores it; the
-holder answers the chat's turns one by one and hands the chat over after each; a stop or a
-/clear that reaches another process is passed on to the holder. The turn pipeline asks the same
-questions of both and never checks which one it has.
+several processes may share one database (ADR-07). A new question takes or bumps the chat's
+lease in the statement that stores it; the holder answers the chat's turns one by one and hands
+the chat over after each; a stop or a /clear that reaches another process is passed on to the
+holder. The turn pipeline asks the same questions of both and never checks which one it has.
 """
 
 from __future__ import annotations

@@ -303,7 +303,7 @@ class Storage:
         remembered = self._history.forget((user_id, chat_id))
         self._history.remember((user_id, chat_id), [])  # known to be empty: nothing is missing
         if cleared is not UNAVAILABLE:
-            return cleared
+            return cleared.cleared
         self._keep(Spooled("clear", chat_id, user_id, spool.now()))
         return remembered
 

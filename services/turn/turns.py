@@ -169,7 +169,7 @@ class Turns:
                 rate_limit=self._config.rate_limit_per_minute,
                 token_budget=self._config.daily_token_budget_per_user,
             )
-        if retried is None:
+        if retried.id is None:
             return False
         self._storage.forget(user_id, chat_id)  # the next turn reads the history afresh
         question = Question(chat_id, user_id, retried.telegram_message_id, retried.id, retried.telegram_thread_id)
