@@ -25,7 +25,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Concatenate, Final, Literal, NamedTuple, ParamSpec, TypeAlias, TypeVar
 from weakref import WeakKeyDictionary
@@ -392,6 +392,7 @@ class AddedQuestion:
     over_budget: bool = False
     leased: bool | None = None  # this process holds the chat's lease (None: no lease asked for)
     lease_version: int | None = None
+    start: TurnStart | None = None  # its turn's start, when read with it (``read``)
 
     @property
     def rate_limited(self) -> bool:
@@ -457,8 +458,10 @@ async def add_question(
     created_at: datetime | None = None,
     holder: str | None = None,
     lease_ttl_s: int = 0,
+    read: StartRead | None = None,
 ) -> AddedQuestion:
-    """Store a user's message, registering user and chat, in one round trip and one transaction.
+    """Store a user's message, registering user and chat, in one round trip and one transaction;
+    with ``read``, its turn's start comes back in that round trip too (``FETCH_FRESH_TURN_START``).
 
     With ``rate_limit`` > 0 it counts a hit for the user and sets the message aside when this
     minute's hits exceed the limit; with ``token_budget`` > 0, also when the user's tokens
@@ -466,28 +469,27 @@ async def add_question(
     now. With ``holder``, the chat's lease is taken for it when free or held by it already, and
     bumped in any case (``services/cluster/leases.py``); a question set aside neither takes nor bumps it.
     """
+    params: dict[str, object] = {
+        "telegram_user_id": telegram_user_id,
+        "first_name": first_name,
+        "telegram_chat_id": telegram_chat_id,
+        "content": content,
+        "tokens": estimate_tokens(content),
+        "quoted": quoted,
+        "telegram_message_id": telegram_message_id,
+        "telegram_thread_id": telegram_thread_id,
+        "rate_limit": rate_limit,
+        "token_budget": token_budget,
+        "created_at": created_at,
+        "holder": holder,
+        "lease_ttl_s": lease_ttl_s,
+    }
+    if read is not None and telegram_message_id is not None:
+        with_start = await _add_question_and_read_start(conn, params, read)
+        if with_start is not None:
+            return with_start
     # INSERT ... ON CONFLICT DO UPDATE returns the row either way
-    return await _one_row(
-        conn,
-        AddedQuestion,
-        ADD_QUESTION,
-        {
-            "telegram_user_id": telegram_user_id,
-            "first_name": first_name,
-            "telegram_chat_id": telegram_chat_id,
-            "content": content,
-            "tokens": estimate_tokens(content),
-            "quoted": quoted,
-            "telegram_message_id": telegram_message_id,
-            "telegram_thread_id": telegram_thread_id,
-            "rate_limit": rate_limit,
-            "token_budget": token_budget,
-            "created_at": created_at,
-            "holder": holder,
-            "lease_ttl_s": lease_ttl_s,
-        },
-        prepare=True,
-    )
+    return await _one_row(conn, AddedQuestion, ADD_QUESTION, params, prepare=True)
 
 
 # -- a turn's context -------------------------------------------------------------------------
@@ -624,7 +626,11 @@ async def fetch_turn_start(
     cur = await conn.execute(
         statement, {"question_id": question_id, "limit": history_limit, "budget": budget}, prepare=True
     )
-    rows = await cur.fetchall()
+    return _turn_start(await cur.fetchall(), history_limit)
+
+
+def _turn_start(rows: list[tuple[Any, ...]], history_limit: int) -> TurnStart | None:
+    """A turn start read's rows as a ``TurnStart``; None when they hold nothing left to do."""
     if not rows:
         return None
     head = _ReadHead._make(rows[0][_MESSAGE_COLUMNS:])
@@ -641,6 +647,59 @@ async def fetch_turn_start(
         settings=settings,
         quoted=head.quoted,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class StartRead:
+    """What a turn's start reads: at most ``history_limit`` messages and about ``budget``
+    estimated tokens of history; ``shared``: the group's history across its users."""
+
+    history_limit: int
+    budget: int
+    shared: bool = False
+
+
+# A fresh question's turn start, read in the same round trip as ADD_QUESTION (a pipeline) where
+# the chat is idle, so its turn reads nothing more (ADR-04). The question is found by Telegram's
+# key, its id being unknown when the read is sent; the read sees it, committed by the statement
+# before. In a pipeline the two share one implicit transaction: a read the server refuses would
+# take the question with it, so then the question is stored alone and its turn reads its start
+# as any other turn does.
+_FRESH_QUESTION: Final = """
+        SELECT id, user_id, chat_id, quoted FROM messages
+        WHERE chat_id = (SELECT id FROM chats WHERE telegram_chat_id = %(telegram_chat_id)s::bigint)
+          AND telegram_message_id = %(telegram_message_id)s::bigint
+          AND role = 'user' AND deleted_at IS NULL AND failed_at IS NULL"""
+FETCH_FRESH_TURN_START: Final = _context_read(_FRESH_QUESTION, shared=False)
+FETCH_FRESH_TURN_START_SHARED: Final = _context_read(_FRESH_QUESTION, shared=True)
+
+
+async def _add_question_and_read_start(
+    conn: Connection, params: dict[str, object], read: StartRead
+) -> AddedQuestion | None:
+    """``ADD_QUESTION`` and ``FETCH_FRESH_TURN_START`` in one round trip; None when the server
+    refused the pair for a reason a fresh connection would not mend (the caller stores the
+    question alone). A broken connection or an outage is raised, for ``run`` to handle."""
+    added = conn.cursor(row_factory=class_row(AddedQuestion))
+    statement = FETCH_FRESH_TURN_START_SHARED if read.shared else FETCH_FRESH_TURN_START
+    try:
+        async with conn.pipeline():
+            await added.execute(ADD_QUESTION, params, prepare=True)
+            start = await conn.execute(
+                statement, {**params, "limit": read.history_limit, "budget": read.budget}, prepare=True
+            )
+    except psycopg.Error as error:
+        if failures.classify(error) in (Failure.OUTAGE, Failure.BROKEN):
+            raise
+        logger.warning(
+            "question and its turn's start not stored together (%s): the question alone", failures.reason(error)
+        )
+        return None
+    stored = await added.fetchone()
+    assert stored is not None  # INSERT ... ON CONFLICT DO UPDATE returns the row either way
+    if not stored.new or stored.set_aside:  # told before, or refused: no turn of its own to start
+        return stored
+    return replace(stored, start=_turn_start(await start.fetchall(), read.history_limit))
 
 
 # /context: what the dialog's next turn would read (its question not yet asked).

@@ -53,6 +53,8 @@ class Question:
     # Stored with a lease asked for: whether this process holds the chat's lease, its version.
     leased: bool | None = field(default=None, compare=False)
     lease_version: int | None = field(default=None, compare=False)
+    # Stored with its turn's start read in the same round trip (a fresh question, its chat idle).
+    start: TurnStart | None = field(default=None, compare=False, repr=False)
 
     @property
     def dialog(self) -> Dialog:

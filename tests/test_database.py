@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import re
+import tempfile
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import pq
 
 from services import database, records
 from services.cluster import leases
 from services.cluster import signals as chat_signals
 from services.database import Connection, Pool
+from services.fallback.memory import RecentHistory
+from services.fallback.storage import Storage
 from tests.harness import BUSY_CHAT, LIVE_HISTORY, live_history, store_question
 
 USER_A, USER_B = 111, 222
@@ -558,8 +564,12 @@ async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
     [
         (LIVE_HISTORY, {"telegram_user_id": USER_A, "telegram_chat_id": CHAT_X, "limit": 20}),
         (database.FETCH_TURN_START, {"question_id": 1, "limit": 20, "budget": BUDGET}),
+        (
+            database.FETCH_FRESH_TURN_START,
+            {"telegram_chat_id": CHAT_X, "telegram_message_id": 1, "limit": 20, "budget": BUDGET},
+        ),
     ],
-    ids=["history", "turn-start"],
+    ids=["history", "turn-start", "fresh-turn-start"],
 )
 async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement: str, params: dict[str, int]) -> None:
     # 50 users in one chat, the question the newest of its user's 1000 messages: the dialog's
@@ -568,6 +578,9 @@ async def test_history_reads_are_index_scans_without_sort(pool: Pool, statement:
     await rows(pool, BUSY_CHAT + " ANALYZE messages")
     if "question_id" in params:
         params = {**params, "question_id": (await rows(pool, "SELECT max(id) FROM messages"))[0][0]}
+    if "telegram_message_id" in params:
+        newest = "SELECT telegram_message_id FROM messages ORDER BY id DESC LIMIT 1"
+        params = {**params, "telegram_message_id": (await rows(pool, newest))[0][0]}
     async with pool.connection() as conn:
         cur = await conn.execute("EXPLAIN " + statement, params)
         plan = "\n".join(row[0] for row in await cur.fetchall())
@@ -768,3 +781,53 @@ async def test_lease_statements_read_through_indexes(
     assert "Seq Scan on messages" not in plan and "Seq Scan on chat_leases" not in plan, plan
     for choices in indexes:
         assert any(index in plan for index in choices.split("|")), plan
+
+
+async def traced_turn(database_url: str, message_id: int, *, read: database.StartRead | None) -> str:
+    """libpq's trace of the database work of one returning user's text message, as the turn
+    pipeline does it through the storage (``read``: the turn's start read with the question,
+    the chat being idle), on a pool of one connection."""
+    pool = await database.init_db(database_url, size=1)
+    storage = Storage(pool, history=RecentHistory(10_000, per_dialog=20), spool=None)
+
+    async def turn(message: int) -> None:
+        question = await storage.add_question(
+            user_id=1, first_name="A", chat_id=1, message_id=message, thread_id=None, content="q", rate_limit=60,
+            read=read,
+        )  # fmt: skip
+        start = question.start or await storage.start_turn(question, history_limit=20, budget=7_168)
+        assert start is not None and start.dialog.history[0].content == "q"
+        answer = await storage.add_answer(question, "a")
+        assert answer is not None
+        await storage.record_sent_part(question, answer, sent_message_id=message + 1000, last=True)
+
+    try:
+        await turn(message_id - 1)  # the user and the chat are registered: a returning user's turn
+        with tempfile.TemporaryFile("w+") as trace:
+            async with pool.connection() as conn:
+                conn.pgconn.trace(trace.fileno())
+                conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+            await turn(message_id)
+            conn.pgconn.untrace()  # directly: taking it from the pool again would be traced too
+            trace.seek(0)
+            return trace.read()
+    finally:
+        await database.close_db(pool)
+
+
+def round_trips(trace: str) -> int:
+    """How often the client sent and then waited for the server (F lines, then B lines)."""
+    directions = [line[0] for line in trace.splitlines() if line[:1] in ("F", "B")]
+    return sum(1 for sent, back in itertools.pairwise(directions) if (sent, back) == ("F", "B"))
+
+
+async def test_a_fresh_turn_in_an_idle_chat_costs_its_three_commits_and_no_more_round_trips(
+    pool: Pool, database_url: str
+) -> None:
+    """ADR-04: the question (with the turn's start read in the same round trip), the answer,
+    the delivery. A turn queued behind another reads its start on its own: four."""
+    idle = await traced_turn(database_url, 2, read=database.StartRead(history_limit=20, budget=7_168))
+    queued = await traced_turn(database_url, 12, read=None)
+    assert [round_trips(idle), round_trips(queued)] == [3, 4]
+    executes = re.compile(r"^F\s+\d+\s+Execute", flags=re.MULTILINE)
+    assert [len(executes.findall(idle)), len(executes.findall(queued))] == [4, 4]  # the same statements

@@ -27,6 +27,7 @@ from services import context, database
 from services.database import (
     Connection,
     Pool,
+    StartRead,
     UnfinishedTurn,
 )
 from services.failures import RETRY_LATER, StorageUnavailable, classify, reason
@@ -174,10 +175,12 @@ class Storage:
         token_budget: int = 0,
         holder: str | None = None,
         lease_ttl_s: int = 0,
+        read: StartRead | None = None,
     ) -> Question:
-        """Store a question (with ``holder``: taking or bumping the chat's lease); raises
-        ``RateLimited`` (``OverBudget``), or ``StorageUnavailable`` when it cannot be kept.
-        Degraded, neither limit is checked: the question is spooled."""
+        """Store a question (with ``holder``: taking or bumping the chat's lease; with ``read``,
+        reading its turn's start in the same round trip); raises ``RateLimited`` (``OverBudget``),
+        or ``StorageUnavailable`` when it cannot be kept. Degraded, neither limit is checked: the
+        question is spooled."""
         dialog = (user_id, chat_id)
         added = await self._in_database(
             lambda pool: context.add_question(
@@ -193,12 +196,18 @@ class Storage:
                 token_budget=token_budget,
                 holder=holder,
                 lease_ttl_s=lease_ttl_s,
+                read=read,
             )
         )
         if added is not UNAVAILABLE:
+            question = Question(
+                chat_id, user_id, message_id, added.id, thread_id, added.leased, added.lease_version, added.start
+            )
             if added.new:
                 self._history.append(dialog, Remembered("user", content, message_id))
-            return Question(chat_id, user_id, message_id, added.id, thread_id, added.leased, added.lease_version)
+            if added.start is not None:
+                self._remember(question, added.start.dialog)
+            return question
         question = Question(chat_id, user_id, message_id, thread_id=thread_id)
         if self._spool is not None and any(
             i.kind == "question" and i.chat_id == chat_id and i.message_id == message_id for i in self._spool.items

@@ -185,7 +185,7 @@ class Turn:
 
     async def _answer(self) -> None:
         crew = self.crew
-        start = await crew.storage.start_turn(
+        start = self.question.start or await crew.storage.start_turn(
             self.question,
             history_limit=crew.config.history_limit,
             budget=await crew.budget.read_bound(),

@@ -20,7 +20,7 @@ from services import context
 from services.cluster.leases import NextQuestion
 from services.cluster.ownership import Ownership
 from services.cluster.signals import ChatSignal
-from services.database import Undone
+from services.database import StartRead, Undone
 from services.fallback.storage import Storage
 from services.llm.budget import ContextBudget, Window
 from services.llm.client import LLM
@@ -84,11 +84,17 @@ class Turns:
         A message stored before (a redelivered update, a retried statement) is queued again: its
         turn finds out from the database what, if anything, is still to do.
         """
+        chat_id = address.chat_id
+        # Where nothing of the chat is queued or running here, its turn starts at once: its start
+        # is read in the round trip that stores the question (ADR-04).
+        read = None
+        if not self._queues.pending(chat_id, lambda _: True):
+            read = StartRead(self._config.history_limit, await self.budget.read_bound(), self._crew.shared(chat_id))
         sent = time.monotonic()
         question = await self._storage.add_question(
             user_id=user_id,
             first_name=first_name,
-            chat_id=address.chat_id,
+            chat_id=chat_id,
             message_id=telegram_message_id,
             thread_id=address.thread_id,
             content=text,
@@ -97,12 +103,13 @@ class Turns:
             token_budget=self._config.daily_token_budget_per_user,
             holder=self._owner.holder,
             lease_ttl_s=self._owner.ttl_s,
+            read=read,
         )
-        logger.info("user %s in chat %s: question %s, %d chars", user_id, address.chat_id, question.id, len(text))
+        logger.info("user %s in chat %s: question %s, %d chars", user_id, chat_id, question.id, len(text))
         if not self._owner.asked(
-            address.chat_id, leased=question.leased, version=question.lease_version, sent=sent
+            chat_id, leased=question.leased, version=question.lease_version, sent=sent
         ):  # another process answers the chat now, this question in its turn
-            logger.info("question %s left to the process holding chat %s", question.id, address.chat_id)
+            logger.info("question %s left to the process holding chat %s", question.id, chat_id)
             return
         self._submit(Turn(self._crew, question, address, quoted=quoted))
 
