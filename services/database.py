@@ -1086,16 +1086,22 @@ def _withhold(taken_back: str) -> str:
     )"""
 
 
+class _RateLimitOnly:
+    """The verdict of a statement that counts against the rate limit only (/clear, /undo)."""
+
+    __slots__ = ()
+
+    @property
+    def over_budget(self) -> bool:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
-class Cleared:
+class Cleared(_RateLimitOnly):
     """What /clear did: how many messages it ``cleared``; ``rate_limited``: none, refused."""
 
     cleared: int
     rate_limited: bool = False
-
-    @property
-    def over_budget(self) -> bool:
-        return False  # /clear counts against the rate limit only
 
 
 # /clear: one hit against the rate limit; over it, nothing is cleared. ``before`` is given only
@@ -1235,7 +1241,7 @@ async def retry_last_turn(
 
 
 @dataclass(frozen=True, slots=True)
-class Undone:
+class Undone(_RateLimitOnly):
     """What /undo did: ``restored`` messages of the last clear brought back, or ``undone``
     messages of the last turn set aside (``question``: its text)."""
 
@@ -1243,10 +1249,6 @@ class Undone:
     undone: int
     question: str | None
     rate_limited: bool = False  # over the rate limit: nothing changed
-
-    @property
-    def over_budget(self) -> bool:
-        return False  # /undo counts against the rate limit only
 
 
 # /undo: one hit against the rate limit; over it, nothing changes. When the dialog's latest
