@@ -36,8 +36,8 @@ run: $(STAMP) ## Start the bot (starts PostgreSQL and migrates first)
 	@$(MAKE) --no-print-directory db-up db-migrate
 	$(PY) bot.py
 
-test: $(STAMP) ## Run the tests on a throwaway PostgreSQL per worker (one worker per core), with the coverage gate
-	$(PY) -m pytest -n auto --cov --cov-report=term
+test: $(STAMP) ## Run the tests on a throwaway PostgreSQL per worker (one per core; a file's tests stay together, in order), with the coverage gate
+	$(PY) -m pytest -n auto --dist loadfile --cov --cov-report=term
 
 lint: $(STAMP) ## ruff: lint and format check
 	$(BIN)/ruff check .
