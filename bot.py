@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,7 +142,7 @@ def create_bot(config: Config) -> Bot:
     from aiogram.client.telegram import PRODUCTION, TelegramAPIServer
 
     from handlers.flood import FloodControl
-    from handlers.monitoring import BotApiMonitor
+    from handlers.monitoring import BotApiMonitor, ResponseModels
     from handlers.unknown_methods import UnknownMethods
     from services.text.clean import storable_json
 
@@ -151,6 +152,7 @@ def create_bot(config: Config) -> Bot:
     bot.session.middleware(UnknownMethods())  # outermost: a method known to be missing is not asked at all
     bot.session.middleware(FloodControl())
     bot.session.middleware(BotApiMonitor())  # inside FloodControl: sees each attempt, 429s included
+    bot.session.middleware(ResponseModels())  # each answer's model built once, not after every collection
     return bot
 
 
@@ -192,7 +194,7 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
         owner = Leased(leases, degraded=lambda: storage.degraded)
     turns = Turns(storage, llm, delivery, config, owner)
     dp = Dispatcher(
-        config=config, pool=pool, dialog_store=storage, turns=turns, delivery=delivery, in_flight=InFlight()
+        config=config, pool=pool, llm=llm, dialog_store=storage, turns=turns, delivery=delivery, in_flight=InFlight()
     )
     dp["health"] = Health(pool, storage, bot, schema_head())
     dp["metrics"] = BotCollector(pool, storage)
@@ -300,13 +302,14 @@ async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Poo
 
 
 async def on_shutdown(
-    dispatcher: Dispatcher, config: Config, in_flight: InFlight, turns: Turns, dialog_store: Storage
+    dispatcher: Dispatcher, config: Config, in_flight: InFlight, turns: Turns, dialog_store: Storage, llm: LLM
 ) -> None:
     # Polling has stopped; questions being stored are stored, queued turns answered and sent
     # before exit, within SHUTDOWN_TIMEOUT_S; what is left resumes at the next start (a spool
     # not yet written back stays in its file).
     await in_flight.wait(config.shutdown_timeout_s)
     await turns.drain(config.shutdown_timeout_s)
+    await llm.close()  # after the turns: a summary may still have been asking
     await dialog_store.close()
     task = dispatcher.workflow_data.get("retention_task")
     if task is not None:
@@ -335,6 +338,10 @@ async def main() -> None:
     try:
         await check_telegram(bot)
         dp = create_dispatcher(config, pool, create_llm(config), bot)
+        # What start-up built (aiogram's Bot API models, some 250,000 objects) lives as long as
+        # the process: moved out of the collector's sight, a full collection no longer walks it
+        # (0.13 s each, a pause every turn in flight waits out).
+        gc.freeze()
         if config.bot_mode == "webhook":
             await serve_webhook(dp, bot, config, stop_on_signals())
         else:

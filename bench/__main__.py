@@ -42,7 +42,7 @@ from psycopg import pq
 
 from bench import replies
 from bench.instances import instances
-from bench.whole_bot import whole_bot
+from bench.whole_bot import aiogram_baseline, whole_bot
 from bot import create_dispatcher
 from config import load_config
 from services import context, database, records
@@ -254,6 +254,9 @@ class InstantLLM:
 
     async def context_lengths(self) -> dict[str, int]:
         return {}
+
+    async def close(self) -> None:
+        return None
 
 
 def update(update_id: int, user: int, text: str) -> Update:
@@ -482,18 +485,13 @@ async def bench_database(cluster: LocalPostgres, name: str) -> AsyncIterator[tup
         await database.close_db(pool)
 
 
+SECTIONS = ("whole-bot", "turn", "throughput", "history", "instances")
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    sections = set(args.sections)
     cluster = throwaway(settings={"max_connections": "1100", "shared_buffers": "256MB"})
     try:
-        # First, so that the process's peak RSS is the bot's (and the stand-ins'), not a later section's.
-        url = cluster.create_database("bench_bot")
-        command.upgrade(alembic_config(url), "head")
-        whole = []
-        for level, chats in enumerate(args.bot_chats):
-            base = (level + 1) * 1_000_000
-            turns = max(3, math.ceil(args.bot_turns / chats))
-            chat_ids = list(range(base, base + chats))
-            whole.append(await whole_bot(url, TOKEN, chat_ids, turns, args.llm_delay, spool_path=SPOOL_PATH))
         results: dict[str, Any] = {
             "machine": {
                 "cpus": os.cpu_count(),
@@ -504,70 +502,92 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "load_average_at_start": os.getloadavg(),
             },
             "taken_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "whole_bot": whole,
+            "sections": [name for name in SECTIONS if name in sections],
+            "smoke": args.smoke,
         }
-        async with bench_database(cluster, "bench_turn") as (pool, url):
-            results["floors"] = await floors(pool, args.samples)
-            results["per_turn"] = await per_turn(pool, args.samples)
-            trips = await round_trips_per_turn(url)
-            results["round_trips_per_turn"] = trips["total"]
-            results["round_trips_detail"] = trips
-            leased = await round_trips_per_turn(url, holder="bench")
-            results["lease"] = {
-                "round_trips_per_turn": leased["total"],
-                "extra_statements_per_turn": leased["statements"] - trips["statements"],
-                "per_turn": await per_turn(pool, args.samples, holder="bench"),
-            }
-            floor = COMMITS_PER_TURN * results["floors"]["insert_commit"]["p50_ms"]
-            results["per_turn"]["floor_ms"] = floor
-            results["per_turn"]["p50_vs_floor"] = results["per_turn"]["p50_ms"] / floor
-            results["throughput"] = []
-            for level, concurrency in enumerate(args.concurrency):
-                row = await throughput(
-                    pool, url, concurrency, max(args.turns, 3 * concurrency), (level + 1) * 1_000_000
-                )
-                tps = pgbench(cluster, url, concurrency, args.pgbench_seconds)
-                row["pgbench_tps"] = tps
-                row["vs_pgbench"] = row["turns_per_s"] / tps if tps else None
-                results["throughput"].append(row)
-        results["history_read"], results["context_read"] = {}, {}
-        async with bench_database(cluster, "bench_scale") as (pool, _):
-            for rows in args.rows:
-                await fill(pool, rows)
-                results["history_read"][str(rows)] = await history_latency(pool, args.samples)
-                results["context_read"][str(rows)] = await context_latency(pool, args.samples)
-        first, last = (results["history_read"][str(r)]["p50_ms"] for r in (args.rows[0], args.rows[-1]))
-        results["history_read"]["largest_vs_smallest"] = last / first
-        context_last = results["context_read"][str(args.rows[-1])]["p50_ms"]
-        results["context_read"]["vs_history_read_at_largest"] = context_last / last
-        results["instances"] = []
-        for processes in args.instances:
-            url = cluster.create_database(f"bench_instances_{processes}")
+        if "whole-bot" in sections:
+            url = cluster.create_database("bench_bot")
             command.upgrade(alembic_config(url), "head")
-            chat_ids = list(range(1, args.instances_chats + 1))
-            row = await instances(url, TOKEN, processes, chat_ids, args.instances_turns, args.instances_llm_delay)
-            results["instances"].append(row)
-        if results["instances"]:
-            one = results["instances"][0]["turns_per_s"]
-            for row in results["instances"]:
-                row["vs_one"] = row["turns_per_s"] / one if one else None
+            results["aiogram_baseline"] = aiogram_baseline()
+            whole = []
+            for level, chats in enumerate(args.bot_chats):
+                base = (level + 1) * 1_000_000
+                turns = max(3, math.ceil(args.bot_turns / chats))
+                chat_ids = list(range(base, base + chats))
+                whole.append(await whole_bot(url, TOKEN, chat_ids, turns, args.llm_delay, spool_path=SPOOL_PATH))
+            results["whole_bot"] = whole
+        if sections & {"turn", "throughput"}:
+            async with bench_database(cluster, "bench_turn") as (pool, url):
+                if "turn" in sections:
+                    await turn_cost(results, pool, url, args.samples)
+                if "throughput" in sections:
+                    results["throughput"] = []
+                    for level, concurrency in enumerate(args.concurrency):
+                        row = await throughput(
+                            pool, url, concurrency, max(args.turns, 3 * concurrency), (level + 1) * 1_000_000
+                        )
+                        tps = pgbench(cluster, url, concurrency, args.pgbench_seconds)
+                        row["pgbench_tps"] = tps
+                        row["vs_pgbench"] = row["turns_per_s"] / tps if tps else None
+                        results["throughput"].append(row)
+        if "history" in sections:
+            results["history_read"], results["context_read"] = {}, {}
+            async with bench_database(cluster, "bench_scale") as (pool, _):
+                for rows in args.rows:
+                    await fill(pool, rows)
+                    results["history_read"][str(rows)] = await history_latency(pool, args.samples)
+                    results["context_read"][str(rows)] = await context_latency(pool, args.samples)
+            first, last = (results["history_read"][str(r)]["p50_ms"] for r in (args.rows[0], args.rows[-1]))
+            results["history_read"]["largest_vs_smallest"] = last / first
+            context_last = results["context_read"][str(args.rows[-1])]["p50_ms"]
+            results["context_read"]["vs_history_read_at_largest"] = context_last / last
+        if "instances" in sections:
+            results["instances"] = []
+            for processes in args.instances:
+                url = cluster.create_database(f"bench_instances_{processes}")
+                command.upgrade(alembic_config(url), "head")
+                chat_ids = list(range(1, args.instances_chats + 1))
+                row = await instances(url, TOKEN, processes, chat_ids, args.instances_turns, args.instances_llm_delay)
+                results["instances"].append(row)
+            if results["instances"]:
+                one = results["instances"][0]["turns_per_s"]
+                for row in results["instances"]:
+                    row["vs_one"] = row["turns_per_s"] / one if one else None
         return results
     finally:
         cluster.destroy()
 
 
+async def turn_cost(results: dict[str, Any], pool: Pool, url: str, samples: int) -> None:
+    """The floors, the database cost of one turn and its round trips, without and with the lease."""
+    results["floors"] = await floors(pool, samples)
+    results["per_turn"] = await per_turn(pool, samples)
+    trips = await round_trips_per_turn(url)
+    results["round_trips_per_turn"] = trips["total"]
+    results["round_trips_detail"] = trips
+    leased = await round_trips_per_turn(url, holder="bench")
+    results["lease"] = {
+        "round_trips_per_turn": leased["total"],
+        "extra_statements_per_turn": leased["statements"] - trips["statements"],
+        "per_turn": await per_turn(pool, samples, holder="bench"),
+    }
+    floor = COMMITS_PER_TURN * results["floors"]["insert_commit"]["p50_ms"]
+    results["per_turn"]["floor_ms"] = floor
+    results["per_turn"]["p50_vs_floor"] = results["per_turn"]["p50_ms"] / floor
+
+
 def failures(results: dict[str, Any]) -> list[str]:
-    """What must never happen: in the whole-bot run an apology, a lost or a duplicated answer;
-    in the throughput table a turn that was not answered."""
+    """What must never happen: in the whole-bot run an apology, a lost or a duplicated answer, or
+    a bot that did not exit cleanly; in the throughput table a turn that was not answered."""
     problems = [
         f"the whole bot at {row['chats']} chat(s): {row[key]} {key.replace('_', ' ')}"
-        for row in results["whole_bot"]
-        for key in ("apologies", "lost_turns", "extra_answers")
-        if row[key]
+        for row in results.get("whole_bot", [])
+        for key in ("apologies", "lost_turns", "extra_answers", "exit_status")
+        if row.get(key)
     ]
     problems += [
         f"throughput at {row['concurrency']} chat(s): {row[key]} {key.replace('_', ' ')}"
-        for row in results["throughput"]
+        for row in results.get("throughput", [])
         for key in ("unanswered", "apologies", "extra_answers", "pool_timeouts")
         if row.get(key)
     ]
@@ -580,17 +600,27 @@ def failures(results: dict[str, Any]) -> list[str]:
     return problems
 
 
-def ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def ms(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def report(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        f"machine: {machine['cpus']} CPUs, {machine['platform']}, PostgreSQL {machine['postgresql']} on loopback, "
+        f"{machine['durability']}, load average at start {machine.get('load_average_at_start', [math.nan])[0]:.2f}",
+    ]
+    for part in (report_turn, report_throughput, report_history, report_whole_bot, report_lease, report_instances):
+        lines += part(results)
+    return "\n".join(lines)
+
+
+def report_turn(results: dict[str, Any]) -> list[str]:
+    if "floors" not in results:
+        return []
     f, t = results["floors"], results["per_turn"]
     trips = results.get("round_trips_detail", {"statements": results["round_trips_per_turn"], "pool_checks": 0})
-    lines = [
-        f"machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}, "
-        f"PostgreSQL {results['machine']['postgresql']} on loopback, {results['machine']['durability']}, "
-        f"load average at start {results['machine'].get('load_average_at_start', [math.nan])[0]:.2f}",
+    return [
         "",
         "| measure | p50 ms | p99 ms |",
         "| --- | ---: | ---: |",
@@ -604,6 +634,13 @@ def report(results: dict[str, Any]) -> str:
         f"per-turn DB cost / floor (p50): {t['p50_vs_floor']:.2f}x (goal <= 1.5x); "
         f"synchronous round trips per turn: {results['round_trips_per_turn']} "
         f"({trips['statements']} statements + {trips['pool_checks']} pool connection checks)",
+    ]
+
+
+def report_throughput(results: dict[str, Any]) -> list[str]:
+    if "throughput" not in results:
+        return []
+    lines = [
         "",
         "| concurrent chats | turns | turns/s (aiogram) | pgbench TPS | ratio | summaries | errors | pool timeouts |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -615,7 +652,13 @@ def report(results: dict[str, Any]) -> str:
             f"| {row['concurrency']} | {row['turns']} | {row['turns_per_s']:.0f} | {tps} | {ratio} "
             f"| {row.get('summaries', 0)} | {row['apologies_or_errors']} | {row['pool_timeouts']} |"
         )
-    lines += [
+    return lines
+
+
+def report_history(results: dict[str, Any]) -> list[str]:
+    if "history_read" not in results:
+        return []
+    lines = [
         "",
         "| messages in table | history read p50 ms | p99 ms | context read p50 ms | p99 ms |",
         "| ---: | ---: | ---: | ---: | ---: |",
@@ -636,65 +679,146 @@ def report(results: dict[str, Any]) -> str:
             f"context read (running sum, summary) / history read at the largest table (p50): "
             f"{contexts['vs_history_read_at_largest']:.2f}x (goal: at most 1.5x)"
         )
+    return lines
+
+
+MB_PER_MIB = 1.048576
+
+
+def beyond_aiogram_mb(row: dict[str, Any], base: dict[str, Any]) -> float | None:
+    """The bot's resident memory at its first getUpdates beyond ``import aiogram``'s peak, in MB."""
+    if row["rss_at_start_mib"] is None:
+        return None
+    return float(row["rss_at_start_mib"] - base["peak_rss_mib"]) * MB_PER_MIB
+
+
+Figure = Callable[[dict[str, Any], dict[str, Any]], float | None]  # (the level's row, aiogram's baseline)
+
+# The goals of the whole bot (issue 24): what, at how many chats (0: the first level), the
+# figure, its unit, the bound, whether the bound is an upper one.
+WHOLE_BOT_GOALS: list[tuple[str, int, Figure, str, float, bool]] = [
+    ("bot CPU per streamed turn", 1000, lambda row, _: row["cpu_ms_per_turn"], "ms", 4.0, True),
+    ("streamed turns/s, one process", 1000, lambda row, _: row["turns_per_s"], "", 250.0, False),
+    ("bot overhead p99", 100, lambda row, _: row["overhead"]["p99_ms"], "ms", 50.0, True),
+    ("start to polling, beyond aiogram's import", 0, lambda row, base: row["startup_s"] - base["import_s"], "s", 1.0,
+     True),
+    ("resident memory at polling start, beyond aiogram's", 0, beyond_aiogram_mb, "MB", 40.0, True),
+]  # fmt: skip
+
+
+def goals(results: dict[str, Any]) -> list[str]:
+    """Each goal of the whole bot, its figure from this run, and whether it is met (n/a when the
+    run had no level of that many chats). Start-up and memory are the first level's."""
+    whole, base = results.get("whole_bot", []), results.get("aiogram_baseline")
+    if not whole or base is None:
+        return []
+    lines = []
+    for what, chats, figure, unit, bound, upper in WHOLE_BOT_GOALS:
+        row = next((r for r in whole if r["chats"] == chats), None) if chats else whole[0]
+        value = None if row is None else figure(row, base)
+        where = f" at {chats} chats" if chats else ""
+        unit = f" {unit}" if unit else ""
+        sign = "<=" if upper else ">="
+        if value is None:
+            shown, verdict = "n/a", "n/a"
+        else:
+            shown = f"{value:.2f}{unit}"
+            verdict = "met" if (value <= bound if upper else value >= bound) else "NOT met"
+            verdict = "not judged (smoke run)" if results.get("smoke") else verdict
+        lines.append(f"- {what}{where}: {shown} (goal {sign} {bound:g}{unit}): {verdict}")
+    return lines
+
+
+def report_whole_bot(results: dict[str, Any]) -> list[str]:
     whole = results.get("whole_bot", [])
-    if whole:
-        lines += [
-            "",
-            f"the whole bot over HTTP (the LLM stand-in answers after {whole[0]['llm_delay_s']:g} s, streamed; "
-            "default config):",
-            "",
-            "| concurrent chats | turns | turns/s | overhead p50 ms | overhead p99 ms | CPU ms/turn "
-            "| peak RSS MiB | RSS growth MiB | summaries | apologies | lost |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for row in whole:
+    if not whole:
+        return []
+    base = results.get("aiogram_baseline", {})
+    lines = [
+        "",
+        f"the whole bot over HTTP (`python bot.py`, default config; the LLM stand-in answers after "
+        f"{whole[0]['llm_delay_s']:g} s, streamed):",
+        "",
+        "| concurrent chats | turns | turns/s | overhead p50 ms | overhead p99 ms | bot CPU ms/turn "
+        "| Telegram calls/turn | start-up s | RSS at start MiB | peak RSS MiB | summaries | apologies | lost |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in whole:
+        calls = sum(row["telegram_calls_per_turn"].values())
+        lines.append(
+            f"| {row['chats']} | {row['turns']} | {row['turns_per_s']:.1f} | {ms(row['overhead']['p50_ms'])} "
+            f"| {ms(row['overhead']['p99_ms'])} | {ms(row['cpu_ms_per_turn'], 2)} | {calls:.2f} "
+            f"| {row['startup_s']:.2f} | {ms(row['rss_at_start_mib'], 0)} | {ms(row['peak_rss_mib'], 0)} "
+            f"| {row.get('summary_notices', 0)} | {row['apologies']} | {row['lost_turns']} |"
+        )
+    lines += [
+        "",
+        "overhead = (Telegram accepted the answer - getUpdates handed out the question) - the LLM's time on the "
+        "chat meanwhile (its answer, and a summary the turn waited for).",
+        "CPU, start-up (process start to its first getUpdates) and RSS are the bot process's own; the stand-ins "
+        "run in this process, on the same CPUs.",
+        f'`python -c "import aiogram"` alone: {base.get("import_s", math.nan):.2f} s, '
+        f"{base.get('peak_rss_mib', math.nan):.0f} MiB peak RSS",
+    ]
+    for row in whole:
+        called = ", ".join(f"{method} {n:.2f}" for method, n in row["telegram_calls_per_turn"].items())
+        lines.append(f"{row['chats']} chat(s), Telegram calls per turn: {called}")
+        if row.get("standins_cpu_ms_per_turn") is not None:
             lines.append(
-                f"| {row['chats']} | {row['turns']} | {row['turns_per_s']:.1f} | {ms(row['overhead']['p50_ms'])} "
-                f"| {ms(row['overhead']['p99_ms'])} | {row['cpu_ms_per_turn']:.2f} | {row['peak_rss_mib']:.0f} "
-                f"| {row['rss_growth_mib']:.1f} | {row.get('summary_notices', 0)} | {row['apologies']} "
-                f"| {row['lost_turns']} |"
+                f"{row['chats']} chat(s): the stand-ins' CPU (this process) "
+                f"{row['standins_cpu_ms_per_turn']:.2f} ms a turn"
             )
-        lines += [
-            "",
-            "overhead = (Telegram accepted the answer - getUpdates handed out the question) - the LLM's time on the "
-            "chat meanwhile (its answer, and a summary the turn waited for); goal: p99 <= 50 ms at 1000 chats.",
-            "One process: the stand-ins share the bot's event loop, so their work is in the overhead, CPU and RSS; "
-            "peak RSS is ru_maxrss of the whole bench process, RSS growth the sampled rise during the run.",
-        ]
-        for row in whole:
+        if len(row["overhead_by_turn"]) <= 5:
             turns = ", ".join(
                 f"turn {i + 1} {ms(s['p50_ms'])}/{ms(s['p99_ms'])}" for i, s in enumerate(row["overhead_by_turn"])
             )
-            if len(row["overhead_by_turn"]) <= 5:
-                lines.append(f"{row['chats']} chat(s), overhead p50/p99 ms by turn: {turns}")
+            lines.append(f"{row['chats']} chat(s), overhead p50/p99 ms by turn: {turns}")
+        if row.get("warnings_logged"):
+            lines.append(f"{row['chats']} chat(s): {row['warnings_logged']} warnings logged, first: "
+                         f"{row['first_warnings'][:2]}")  # fmt: skip
+    first = whole[0]
+    if first.get("startup_cpu_s") is not None and "import_cpu_s" in base:
+        lines.append(
+            f"start-up CPU: the bot {first['startup_cpu_s']:.2f} s, aiogram's import alone {base['import_cpu_s']:.2f} s"
+        )
+    lines += ["", "goals:", *goals(results)]
+    return lines
+
+
+def report_lease(results: dict[str, Any]) -> list[str]:
     lease = results.get("lease")
-    if lease:
-        lines += [
-            "",
-            f"several processes: a turn with the chat lease costs {lease['round_trips_per_turn']} round trips "
-            f"(without: {results['round_trips_per_turn']}); +{lease['extra_statements_per_turn']} statement, the "
-            "hand-over, sent with the delivery record in one pipeline; the lease is taken inside ADD_QUESTION "
-            "and a text message needs no update claim. Per-turn DB cost with the lease p50 "
-            f"{lease['per_turn']['p50_ms']:.3f} ms, p99 {lease['per_turn']['p99_ms']:.3f} ms",
-        ]
+    if not lease:
+        return []
+    return [
+        "",
+        f"several processes: a turn with the chat lease costs {lease['round_trips_per_turn']} round trips "
+        f"(without: {results['round_trips_per_turn']}); +{lease['extra_statements_per_turn']} statement, the "
+        "hand-over, sent with the delivery record in one pipeline; the lease is taken inside ADD_QUESTION "
+        "and a text message needs no update claim. Per-turn DB cost with the lease p50 "
+        f"{lease['per_turn']['p50_ms']:.3f} ms, p99 {lease['per_turn']['p99_ms']:.3f} ms",
+    ]
+
+
+def report_instances(results: dict[str, Any]) -> list[str]:
     rows = results.get("instances", [])
-    if rows:
-        lines += [
-            "",
-            f"webhook processes on one database ({rows[0]['chats']} chats, round-robin; the LLM stand-in answers "
-            f"after {rows[0]['llm_delay_s']:g} s; {results['machine']['cpus']} CPUs for all of them, PostgreSQL "
-            "and the stand-ins):",
-            "",
-            "| processes | turns | turns/s | vs 1 process | chats in order | LLM requests |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for row in rows:
-            ratio = f"{row['vs_one']:.2f}x" if row.get("vs_one") else "n/a"
-            lines.append(
-                f"| {row['processes']} | {row['turns']} | {row['turns_per_s']:.1f} | {ratio} "
-                f"| {row['chats_in_order']}/{row['chats']} | {row['llm_requests']} |"
-            )
-    return "\n".join(lines)
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"webhook processes on one database ({rows[0]['chats']} chats, round-robin; the LLM stand-in answers "
+        f"after {rows[0]['llm_delay_s']:g} s; {results['machine']['cpus']} CPUs for all of them, PostgreSQL "
+        "and the stand-ins):",
+        "",
+        "| processes | turns | turns/s | vs 1 process | chats in order | LLM requests |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        ratio = f"{row['vs_one']:.2f}x" if row.get("vs_one") else "n/a"
+        lines.append(
+            f"| {row['processes']} | {row['turns']} | {row['turns_per_s']:.1f} | {ratio} "
+            f"| {row['chats_in_order']}/{row['chats']} | {row['llm_requests']} |"
+        )
+    return lines
 
 
 # A few seconds per section. One chat's 12 turns crowd the default history (HISTORY_LIMIT=20),
@@ -721,7 +845,15 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=2000, help="turns per throughput level (at least 3 per chat)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--pgbench-seconds", type=int, default=5)
-    parser.add_argument("--bot-chats", type=int, nargs="+", default=[1, 1000], help="concurrent chats, whole bot")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="what to run (default: all): the whole bot, the turn's database cost, throughput through aiogram, "
+        "history reads, webhook processes",
+    )
+    parser.add_argument("--bot-chats", type=int, nargs="+", default=[1, 100, 1000], help="concurrent chats, whole bot")
     parser.add_argument(
         "--bot-turns", type=int, default=20, help="whole bot: turns per level, at least 3 per chat (default 20)"
     )

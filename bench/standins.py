@@ -92,6 +92,7 @@ class TelegramStandIn(_Server):
     _new_update: asyncio.Event = field(default_factory=asyncio.Event)
     _sent_event: asyncio.Event = field(default_factory=asyncio.Event)
     handed_out: dict[int, float] = field(default_factory=dict)  # update id -> first getUpdates answer with it
+    first_poll_at: float | None = None  # time.monotonic() of the first getUpdates: the bot is polling
     on_accepted: Callable[[Sent], None] | None = None  # called with each accepted sendMessage, before it is answered
     fail_next_edits: int = 0  # editMessageText answered 429 (retry after 1 s)
     refuse_entities: int = 0  # messages with entities refused as unparsable, as a picky Telegram would
@@ -198,6 +199,8 @@ class TelegramStandIn(_Server):
             self._sent_event.set()
             return _error(404, "Not Found")
         if method == "getUpdates":
+            if self.first_poll_at is None:
+                self.first_poll_at = received_at
             updates = await self._get_updates(params)
             response = _ok(updates)
             handed_at = time.monotonic()

@@ -1,100 +1,107 @@
-"""The whole bot at N concurrent chats: the real dispatcher long-polling the Telegram stand-in,
-the real OpenAI client calling the LLM stand-in (which starts answering after ``llm_delay_s``;
-with the default LLM_STREAM the answer streams, in one burst), the real database, the default
-configuration.
+"""The whole bot at N concurrent chats: ``python bot.py`` as a child process, as in production,
+long-polling the Telegram stand-in and calling the LLM stand-in (which starts answering after
+``llm_delay_s``; with the default LLM_STREAM the answer streams, in one burst) with the real
+database and the default configuration. The stand-ins and the simulated users run in this
+process, so what is measured of the child (its CPU, its memory, its start-up) is the bot's own.
 
 Each of N private chats sends ``turns`` messages one after another, the next one as soon as
-the previous answer is accepted by the Telegram stand-in. A turn's *overhead* is what the bot
+the previous answer is accepted by the Telegram stand-in; the chats' first messages are spread
+over one LLM delay, so that they do not all meet the LLM's fixed delay in lock-step. A turn's *overhead* is what the bot
 adds to the LLM's time: (Telegram accepted the answer − getUpdates handed out the question)
 − (the LLM stand-in's time on that chat's requests meanwhile: the turn's own and, when the
 turn before crowded the history, the summary the chat's queue waits for). A notice (the
 summary written) is counted apart, not taken for an answer; an answer to a chat of an earlier
 run on the same database (a turn it left unsettled, recovered at this start) is counted as
-recovered. The stand-ins run in this process and this event loop, so their own work is inside
-the figures (overhead, CPU and memory alike).
+recovered. The stand-ins still share the machine's CPUs with the bot and PostgreSQL, so on a
+small machine their work slows the bot's overhead and turns/s, but not its CPU per turn.
+
+Start-up is the time from starting the process to its first getUpdates; it and the resident
+memory are also given beyond what ``python -c "import aiogram"`` alone takes (``aiogram_baseline``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import re
-import resource
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import replies
 from bench.standins import LLMStandIn, Sent, TelegramStandIn
-from bot import create_bot, create_dispatcher, poll, setup_logging
-from config import load_config
-from services import database
-from services.llm.client import create_llm
 
+ROOT = Path(__file__).resolve().parent.parent
 CHAT_OF_REQUEST = re.compile(r"\bchat (\d+) turn \d+")  # a question's text, in the turn's request or a summary's
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+STARTUP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 60.0
 
 
-def rss_bytes() -> int | None:
-    """The resident set size of this process now (Linux), or None elsewhere."""
+# -- what /proc tells of a process (Linux; None elsewhere) ---------------------------------------
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of process ``pid`` so far, all its threads (``/proc/<pid>/stat``)."""
     try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * PAGE
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 (state) onwards
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # fields 14 and 15: utime, stime
 
 
-def peak_rss_bytes() -> int:
-    """ru_maxrss: the highest RSS this process has had so far (KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def memory_bytes(pid: int) -> dict[str, int] | None:
+    """Resident memory of process ``pid``: now (VmRSS) and its peak so far (VmHWM)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    values = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, flags=re.MULTILINE))
+    if len(values) != 2:
+        return None
+    return {"rss": int(values["VmRSS"]) * 1024, "peak": int(values["VmHWM"]) * 1024}
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+# Run in a child: its CPU seconds and peak RSS (kB, of this program: ru_maxrss would count the
+# forked parent too) once aiogram is imported.
+IMPORT_AIOGRAM = """
+import resource, re, pathlib
+import aiogram
+usage = resource.getrusage(resource.RUSAGE_SELF)
+peak = re.search(r"VmHWM:\\s+(\\d+) kB", pathlib.Path("/proc/self/status").read_text())
+print(usage.ru_utime + usage.ru_stime, peak.group(1) if peak else "nan")
+"""
 
 
-class Warnings(logging.Handler):
-    """Counts the log records at WARNING and above, keeping the first few."""
+def aiogram_baseline(runs: int = 3) -> dict[str, float]:
+    """What ``python -c "import aiogram"`` takes: seconds from start to exit and CPU seconds
+    (the medians of ``runs``), and peak resident memory in MiB (the largest). The bot's start-up
+    and memory are given beyond these: aiogram builds every Bot API type as it is imported,
+    which is not ours to cut."""
+    seconds, cpu, peak = [], [], 0.0
+    for _ in range(runs):
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-c", IMPORT_AIOGRAM], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        seconds.append(time.monotonic() - started)
+        used, kib = done.stdout.split()
+        cpu.append(float(used))
+        peak = max(peak, float(kib) / 1024)
+    return {"import_s": statistics.median(seconds), "import_cpu_s": statistics.median(cpu), "peak_rss_mib": peak}
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-        self.first: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-        if len(self.first) < 5:
-            self.first.append(f"{record.levelname} {record.name}: {record.getMessage()}")
-
-
-@contextlib.contextmanager
-def production_logging(level: str, warnings: Warnings) -> Iterator[None]:
-    """The bot's log lines at ``level``, formatted as in production, written to /dev/null (their
-    cost is part of the bot's; their text would drown the report); warnings are counted."""
-    root = logging.getLogger()
-    names = ["bot", "config", "handlers", "services", "aiogram"]
-    saved_levels = {name: logging.getLogger(name).level for name in names}
-    saved_handlers, saved_root_level = root.handlers[:], root.level
-    with open(os.devnull, "w") as sink:
-        handler = logging.StreamHandler(sink)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.handlers = [handler, warnings]  # so setup_logging's basicConfig adds no stderr handler
-        try:
-            setup_logging(level)
-            root.setLevel(logging.WARNING)
-            yield
-        finally:
-            root.handlers = saved_handlers
-            root.setLevel(saved_root_level)
-            for name, value in saved_levels.items():
-                logging.getLogger(name).setLevel(value)
+# -- the users -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -112,11 +119,15 @@ class Users:
     notices: int = 0  # accepted notices (a summary written): no answer, so no next question
     recovered: int = 0  # accepted messages to chats not of this run: earlier runs' turns, recovered
 
-    def start(self) -> None:
+    def start(self, spread_s: float) -> None:
+        """Each chat's first message, spread evenly over ``spread_s``: chats that met the LLM's
+        fixed delay in lock-step would all be answered in the same instant, a burst of
+        CPU work that measures the burst, not what a turn costs."""
         self.telegram.on_accepted = self.on_accepted
-        for chat in self.chats:
+        loop = asyncio.get_running_loop()
+        for index, chat in enumerate(self.chats):
             self.questions[chat], self.answers[chat] = [], []
-            self.ask(chat)
+            loop.call_later(spread_s * index / len(self.chats), self.ask, chat)
 
     def ask(self, chat: int) -> None:
         text = f"chat {chat} turn {len(self.questions[chat]) + 1}"
@@ -164,63 +175,106 @@ async def until_done_or_stalled(done: asyncio.Event, progress: Callable[[], int]
             return
 
 
-async def sample_rss(peak: list[int], every_s: float = 0.05) -> None:
-    while True:
-        now = rss_bytes()
-        if now is not None and now > peak[0]:
-            peak[0] = now
-        await asyncio.sleep(every_s)
+# -- the bot process -----------------------------------------------------------------------------
+
+
+def bot_env(url: str, token: str, telegram: TelegramStandIn, llm: LLMStandIn, spool_path: Path) -> dict[str, str]:
+    """The default configuration but for the addresses and ``spool_path`` (written only if the
+    database fails); no ``.env`` read, so a developer's own settings stay out of the figures."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHON_DOTENV_DISABLED": "1",
+        "TELEGRAM_BOT_TOKEN": token,
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": llm.url,
+        "TELEGRAM_API_URL": telegram.url,
+        "DATABASE_URL": url,
+        "SPOOL_PATH": str(spool_path),
+    }
+
+
+def spawn(command: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """The bot started in the project's root, its output (stdout and stderr) to ``log``."""
+    with log.open("wb") as output:
+        return subprocess.Popen(list(command), cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+def tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def started_polling(telegram: TelegramStandIn, process: subprocess.Popen[bytes], log: Path) -> float:
+    """Wait for the bot's first getUpdates; when it came (monotonic). RuntimeError with the
+    bot's output when it exits or takes longer than STARTUP_TIMEOUT_S."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while telegram.first_poll_at is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the bot did not start polling:\n{tail(log)}")
+        await asyncio.sleep(0.005)
+    return telegram.first_poll_at
+
+
+async def stopped(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, as a service manager stops the bot, and its exit status (killed past STOP_TIMEOUT_S)."""
+    process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            return process.wait()
+        await asyncio.sleep(0.05)
+    return process.returncode
+
+
+def logged_problems(log: Path) -> tuple[int, list[str]]:
+    """How many lines of the bot's log are warnings or errors, and the first few."""
+    problems = [
+        line
+        for line in log.read_text(errors="replace").splitlines()
+        if re.search(r" (WARNING|ERROR|CRITICAL) ", line) and "Received SIGTERM signal" not in line  # ours: the stop
+    ]
+    return len(problems), problems[:5]
 
 
 async def whole_bot(
-    url: str, token: str, chats: list[int], turns: int, llm_delay_s: float, *, spool_path: Path
+    url: str,
+    token: str,
+    chats: list[int],
+    turns: int,
+    llm_delay_s: float,
+    *,
+    spool_path: Path,
+    command: Sequence[str] = (sys.executable, "bot.py"),
 ) -> dict[str, Any]:
-    """One run of the bot with ``len(chats)`` chats sending ``turns`` messages each; the
-    configuration is the default but for the addresses, and ``spool_path`` (written only if the
-    database fails)."""
+    """One run of the bot with ``len(chats)`` chats sending ``turns`` messages each; ``command``
+    starts the bot (in the project's root), e.g. under a profiler."""
     telegram, llm = TelegramStandIn(), LLMStandIn(delay=llm_delay_s)
     await telegram.start()
     await llm.start()
-    config = load_config(
-        {
-            "TELEGRAM_BOT_TOKEN": token,
-            "OPENAI_API_KEY": "sk-bench",
-            "OPENAI_BASE_URL": llm.url,
-            "TELEGRAM_API_URL": telegram.url,
-            "DATABASE_URL": url,
-            "SPOOL_PATH": str(spool_path),
-        }
-    )
-    pool = await database.init_db(config.database_url, size=config.db_pool_size, timeout_s=config.db_pool_timeout_s)
-    bot = create_bot(config)
-    llm_client = create_llm(config)
-    dp = create_dispatcher(config, pool, llm_client, bot)
     users = Users(telegram, chats, turns)
     expected = len(chats) * turns
-    rss_before = rss_bytes() or 0
-    rss_peak = [rss_before]
-    sampler = asyncio.create_task(sample_rss(rss_peak))
-    warnings = Warnings()
+    fd, name = tempfile.mkstemp(prefix="llmbot-bench-", suffix=".log")
+    os.close(fd)
+    log = Path(name)
     try:
-        with production_logging(config.log_level, warnings):
-            polling = asyncio.create_task(poll(dp, bot, config, handle_signals=False))
-            try:
-                await telegram.wait_for(lambda: bool(telegram.calls("setMyCommands")) or polling.done(), 30)
-                cpu_before = cpu_seconds()
-                started, calls_before = time.monotonic(), len(telegram.sent)
-                users.start()
-                await until_done_or_stalled(users.finished, lambda: users.received, llm_delay_s + STALL_S)
-                cpu = cpu_seconds() - cpu_before
-            finally:
-                if not polling.done():
-                    await dp.stop_polling()
-                await polling
+        spawned = time.monotonic()
+        process = spawn(command, bot_env(url, token, telegram, llm, spool_path), log)
+        try:
+            polling = await started_polling(telegram, process, log)
+            at_start = memory_bytes(process.pid)
+            cpu_before = cpu_seconds(process.pid)  # the start-up's
+            ours_before = cpu_seconds(os.getpid())
+            started, calls_before = time.monotonic(), len(telegram.sent)
+            users.start(spread_s=llm_delay_s)
+            await until_done_or_stalled(users.finished, lambda: users.received, llm_delay_s + STALL_S)
+            cpu_after = cpu_seconds(process.pid)
+            ours_after = cpu_seconds(os.getpid())
+            at_end = memory_bytes(process.pid)
+        finally:
+            exit_status = await stopped(process)
+        warnings, first_warnings = logged_problems(log)
     finally:
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
-        await database.close_db(pool)
-        await llm_client.client.close()
+        os.unlink(log)
         await llm.stop()
         await telegram.stop()
 
@@ -255,6 +309,8 @@ async def whole_bot(
     calls: dict[str, int] = {}
     for sent in telegram.sent[calls_before:]:
         calls[sent.method] = calls.get(sent.method, 0) + 1
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    ours = None if ours_before is None or ours_after is None else ours_after - ours_before
     return {
         "chats": len(chats),
         "turns_per_chat": turns,
@@ -271,10 +327,14 @@ async def whole_bot(
         "apologies": apologies,
         "lost_turns": expected - answered_ok - apologies,
         "extra_answers": sum(max(0, len(users.answers[chat]) - turns) for chat in chats),
-        "warnings_logged": warnings.count,
-        "first_warnings": warnings.first,
-        "cpu_ms_per_turn": cpu * 1000 / max(1, answered_ok),
-        "rss_before_mib": rss_before / MIB,
-        "rss_growth_mib": (rss_peak[0] - rss_before) / MIB,
-        "peak_rss_mib": peak_rss_bytes() / MIB,
+        "warnings_logged": warnings,
+        "first_warnings": first_warnings,
+        "exit_status": exit_status,
+        # the bot process alone (the stand-ins are in this one)
+        "cpu_ms_per_turn": None if cpu is None else cpu * 1000 / max(1, answered_ok),
+        "standins_cpu_ms_per_turn": None if ours is None else ours * 1000 / max(1, answered_ok),
+        "startup_s": polling - spawned,
+        "startup_cpu_s": cpu_before,
+        "rss_at_start_mib": None if at_start is None else at_start["rss"] / MIB,
+        "peak_rss_mib": None if at_end is None else at_end["peak"] / MIB,
     }

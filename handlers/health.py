@@ -14,11 +14,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 from aiogram import Bot
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg.rows import scalar_row
 
@@ -26,6 +25,9 @@ from services import database
 from services.database import Pool
 from services.fallback.storage import Storage
 from services.ops import gauges, metrics
+
+if TYPE_CHECKING:  # aiohttp's server is imported where one is served: polling without METRICS_PORT has none
+    from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,8 @@ def _age(monotonic: float) -> float:
 def add_health(app: web.Application, health: Health) -> None:
     """``GET /healthz`` on ``app``."""
 
+    from aiohttp import web
+
     async def healthz(request: web.Request) -> web.Response:
         found = await health.checks()
         healthy = all(check["ok"] for check in found.values())
@@ -125,6 +129,8 @@ def add_health(app: web.Application, health: Health) -> None:
 
 def add_metrics(app: web.Application, collector: gauges.BotCollector) -> None:
     """``GET /metrics`` on ``app``: the process's metrics and ``collector``'s."""
+    from aiohttp import web
+
     scrape = gauges.Scrape(metrics.REGISTRY, collector)
 
     async def serve_metrics(request: web.Request) -> web.Response:
@@ -136,6 +142,8 @@ def add_metrics(app: web.Application, collector: gauges.BotCollector) -> None:
 
 async def serve(app: web.Application, port: int, host: str = "0.0.0.0") -> web.AppRunner:  # noqa: S104 - a container's port
     """Start serving ``app`` on ``host:port``; the runner, to clean up when done."""
+    from aiohttp import web
+
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:

@@ -33,6 +33,7 @@ async def test_hostile_answers_are_delivered_once_across_a_restart(
 
     llm.reply = reply
     llm.chunk = 3  # the surrogate arrives in a chunk of its own, and every answer shows drafts
+    llm.pace = 0.005  # streamed, not one burst: the drafts a burst needs no longer are sent
     async with running_bot(env, telegram):
         for question, chat in CHATS.items():
             telegram.send(question, user_id=chat)

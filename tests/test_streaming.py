@@ -5,6 +5,8 @@ Telegram does and answers drafts in private chats only."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench.standins import LLMStandIn, TelegramStandIn
 from services.database import Pool
 from services.text.formatting import render
@@ -176,3 +178,41 @@ async def test_hostile_markdown_never_loses_the_answer(
     assert [s for s in calls_made if s.status != 200] == []  # Telegram's entity rules held for every call
     assert len(expected) >= 3 and all(len(t.encode("utf-16-le")) // 2 <= 4096 for t in expected)
     assert await fetch(pool, "SELECT content FROM messages WHERE role = 'assistant'") == [(HOSTILE,), (HOSTILE,)]
+
+
+async def test_a_private_answer_makes_no_more_telegram_calls_than_its_throttle_allows(
+    env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn
+) -> None:
+    interval = float(env.setdefault("STREAM_DRAFT_INTERVAL_S", "0.3"))
+    llm.reply = lambda messages: LONG
+    llm.chunk, llm.pace = 5, 0.02  # 84 chunks, about 2 s of writing
+    async with running_bot(env, telegram):
+        telegram.send("tell me")
+        await telegram.wait_for_messages(1, 1)
+    calls = [s for s in telegram.sent if s.method not in ("setMyCommands", "getMe") and s.chat_id == 1]
+    [final] = [s for s in calls if s.method == "sendMessage"]
+    drafts = [s for s in calls if s.method == "sendMessageDraft"]
+    # Each draft is sent once the first piece has arrived and before the final message, and the
+    # next waits out the interval after it: at most one per interval of that span, plus one.
+    span = final.received_at - llm.first_chunk_at[0]
+    assert 1 <= len(drafts) <= span / interval + 1 < llm.chunks_sent
+    assert {s.method for s in calls} - {"sendMessageDraft", "sendMessage"} <= {"sendChatAction"}  # "typing…"
+    assert final.text == LONG and calls[-1] is final
+
+
+@pytest.mark.parametrize("whole", ["LLM_STREAM=false", "an endpoint that cannot stream"])
+async def test_an_answer_that_comes_in_one_piece_is_sent_without_a_draft(
+    whole: str, env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn
+) -> None:
+    if whole == "LLM_STREAM=false":
+        env["LLM_STREAM"] = "false"
+    else:
+        llm.can_stream = False
+    async with running_bot(env, telegram):
+        for count, text in enumerate(("one", "two"), start=1):
+            telegram.send(text)
+            await telegram.wait_for_messages(1, count)
+    assert telegram.messages_to(1) == ["echo: one", "echo: two"]
+    assert telegram.calls("sendMessageDraft") == [] and telegram.calls("editMessageText") == []
+    asked = [False, False] if whole == "LLM_STREAM=false" else [True, False, False]  # refused once, then whole
+    assert [bool(r.get("stream")) for r in llm.requests] == asked

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import openai
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from config import Config
 from services.ops import metrics
@@ -43,6 +44,16 @@ class _Request:
     temperature: float
 
 
+# The request is sent as it is built and a streamed chunk read as the JSON it is, through the
+# SDK's own ``post`` (its auth, retries, timeouts, errors and server-sent events, as for
+# ``chat.completions.create``): ``create`` walks every message against each kind of message it
+# knows, to rename or encode fields plain role/content messages lack, and builds a model of
+# every chunk; at 1000 chats of the whole-bot benchmark that was 1.3 ms of the bot's 6.1 ms of
+# CPU per turn (README "Benchmarks"), and it grows with the answer's length.
+COMPLETIONS = "/chat/completions"
+Chunk = dict[str, Any]  # one streamed chunk: {"choices": [{"delta": {"content": ...}}], "usage": ...}
+
+
 @dataclass
 class LLM:
     """A configured chat-completion client. ``streaming`` turns off by itself for an endpoint
@@ -54,6 +65,7 @@ class LLM:
     max_tokens: int
     system_prompt: str
     streaming: bool = True
+    _calls: int = field(default=0, init=False, repr=False)  # requests under way, for ``close``
 
     async def stream(
         self,
@@ -76,19 +88,25 @@ class LLM:
             ),
             temperature if temperature is not None else self.temperature,
         )  # fmt: skip
-        if not self.streaming:
-            async for piece in self._whole(request):
-                yield piece
-            return
+        answer = self._streamed(request) if self.streaming else self._whole(request)
+        self._calls += 1
+        try:
+            async with contextlib.aclosing(answer) as pieces:
+                async for piece in pieces:
+                    yield piece
+        finally:
+            self._calls -= 1
+
+    async def _streamed(self, request: _Request) -> AsyncGenerator[str | Usage, None]:
+        """The answer as it streams, then its usage; whole, from now on, if the endpoint refuses to stream."""
         started = time.perf_counter()
         try:
-            chunks = await self.client.chat.completions.create(
-                model=request.model,
-                messages=request.messages,
-                temperature=request.temperature,
-                max_tokens=self.max_tokens,
+            chunks = await self.client.post(
+                COMPLETIONS,
+                body={**self._body(request), "stream": True, "stream_options": {"include_usage": True}},
+                cast_to=object,  # each chunk as parsed, no model built
                 stream=True,
-                stream_options={"include_usage": True},
+                stream_cls=openai.AsyncStream[object],
             )
         except openai.APIStatusError as error:
             if error.status_code not in REFUSES_STREAMING:
@@ -104,15 +122,17 @@ class LLM:
         usage: Usage | None = None
         try:
             async with chunks:
-                async for chunk in chunks:
-                    text = chunk.choices[0].delta.content if chunk.choices else None
+                async for data in chunks:
+                    chunk = cast(Chunk, data)
+                    text = _text_of(chunk)
                     if text:
                         first = first or time.perf_counter() - started
                         written += len(text)
                         visible = visible or not text.isspace()
                         yield text
-                    if chunk.usage is not None:  # the last chunk, when the endpoint reports usage
-                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    reported = chunk.get("usage")
+                    if reported:  # the last chunk, when the endpoint reports usage
+                        usage = Usage(reported.get("prompt_tokens"), reported.get("completion_tokens"))
         except openai.APIError as error:
             raise _failed(error, started) from error
         if not visible:
@@ -124,16 +144,11 @@ class LLM:
             metrics.count_tokens(usage.prompt_tokens, usage.completion_tokens)
             yield usage
 
-    async def _whole(self, request: _Request) -> AsyncIterator[str | Usage]:
+    async def _whole(self, request: _Request) -> AsyncGenerator[str | Usage, None]:
         """The answer as one completion, then its usage, when reported."""
         started = time.perf_counter()
         try:
-            response = await self.client.chat.completions.create(
-                model=request.model,
-                messages=request.messages,
-                temperature=request.temperature,
-                max_tokens=self.max_tokens,
-            )
+            response = await self.client.post(COMPLETIONS, body=self._body(request), cast_to=ChatCompletion)
         except openai.APIError as error:
             raise _failed(error, started) from error
         content = response.choices[0].message.content if response.choices else None
@@ -147,15 +162,43 @@ class LLM:
             metrics.count_tokens(response.usage.prompt_tokens, response.usage.completion_tokens)
             yield Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
 
+    def _body(self, request: _Request) -> dict[str, object]:
+        return {
+            "model": request.model,
+            "messages": request.messages,
+            "temperature": request.temperature,
+            "max_tokens": self.max_tokens,
+        }
+
+    async def close(self) -> None:
+        """Close the connections to the endpoint (at shutdown: aiohttp's are not left to the GC),
+        unless a request is still under way: a turn that outlived the shutdown's wait keeps its
+        answer coming until the process ends, and is recovered at the next start, as before."""
+        if not self._calls:
+            await self.client.close()
+
     async def context_lengths(self) -> dict[str, int]:
         """Each model's context length in tokens, where the endpoint's model list publishes it
         (OpenRouter's ``context_length``; OpenAI's list has none)."""
         lengths: dict[str, int] = {}
-        async for model in self.client.models.list():
-            length = (model.model_extra or {}).get("context_length")
-            if isinstance(length, int) and length > 0:
-                lengths[model.id] = length
+        self._calls += 1
+        try:
+            async for model in self.client.models.list():
+                length = (model.model_extra or {}).get("context_length")
+                if isinstance(length, int) and length > 0:
+                    lengths[model.id] = length
+        finally:
+            self._calls -= 1
         return lengths
+
+
+def _text_of(chunk: Chunk) -> str | None:
+    """The text a streamed chunk adds, if any."""
+    choices = chunk.get("choices")
+    if not choices:
+        return None
+    text = (choices[0].get("delta") or {}).get("content")
+    return text if isinstance(text, str) else None
 
 
 def _failed(error: openai.APIError, started: float) -> LLMError:
@@ -168,12 +211,18 @@ def _failed(error: openai.APIError, started: float) -> LLMError:
 
 
 def create_llm(config: Config) -> LLM:
-    """The LLM client described by ``config``; opens no connection until the first call."""
+    """The LLM client described by ``config``; opens no connection until the first call.
+
+    Its transport is aiohttp's (``openai[aiohttp]``), not the SDK's default httpx pool, which
+    spends milliseconds of CPU per request choosing among a thousand open connections (the
+    whole-bot benchmark at 1000 chats, README "Benchmarks"); timeouts keep their meaning (each
+    read waits at most LLM_TIMEOUT_S)."""
     client = AsyncOpenAI(
         api_key=config.openai_api_key,
         base_url=config.openai_base_url,
         timeout=config.llm_timeout_s,
         max_retries=1,
+        http_client=openai.DefaultAioHttpClient(),
     )
     return LLM(
         client=client,

@@ -4,7 +4,9 @@ In a private chat the text streams as a Telegram *draft* (``sendMessageDraft``: 
 stop button); wherever drafts are refused (groups, an older Bot API) the first part is sent as a
 message and edited in place. Either way Telegram is called at most once per interval (the draft
 interval for drafts, the edit interval for edits, also after a refused draft), always with the
-latest text (never a backlog), and a reply longer than one message continues in a new one.
+latest text (never a backlog), and a reply longer than one message continues in a new one; a
+preview that would show nothing new is not sent, and an answer that arrives in one piece gets
+none (the final message follows at once).
 What is shown is rendered from the Markdown so far (``services.text.formatting``), so a half-written
 construct renders as text until it closes.
 """
@@ -55,7 +57,8 @@ class LiveReply:
         self._draft_interval_s = draft_interval_s
         self._edit_interval_s = edit_interval_s
         self._latest = ""
-        self._showing = ""
+        self._showing = ""  # the Markdown whose preview is on the screen
+        self._shown_parts: list[Part] = []  # that preview, rendered
         self._task: asyncio.Task[None] | None = None
         self._calling = False  # a call to Telegram is in flight
         self._closing = False
@@ -81,11 +84,18 @@ class LiveReply:
         return self.shown
 
     async def _show_latest(self) -> None:
+        # One pass of the event loop first, for the rest of a burst: an answer that comes in one
+        # piece (an endpoint that does not stream) is finished by then and needs no preview.
+        await asyncio.sleep(0)
         while self._latest != self._showing and not self._closing:
             markdown = self._latest
+            parts = split(render(markdown, partial=True))
+            if parts == self._shown_parts:  # grown by nothing that shows (spaces, a construct just opened)
+                self._showing = markdown
+                continue
             self._calling = True
             try:
-                await self._show(split(render(markdown, partial=True)))
+                await self._show(parts)
             except DraftsUnavailable as refused:
                 if not refused.server_wide:  # a server without drafts was named once, when found
                     logger.info("drafts refused in chat %s: editing a message instead", self._address.chat_id)
@@ -97,7 +107,7 @@ class LiveReply:
                 return
             finally:
                 self._calling = False
-            self._showing = markdown
+            self._showing, self._shown_parts = markdown, parts
             self.visible.set()
             if not self._closing:
                 await asyncio.sleep(self._draft_interval_s if self._draft_id is not None else self._edit_interval_s)
