@@ -55,15 +55,17 @@ docs-check: $(STAMP) ## Fail when the docs name a target, variable or file that 
 
 check: lint typecheck test ## What CI runs: lint, typecheck, tests
 
-bench: $(STAMP) ## Benchmark the per-turn database cost, streamed replies, /search and /export (BENCH_ARGS="--rows 10000000" for more)
+bench: $(STAMP) ## Benchmark the per-turn database cost, streamed replies, /search and /export, a photo's latency (BENCH_ARGS="--rows 10000000" for more)
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.streaming
 	$(PY) -m bench.history
+	$(PY) -m bench.media
 
 bench-smoke: $(STAMP) ## Every benchmark section at a few seconds' size (CI): figures printed, not judged; fails if a section breaks
 	$(PY) -m bench --smoke
 	$(PY) -m bench.streaming --smoke
 	$(PY) -m bench.history --smoke
+	$(PY) -m bench.media --smoke
 
 DOCKER_OK = docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1
 

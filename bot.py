@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from services.database import Pool
     from services.fallback.storage import Storage
     from services.llm.client import LLM
+    from services.media.intake import Intake
     from services.turn.turns import Turns
 
 logger = logging.getLogger("bot")
@@ -174,12 +175,17 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
 
     from handlers import create_routers
     from handlers.delivery import TelegramDelivery
+    from handlers.files import TelegramFiles
     from handlers.filters import AddressedInGroups
     from handlers.health import Health
+    from handlers.media import Albums
     from handlers.middlewares import AccessMiddleware, ChatIntake, InFlight, UpdateClaims
     from handlers.settings import ChatAdmins
     from services.cluster.leases import Leases
     from services.cluster.ownership import Leased, Ownership, SingleProcess
+    from services.media.files import ImageCache
+    from services.media.intake import Intake
+    from services.media.transcription import create_transcriber
     from services.ops.gauges import BotCollector
     from services.turn.turns import Turns
 
@@ -192,10 +198,14 @@ def create_dispatcher(config: Config, pool: Pool | None, llm: LLM, bot: Bot) -> 
     if pool is not None and config.bot_mode == "webhook":
         leases = Leases(pool, holder=config.instance_id, ttl_s=config.lease_ttl_s)
         owner = Leased(leases, degraded=lambda: storage.degraded)
-    turns = Turns(storage, llm, delivery, config, owner)
+    files = TelegramFiles(bot)
+    images = ImageCache(files, max_bytes=config.media_cache_bytes, max_image_bytes=config.image_max_bytes)
+    turns = Turns(storage, llm, delivery, config, owner, images)
     dp = Dispatcher(
         config=config, pool=pool, llm=llm, dialog_store=storage, turns=turns, delivery=delivery, in_flight=InFlight()
     )
+    dp["intake"] = Intake(files, images, create_transcriber(config), config)
+    dp["albums"] = Albums()
     dp["health"] = Health(pool, storage, bot, schema_head())
     dp["metrics"] = BotCollector(pool, storage)
     dp["chat_admins"] = ChatAdmins(bot)
@@ -302,7 +312,13 @@ async def on_startup(bot: Bot, dispatcher: Dispatcher, config: Config, pool: Poo
 
 
 async def on_shutdown(
-    dispatcher: Dispatcher, config: Config, in_flight: InFlight, turns: Turns, dialog_store: Storage, llm: LLM
+    dispatcher: Dispatcher,
+    config: Config,
+    in_flight: InFlight,
+    turns: Turns,
+    dialog_store: Storage,
+    llm: LLM,
+    intake: Intake,
 ) -> None:
     # Polling has stopped; questions being stored are stored, queued turns answered and sent
     # before exit, within SHUTDOWN_TIMEOUT_S; what is left resumes at the next start (a spool
@@ -310,6 +326,7 @@ async def on_shutdown(
     await in_flight.wait(config.shutdown_timeout_s)
     await turns.drain(config.shutdown_timeout_s)
     await llm.close()  # after the turns: a summary may still have been asking
+    await intake.close()
     await dialog_store.close()
     task = dispatcher.workflow_data.get("retention_task")
     if task is not None:

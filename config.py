@@ -15,6 +15,7 @@ from dotenv import load_dotenv
 DEFAULT_DATABASE_URL = "postgresql://bot:bot@localhost:5432/llmbot"
 DEFAULT_OPENAI_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful, concise assistant in a Telegram chat."
+TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # the biggest file the Bot API lets a bot download (getFile)
 
 T = TypeVar("T")
 S = TypeVar("S", bound=str)
@@ -80,6 +81,17 @@ class Config:
     metrics_port: int
     instance_id: str
     lease_ttl_s: int
+    vision_models: tuple[str, ...]  # empty: every model is shown images until it refuses them
+    context_images: int
+    image_max_side: int
+    image_max_bytes: int
+    transcription_model: str  # empty: voice messages are not transcribed
+    transcription_base_url: str
+    transcription_api_key: str = field(repr=False)
+    voice_max_seconds: int
+    document_max_chars: int
+    document_max_pages: int
+    media_cache_bytes: int
 
     @property
     def webhook_path(self) -> str:
@@ -199,6 +211,10 @@ def _model_names(raw: str) -> tuple[str, ...]:
     return names
 
 
+def _vision_models(raw: str) -> tuple[str, ...]:
+    return () if raw == "*" else _model_names(raw)
+
+
 def _user_ids(raw: str) -> frozenset[int]:
     return frozenset(int(part) for part in raw.replace(",", " ").split())
 
@@ -289,6 +305,30 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         metrics_port=r.get("METRICS_PORT", "0", _bounded(int, 0, 65535), "a port from 1 to 65535, or 0 (off)"),
         instance_id=r.get("INSTANCE_ID", "", _instance_id, "1 to 100 characters without spaces"),
         lease_ttl_s=r.get("LEASE_TTL_S", "30", _bounded(int, 1, 3600), "seconds from 1 to 3600"),
+        vision_models=r.get("VISION_MODELS", "*", _vision_models, "* or model names separated by commas"),
+        context_images=r.get("CONTEXT_IMAGES", "4", _bounded(int, 0, 50), "a whole number from 0 to 50"),
+        image_max_side=r.get("IMAGE_MAX_SIDE", "2048", _bounded(int, 64, 10_000), "pixels from 64 to 10000"),
+        image_max_bytes=r.get(
+            "IMAGE_MAX_BYTES", "5000000", _bounded(int, 10_000, TELEGRAM_DOWNLOAD_LIMIT), "bytes up to 20 MB"
+        ),
+        transcription_model=r.get("TRANSCRIPTION_MODEL", "", str, "a model name"),
+        transcription_base_url=r.get(
+            "TRANSCRIPTION_BASE_URL",
+            r.env.get("OPENAI_BASE_URL", "").strip() or DEFAULT_OPENAI_BASE_URL,
+            _http_url,
+            "an http(s) URL",
+        ),
+        transcription_api_key=r.get(
+            "TRANSCRIPTION_API_KEY", r.env.get("OPENAI_API_KEY", "").strip() or "-", str, "a key"
+        ),
+        voice_max_seconds=r.get("VOICE_MAX_SECONDS", "600", _bounded(int, 1, 86_400), "seconds from 1 to 86400"),
+        document_max_chars=r.get(
+            "DOCUMENT_MAX_CHARS", "20000", _bounded(int, 100, 1_000_000), "a whole number from 100 to 1000000"
+        ),
+        document_max_pages=r.get("DOCUMENT_MAX_PAGES", "50", _bounded(int, 1, 10_000), "pages from 1 to 10000"),
+        media_cache_bytes=r.get(
+            "MEDIA_CACHE_BYTES", "50000000", _bounded(int, 0, 10**10), "a whole number of bytes ≥ 0"
+        ),
     )
     if not config.instance_id:  # the host name, and the webhook's port: unique on one host
         host = socket.gethostname() or "bot"

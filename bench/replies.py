@@ -13,10 +13,10 @@ from typing import Final, Literal
 
 from handlers.errors import NO_HISTORY
 from handlers.messages import SLOW_DOWN, over_budget_reply
-from services.turn.turn import APOLOGY, BAD_INPUT, DB_APOLOGY, HISTORY_MISSING, LLM_APOLOGY, SUMMARY_NOTICE
+from services.turn.turn import APOLOGY, BAD_INPUT, DB_APOLOGY, HISTORY_MISSING, LLM_APOLOGY, NO_VISION, SUMMARY_NOTICE
 
 REFUSALS: Final = frozenset({DB_APOLOGY, LLM_APOLOGY, BAD_INPUT, APOLOGY, SLOW_DOWN, NO_HISTORY})
-NOTICES: Final = frozenset({SUMMARY_NOTICE, HISTORY_MISSING})
+NOTICES: Final = frozenset({SUMMARY_NOTICE, HISTORY_MISSING, NO_VISION})
 # Over the daily token budget: the reply names the time left, so it is known by what comes before.
 OVER_BUDGET: Final = over_budget_reply(datetime(2000, 1, 1, tzinfo=UTC)).split(" in about ")[0]
 

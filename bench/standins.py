@@ -14,13 +14,16 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from aiohttp import web
 
 UPLOAD_LIMIT_BYTES = 50 * 1024 * 1024  # what the Bot API accepts from a bot, per file
+DOWNLOAD_LIMIT_BYTES = 20 * 1024 * 1024  # what getFile lets a bot download, per file
+IMAGE_USAGE = 85  # prompt "tokens" the LLM stand-in counts per image part (a low-detail image's cost at OpenAI)
 BOT_USER = {"id": 4242, "is_bot": True, "first_name": "Test Bot", "username": "test_llm_bot"}
 
 
@@ -53,6 +56,20 @@ class Upload:
 
 
 @dataclass
+class _File:
+    """A file a user sent, as the Bot API holds it: ``size`` is what getFile reports."""
+
+    file_id: str
+    file_unique_id: str
+    file_path: str
+    data: bytes
+    size: int
+
+    def payload(self) -> dict[str, Any]:
+        return {"file_id": self.file_id, "file_unique_id": self.file_unique_id, "file_size": self.size}
+
+
+@dataclass
 class _Server:
     """An aiohttp app on a free loopback port; ``url`` is its base address once started."""
 
@@ -64,9 +81,12 @@ class _Server:
         route: str,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
         gets: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] | None = None,
+        posts: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] | None = None,
     ) -> str:
         app = web.Application(client_max_size=UPLOAD_LIMIT_BYTES)
         app.router.add_post(route, handler)
+        for path, post in (posts or {}).items():
+            app.router.add_post(path, post)
         for path, get in (gets or {}).items():
             app.router.add_get(path, get)
         self.runner, base = await serve(app)
@@ -80,7 +100,14 @@ class _Server:
 @dataclass
 class TelegramStandIn(_Server):
     """Serves getMe/getUpdates, records sendMessage, sendChatAction, setMyCommands and the rest
-    (``unknown_methods``, refused as not known, too)."""
+    (``unknown_methods``, refused as not known, too).
+
+    Files a user sends: ``add_file`` holds bytes under a new file_id (``photo_sizes``, ``voice``
+    and ``document`` build a message's payload around it); getFile answers for them as the Bot
+    API does (400 for an unknown file_id, and for one over the 20 MB download limit), and
+    ``GET /file/bot<token>/<file_path>`` (what aiogram's ``TelegramAPIServer.from_base`` asks)
+    serves their bytes, each request's file_path recorded in ``downloads``.
+    """
 
     updates: list[dict[str, Any]] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
@@ -103,9 +130,14 @@ class TelegramStandIn(_Server):
     # Methods this server does not know (an older telegram-bot-api, an emulator): recorded, and
     # answered as telegram-bot-api answers an unknown method, 404 "Not Found".
     unknown_methods: set[str] = field(default_factory=set)
+    files: dict[str, _File] = field(default_factory=dict)  # file_id -> the file
+    downloads: list[str] = field(default_factory=list)  # file_path of each GET /file/..., served or not (404)
+    _file_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     async def start(self) -> None:
-        self.url = await self._serve("/bot{token}/{method}", self._handle)
+        self.url = await self._serve(
+            "/bot{token}/{method}", self._handle, {"/file/bot{token}/{file_path:.+}": self._download}
+        )
 
     # -- what a test does -----------------------------------------------------------------
 
@@ -148,6 +180,65 @@ class TelegramStandIn(_Server):
         if text is not None:
             payload["text"] = text
         return payload
+
+    def add_file(
+        self, data: bytes, *, file_path: str | None = None, reported_size: int | None = None
+    ) -> dict[str, Any]:
+        """Hold ``data`` as a file a user sent; its ``file_id``, ``file_unique_id`` and ``file_size``.
+
+        ``file_path`` is what getFile answers (``files/file_<n>`` by default); ``reported_size``
+        is the size given instead of ``len(data)`` (over 20 MB: getFile refuses it, "file is too
+        big", without the stand-in holding that much).
+        """
+        return self._hold(data, file_path or "files/file_{n}", reported_size).payload()
+
+    def _hold(self, data: bytes, path: str, reported_size: int | None) -> _File:
+        """A new file of ``data`` at ``path``, where ``{n}`` is its number."""
+        number = next(self._file_ids)
+        held = _File(
+            file_id=f"stand-in-file-{number}",
+            file_unique_id=f"u-file-{number}",
+            file_path=path.replace("{n}", str(number)),
+            data=data,
+            size=reported_size if reported_size is not None else len(data),
+        )
+        self.files[held.file_id] = held
+        return held
+
+    def photo_sizes(
+        self,
+        data: bytes | Sequence[bytes],
+        sizes: Sequence[tuple[int, int]] = ((90, 67), (320, 240), (1280, 960)),
+    ) -> list[dict[str, Any]]:
+        """A message's ``photo``: a PhotoSize per (width, height) of ``sizes``, smallest first as
+        Telegram sends them, each its own file of ``data`` (the same bytes, or one per size)."""
+        per_size = [data] * len(sizes) if isinstance(data, bytes) else list(data)
+        if len(per_size) != len(sizes):
+            raise ValueError(f"{len(per_size)} files for {len(sizes)} sizes")
+        photo = []
+        for (width, height), content in zip(sizes, per_size, strict=True):
+            held = self._hold(content, "photos/file_{n}.jpg", None)
+            photo.append({**held.payload(), "width": width, "height": height})
+        return photo
+
+    def voice(
+        self, data: bytes, *, duration: int = 3, mime_type: str = "audio/ogg", reported_size: int | None = None
+    ) -> dict[str, Any]:
+        """A message's ``voice``: a Voice of ``data`` (see ``add_file`` for ``reported_size``)."""
+        held = self._hold(data, "voice/file_{n}.oga", reported_size)
+        return {**held.payload(), "duration": duration, "mime_type": mime_type}
+
+    def document(
+        self,
+        data: bytes,
+        *,
+        file_name: str = "notes.txt",
+        mime_type: str = "text/plain",
+        reported_size: int | None = None,
+    ) -> dict[str, Any]:
+        """A message's ``document``: a Document of ``data`` (see ``add_file`` for ``reported_size``)."""
+        held = self._hold(data, "documents/file_{n}" + PurePosixPath(file_name).suffix, reported_size)
+        return {**held.payload(), "file_name": file_name, "mime_type": mime_type}
 
     def send(self, text: str | None = None, **kwargs: Any) -> dict[str, Any]:
         """Queue a message update; the Message payload."""
@@ -214,6 +305,8 @@ class TelegramStandIn(_Server):
         self._sent_event.set()
         if method == "getChatMember":
             return _ok(self._chat_member(int(params["chat_id"]), int(params["user_id"])))
+        if method == "getFile":
+            return self._get_file(sent)
         if method in ("sendMessage", "sendChatAction") and int(params["chat_id"]) in self.refused_chats:
             sent.status, description = self.refused_chats[int(params["chat_id"])]
             return _error(sent.status, description)
@@ -267,6 +360,25 @@ class TelegramStandIn(_Server):
             )  # fmt: skip
         sent.answered_at = time.monotonic()
         return _ok(True)
+
+    def _get_file(self, sent: Sent) -> web.Response:
+        """getFile as the Bot API answers it: a File with its file_path, or 400."""
+        held = self.files.get(str(sent.params.get("file_id", "")))
+        sent.answered_at = time.monotonic()
+        if held is None or held.size > DOWNLOAD_LIMIT_BYTES:
+            sent.status = 400
+            return _error(400, "Bad Request: invalid file_id" if held is None else "Bad Request: file is too big")
+        return _ok({**held.payload(), "file_path": held.file_path})
+
+    async def _download(self, request: web.Request) -> web.Response:
+        """A file's bytes by its file_path; 404 for a path getFile never gave."""
+        path = request.match_info["file_path"]
+        self.downloads.append(path)
+        self._sent_event.set()
+        for held in self.files.values():
+            if held.file_path == path:
+                return web.Response(body=held.data, content_type="application/octet-stream")
+        return _error(404, "Not Found")
 
     def _chat_member(self, chat_id: int, user_id: int) -> dict[str, Any]:
         """A ChatMember as Telegram returns it: ``member_status`` says which, "member" by default."""
@@ -327,11 +439,21 @@ class LLMStandIn(_Server):
     (a stream's last chunk, when asked with ``stream_options.include_usage``) as one token per
     character, recorded in ``usages``; ``report_usage=False`` leaves it out. /v1/models lists
     the models of ``context_lengths`` with their ``context_length``, as OpenRouter does.
+
+    A user message's content may be a list of parts (text and ``image_url``): the default reply
+    echoes its text parts and `` [+N images]``, usage counts ``IMAGE_USAGE`` per image, and
+    ``refuse_images=True`` answers a request with any image 400, as a text-only model's endpoint
+    does. /v1/audio/transcriptions (multipart, as the openai SDK sends it) records each request in
+    ``transcriptions`` and answers ``transcript``, or fails with ``transcription_status``.
     """
 
     requests: list[dict[str, Any]] = field(default_factory=list)
-    reply: Callable[[list[dict[str, Any]]], str] = field(default=lambda messages: f"echo: {messages[-1]['content']}")
+    reply: Callable[[list[dict[str, Any]]], str] = field(default=lambda messages: echo(messages))
     status: int = 200
+    refuse_images: bool = False
+    transcript: str = "a transcript from the stand-in"
+    transcription_status: int = 200
+    transcriptions: list[dict[str, Any]] = field(default_factory=list)  # fields, filename, file bytes, content_type
     delay: float = 0.0
     delays: list[float] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -354,7 +476,34 @@ class LLMStandIn(_Server):
         self.gate.set()
 
     async def start(self) -> None:
-        self.url = await self._serve("/v1/chat/completions", self._handle, {"/v1/models": self._models}) + "/v1"
+        self.url = (
+            await self._serve(
+                "/v1/chat/completions",
+                self._handle,
+                {"/v1/models": self._models},
+                {"/v1/audio/transcriptions": self._transcribe},
+            )
+            + "/v1"
+        )
+
+    async def _transcribe(self, request: web.Request) -> web.StreamResponse:
+        """Whisper's endpoint: the recorded request's text fields, ``filename``, ``file`` (bytes) and
+        ``content_type``; answered ``{"text": transcript}`` (plain text for response_format=text)."""
+        record: dict[str, Any] = {}
+        for key, value in (await request.post()).items():
+            if isinstance(value, web.FileField):
+                record.update(filename=value.filename, file=value.file.read(), content_type=value.content_type)
+            else:
+                record[key] = value
+        self.transcriptions.append(record)
+        if self.transcription_status != 200:
+            return web.json_response(
+                {"error": {"message": "stand-in transcription failure", "type": "server_error", "code": None}},
+                status=self.transcription_status,
+            )
+        if record.get("response_format") == "text":
+            return web.Response(text=self.transcript)
+        return web.json_response({"text": self.transcript})
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         data = [
@@ -394,6 +543,9 @@ class LLMStandIn(_Server):
             return web.json_response(
                 {"error": {"message": "stand-in failure", "type": "server_error"}}, status=self.status
             )
+        if self.refuse_images and images_in(body):
+            self.spans[index] = (arrived, time.monotonic())
+            return web.json_response(IMAGES_REFUSED, status=400)
         content = self.reply(body["messages"])
         if body.get("stream"):
             if not self.can_stream:
@@ -448,7 +600,7 @@ class LLMStandIn(_Server):
     def _usage(self, body: dict[str, Any], content: str) -> dict[str, int] | None:
         if not self.report_usage:
             return None
-        prompt = sum(len(str(m["content"])) for m in body["messages"])
+        prompt = sum(_content_size(m.get("content")) for m in body["messages"])
         self.usages.append((prompt, len(content)))
         return {"prompt_tokens": prompt, "completion_tokens": len(content), "total_tokens": prompt + len(content)}
 
@@ -476,6 +628,53 @@ class LLMStandIn(_Server):
                     await asyncio.wait_for(self._stopping.wait(), self.pace)
         await event(chunk({}, "stop"))
         return True
+
+
+IMAGES_REFUSED = {
+    "error": {
+        "message": "This model does not support image input",
+        "type": "invalid_request_error",
+        "code": "image_not_supported",
+    }
+}
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    return [part for part in content if isinstance(part, dict)] if isinstance(content, list) else []
+
+
+def images_in(request: dict[str, Any]) -> list[str]:
+    """The URLs (``data:image/...;base64,...``) of a chat request's image parts, in order."""
+    return [
+        str(part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"])
+        for message in request.get("messages", [])
+        for part in _parts(message.get("content"))
+        if part.get("type") == "image_url"
+    ]
+
+
+def text_of(content: Any) -> str:
+    """A message's content as text: a string as it is, a list of parts as its text parts joined."""
+    if not isinstance(content, list):
+        return str(content)
+    return " ".join(str(part.get("text", "")) for part in _parts(content) if part.get("type") == "text")
+
+
+def echo(messages: list[dict[str, Any]]) -> str:
+    """The LLM stand-in's default reply: "echo: " and the last message's text, and " [+N images]"
+    when it has images."""
+    content = messages[-1]["content"]
+    images = sum(1 for part in _parts(content) if part.get("type") == "image_url")
+    return f"echo: {text_of(content)}" + (f" [+{images} images]" if images else "")
+
+
+def _content_size(content: Any) -> int:
+    """Usage's prompt count for a message: its characters, and ``IMAGE_USAGE`` per image."""
+    if not isinstance(content, list):
+        return len(str(content))
+    return sum(
+        IMAGE_USAGE if part.get("type") == "image_url" else len(str(part.get("text", ""))) for part in _parts(content)
+    )
 
 
 ENTITY_TYPES = {

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiogram import Router
 
-from handlers import commands, errors, history, messages, settings, unsupported
+from handlers import commands, errors, history, media, messages, settings, unsupported
 
 
 def create_routers() -> list[Router]:
     """The routers in the order they must be tried: the history commands, the chat's settings
     (with their buttons), the others (ending
-    with the reply to unknown ones), text, then the catch-all; and the handlers of errors,
+    with the reply to unknown ones), text, photos, voice and files, then the catch-all; and the handlers of errors,
     which see the errors of all."""
     return [
         errors.create_router(),
@@ -18,5 +18,6 @@ def create_routers() -> list[Router]:
         settings.create_router(),
         commands.create_router(),
         messages.create_router(),
+        media.create_router(),
         unsupported.create_router(),
     ]

@@ -88,6 +88,12 @@ async def on_edited_text(message: Message, event_from_user: User, bot: Bot, turn
                     message.chat.id)  # fmt: skip
 
 
+async def edited_caption(message: Message) -> bool:
+    """An edited photo's caption: the photo's question is its caption (a voice message's or a
+    document's question holds what was read from it too, which a new caption must not drop)."""
+    return bool(message.photo) and message.caption is not None
+
+
 async def cmd_search(
     message: Message, command: CommandObject, event_from_user: User, dialog_store: Storage, delivery: Delivery
 ) -> None:
@@ -231,4 +237,5 @@ def create_router() -> Router:
     router.message.register(cmd_stats, Command("stats"))
     router.message.register(cmd_context, Command("context"))
     router.edited_message.register(on_edited_text, F.text)
+    router.edited_message.register(on_edited_text, edited_caption)
     return router

@@ -6,7 +6,7 @@ import logging
 import math
 from datetime import UTC, datetime, timedelta
 
-from aiogram import Bot, F, Router
+from aiogram import Bot, Router
 from aiogram.enums import ChatType, MessageEntityType
 from aiogram.types import Message, MessageGenerationStopped, User
 
@@ -60,17 +60,17 @@ def quoted_in(message: Message) -> str | None:
 
 
 def asked(message: Message, me: User) -> str:
-    """The text of ``message`` without the bot's own mentions (``@its_username``, any case, as
+    """The text (or caption) of ``message`` without the bot's own mentions (``@its_username``, any case, as
     Telegram marks them): what the LLM reads and what is stored (the stored question is every
     later turn's context). In a group the mention only says who is asked."""
-    text = message.text or ""  # made storable at the edge (services.text.clean.storable_json)
+    text = message.text or message.caption or ""  # made storable at the edge (services.text.clean.storable_json)
     if not me.username:
         return text
     mention = f"@{me.username}".lower()
     units = text.encode("utf-16-le")  # entity offsets count UTF-16 code units
     spans = [
         (len(units[: e.offset * 2].decode("utf-16-le")), len(units[: (e.offset + e.length) * 2].decode("utf-16-le")))
-        for e in message.entities or ()
+        for e in message.entities or message.caption_entities or ()
         if e.type == MessageEntityType.MENTION and e.extract_from(text).lower() == mention
     ]
     for start, end in sorted(spans, reverse=True):
@@ -103,9 +103,15 @@ async def on_generation_stopped(event: MessageGenerationStopped, turns: Turns) -
     await turns.stop(chat_id=event.chat.id, ident=event.draft_id)
 
 
+async def has_text(message: Message) -> bool:
+    """A text message. A coroutine, as every filter on this path: aiogram runs a plain function
+    (``F.text``) in a thread, which costs a text message more than its filter does."""
+    return message.text is not None
+
+
 def create_router() -> Router:
     router = Router(name=__name__)
     # Stored once by its own key and answered once by the chat's lease: no update claim needed.
-    router.message.register(on_text, F.text, flags={"idempotent": True})
+    router.message.register(on_text, has_text, flags={"idempotent": True})
     router.stopped_message_generation.register(on_generation_stopped, flags={"idempotent": True})
     return router

@@ -100,8 +100,8 @@ class ChatIntake(BaseMiddleware):
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
         assert isinstance(event, Update)
         message = event.message or event.edited_message
-        if message is None:
-            return await handler(event, data)
+        if message is None or (event.message is not None and message.media_group_id is not None):
+            return await handler(event, data)  # nothing of a chat, or an album's part (``handlers.media``)
         async with self.turns.intake(message.chat.id):
             return await handler(event, data)
 

@@ -1,11 +1,13 @@
-"""Everything that is not text: photos, stickers, voice, documents, locations..."""
+"""Everything the bot does not read: stickers, locations, polls, contacts..., and voice messages
+when nothing transcribes them."""
 
 from __future__ import annotations
 
 from aiogram import Router
 from aiogram.types import Message
 
-TEXT_ONLY = "I can only read text messages for now. Please describe it in words."
+TEXT_ONLY = "I read text, photos, voice messages and text or PDF files, not this. Please describe it in words."
+NOT_HEARD = "I can't listen to voice messages here. Please type it instead."
 
 
 async def on_unsupported(message: Message) -> None:

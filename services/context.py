@@ -127,6 +127,7 @@ fetch_unfinished_turns = _service(database.fetch_unfinished_turns)
 
 # -- what the admission decides: refused, they raise ``OverBudget`` or ``RateLimited`` ----------
 
+admit = _admitted(database.admit)
 add_question = _admitted(database.add_question)
 soft_delete_messages = _admitted(database.soft_delete_messages)
 retry_last_turn = _admitted(database.retry_last_turn)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -33,16 +33,18 @@ from weakref import WeakKeyDictionary
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import class_row, dict_row, scalar_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services import failures
 from services.failures import Failure
-from services.llm.tokens import estimate_tokens
+from services.llm.tokens import estimate_tokens, image_tokens
 from services.ops import metrics
 from services.records import (
     DEFAULT_SETTINGS,
     EMPTY_CONTEXT,
     Answer,
+    Attachment,
     ChatSettings,
     ContextMessage,
     DialogContext,
@@ -427,10 +429,10 @@ ADD_QUESTION: Final = (
         RETURNING l.holder = %(holder)s::text AS leased, l.version
     )
     INSERT INTO messages AS m
-        (user_id, chat_id, role, content, tokens, quoted, telegram_message_id, telegram_thread_id, created_at,
-         deleted_at, deleted_reason)
+        (user_id, chat_id, role, content, tokens, quoted, attachments, telegram_message_id, telegram_thread_id,
+         created_at, deleted_at, deleted_reason)
     SELECT (SELECT id FROM user_row), (SELECT id FROM chat_row), 'user', %(content)s::text, %(tokens)s::integer,
-           %(quoted)s::text, %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
+           %(quoted)s::text, %(attachments)s::jsonb, %(telegram_message_id)s::bigint, %(telegram_thread_id)s::bigint,
            coalesce(%(created_at)s::timestamptz, now()),
            CASE WHEN (SELECT refused FROM admission) THEN now() END,
            CASE WHEN (SELECT refused FROM admission) THEN 'rate_limit' END
@@ -453,6 +455,7 @@ async def add_question(
     telegram_message_id: int | None = None,
     telegram_thread_id: int | None = None,
     quoted: str | None = None,
+    attachments: Sequence[Attachment] = (),
     rate_limit: int = 0,
     token_budget: int = 0,
     created_at: datetime | None = None,
@@ -468,14 +471,16 @@ async def add_question(
     today (UTC) have reached it. ``quoted``: the text it replies to. ``created_at`` defaults to
     now. With ``holder``, the chat's lease is taken for it when free or held by it already, and
     bumped in any case (``services/cluster/leases.py``); a question set aside neither takes nor bumps it.
+    ``attachments``: what it came with (its images count in its estimated tokens).
     """
     params: dict[str, object] = {
         "telegram_user_id": telegram_user_id,
         "first_name": first_name,
         "telegram_chat_id": telegram_chat_id,
         "content": content,
-        "tokens": estimate_tokens(content),
+        "tokens": estimate_tokens(content) + sum(image_tokens(a.width, a.height) for a in attachments if a.is_image),
         "quoted": quoted,
+        "attachments": Jsonb([a.stored() for a in attachments]) if attachments else None,
         "telegram_message_id": telegram_message_id,
         "telegram_thread_id": telegram_thread_id,
         "rate_limit": rate_limit,
@@ -490,6 +495,32 @@ async def add_question(
             return with_start
     # INSERT ... ON CONFLICT DO UPDATE returns the row either way
     return await _one_row(conn, AddedQuestion, ADD_QUESTION, params, prepare=True)
+
+
+# The admission alone, for a question that costs an API call before it can be stored (a voice
+# message is transcribed first): the hit is counted here, so its ADD_QUESTION counts none
+# (rate_limit 0) and checks the budget only.
+ADMIT: Final = (
+    "WITH"
+    + _admission()
+    + """
+    SELECT rate_limited, over_budget FROM admission
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The admission's verdicts: over the rate limit, over the daily token budget."""
+
+    rate_limited: bool
+    over_budget: bool
+
+
+async def admit(conn: Connection, *, telegram_user_id: int, rate_limit: int, token_budget: int) -> Admission:
+    """Count a hit for the user against ``rate_limit`` and check ``token_budget`` (0: none)."""
+    params = {"telegram_user_id": telegram_user_id, "rate_limit": rate_limit, "token_budget": token_budget}
+    return await _one_row(conn, Admission, ADMIT, params, prepare=True)
 
 
 # -- a turn's context -------------------------------------------------------------------------
@@ -537,7 +568,7 @@ def _context_read(question: str, *, shared: bool) -> str:
     r AS (
         SELECT h.*, sum(h.tokens) OVER w AS running, row_number() OVER w AS n, count(*) OVER () AS read
         FROM (
-            SELECT id, user_id, role, content, coalesce(tokens, length) AS tokens, finish_reason,
+            SELECT id, user_id, role, content, coalesce(tokens, length) AS tokens, finish_reason, attachments,
                    coalesce(reply_to_id, id) AS turn, reply_to_id, delivered_at, failed_at, sent_message_ids
             FROM messages
             WHERE {_DIALOG_ROWS[shared]} AND deleted_at IS NULL
@@ -549,7 +580,7 @@ def _context_read(question: str, *, shared: bool) -> str:
         WINDOW w AS (ORDER BY h.turn DESC, h.id DESC)
     )
     SELECT r.id, r.role, r.content, r.tokens, r.running, r.turn, r.finish_reason, {_AUTHOR[shared]} AS author,
-           r.read,
+           r.attachments, r.read,
            r.reply_to_id IS NOT NULL AND r.reply_to_id = (SELECT id FROM q) AS is_answer,
            r.delivered_at IS NOT NULL OR r.failed_at IS NOT NULL AS settled,
            coalesce(cardinality(r.sent_message_ids), 0) AS sent_parts,
@@ -1537,6 +1568,11 @@ class ExportedMessage:
     content: str
     created_at: datetime
     cleared: bool
+    attachments: list[dict[str, Any]] | None = None  # as stored (``Attachment.from_stored``)
+
+    @property
+    def attached(self) -> list[Attachment]:
+        return [Attachment.from_stored(a) for a in self.attachments or ()]
 
 
 # /export: every message of the dialog, cleared ones too, in turn order, read through a
@@ -1545,7 +1581,7 @@ DIALOG_MESSAGES: Final = (
     "WITH"
     + _DIALOG
     + """
-    SELECT m.role, m.content, m.created_at, m.deleted_at IS NOT NULL AS cleared
+    SELECT m.role, m.content, m.created_at, m.deleted_at IS NOT NULL AS cleared, m.attachments
     FROM messages m
     WHERE m.user_id = (SELECT user_id FROM dialog) AND m.chat_id = (SELECT chat_id FROM dialog)
     ORDER BY coalesce(m.reply_to_id, m.id), m.id

@@ -3,10 +3,12 @@ messages of a context. At the bottom of the import graph: it imports nothing of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal, NamedTuple, TypedDict
+from typing import Any, Final, Literal, NamedTuple, TypedDict
 
 Role = Literal["system", "user", "assistant"]
+AttachmentKind = Literal["photo", "voice", "audio", "video_note", "document"]
 FinishReason = Literal["stopped", "failed"]  # an answer cut short; None: complete
 Dialog = tuple[int, int]  # (telegram user id, telegram chat id)
 
@@ -28,6 +30,56 @@ CUT_SHORT: dict[FinishReason, str] = {
 def as_sent(content: str, finish_reason: FinishReason | None) -> str:
     """An answer as the LLM will read it in later contexts: marked when it was cut short."""
     return content + CUT_SHORT[finish_reason] if finish_reason else content
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """What a user message came with, as stored with it (``messages.attachments``, revision 013):
+    Telegram's ids to fetch it again, and what is known of it; never its bytes."""
+
+    kind: AttachmentKind
+    file_id: str
+    file_unique_id: str
+    mime_type: str | None = None
+    file_size: int | None = None
+    width: int | None = None
+    height: int | None = None
+    duration: int | None = None  # seconds
+    file_name: str | None = None
+
+    def stored(self) -> dict[str, object]:
+        """The attachment as its JSON object in the row (unknown fields left out)."""
+        return {name: value for name in self.__slots__ if (value := getattr(self, name)) is not None}
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> Attachment:
+        return cls(**{name: stored[name] for name in cls.__slots__ if name in stored})
+
+    @property
+    def is_image(self) -> bool:
+        """A photo, or an image sent as a file: the model is shown it."""
+        return self.kind == "photo" or (self.kind == "document" and (self.mime_type or "").startswith("image/"))
+
+    @property
+    def label(self) -> str:
+        """How a text-only context shows it: "photo", "voice message, 0:05", "file notes.txt"."""
+        if self.kind == "document":
+            return f"file {self.file_name}" if self.file_name else "file"
+        name = {"photo": "photo", "voice": "voice message", "audio": "audio", "video_note": "video message"}[self.kind]
+        if self.duration is None:
+            return name
+        minutes, seconds = divmod(self.duration, 60)
+        return f"{name}, {minutes}:{seconds:02d}"
+
+
+def described(content: str, attachments: Sequence[Attachment]) -> str:
+    """A message as a text-only context shows it: its attachments as "[photo]" lines before its
+    text (for a voice message, the text it was heard as). A document read as text is in the text
+    already, under its own "[file name]" line."""
+    labels = "\n".join(f"[{a.label}]" for a in attachments if a.kind != "document" or a.is_image)
+    if not labels:
+        return content
+    return f"{labels}\n{content}" if content else labels
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +148,12 @@ class ContextMessage(NamedTuple):
     turn: int
     finish_reason: FinishReason | None = None
     author: str | None = None
+    attachments: list[dict[str, Any]] | None = None  # as stored (``Attachment.from_stored`` reads one)
+
+    @property
+    def images(self) -> list[Attachment]:
+        """The photos (and images sent as files) the message came with."""
+        return [a for a in map(Attachment.from_stored, self.attachments or ()) if a.is_image]
 
 
 @dataclass(frozen=True, slots=True)

@@ -494,8 +494,13 @@ async def test_purge_of_token_usage_keeps_the_last_three_utc_days(pool: Pool) ->
         (
             database.ADD_QUESTION,
             {"telegram_user_id": 5001, "first_name": None, "telegram_chat_id": 5001, "content": "q", "tokens": 5,
-             "quoted": None, "telegram_message_id": 1, "telegram_thread_id": None, "rate_limit": 0, "token_budget": 100,
-             "created_at": None, "holder": None, "lease_ttl_s": 0},
+             "quoted": None, "attachments": None, "telegram_message_id": 1, "telegram_thread_id": None,
+             "rate_limit": 0, "token_budget": 100, "created_at": None, "holder": None, "lease_ttl_s": 0},
+            "Index Scan using token_usage_pkey on token_usage",
+        ),
+        (
+            database.ADMIT,
+            {"telegram_user_id": 5001, "rate_limit": 0, "token_budget": 100},
             "Index Scan using token_usage_pkey on token_usage",
         ),
         (
@@ -524,7 +529,7 @@ async def test_purge_of_token_usage_keeps_the_last_three_utc_days(pool: Pool) ->
             "Conflict Arbiter Indexes: token_usage_pkey",
         ),
     ],
-    ids=["add-question", "insert-answer", "write-back-answer", "stats", "retry", "edit", "insert-summary"],
+    ids=["add-question", "admit", "insert-answer", "write-back-answer", "stats", "retry", "edit", "insert-summary"],
 )  # fmt: skip
 async def test_token_usage_is_read_and_written_by_its_primary_key(
     pool: Pool, statement: str, params: dict[str, object], expected: str
@@ -546,7 +551,7 @@ async def test_token_usage_is_read_and_written_by_its_primary_key(
 
 
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "012"
+    assert await database.run(pool, database.fetch_schema_version) == "013"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:
@@ -751,6 +756,7 @@ LEASE = {"telegram_chat_id": CHAT_X, "holder": "a", "ttl_s": 30}
                 "content": "x",
                 "tokens": 5,
                 "quoted": None,
+                "attachments": None,
                 "telegram_message_id": 2,
                 "telegram_thread_id": None,
                 "rate_limit": 0,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bench.standins import LLMStandIn, TelegramStandIn
-from handlers.unsupported import TEXT_ONLY
+from handlers.unsupported import NOT_HEARD, TEXT_ONLY
 from services.database import Pool
 from services.turn.turn import LLM_APOLOGY
 from tests.harness import BotProcess, fetch, running_bot, stored
@@ -136,30 +136,32 @@ async def test_two_users_in_two_chats_stay_isolated(
 
 
 @pytest.mark.parametrize(
-    "kind",
+    ("kind", "reply"),
     [
-        {"photo": [{"file_id": "p", "file_unique_id": "p", "width": 1, "height": 1}]},
-        {
-            "sticker": {
-                "file_id": "s",
-                "file_unique_id": "s",
-                "type": "regular",
-                "width": 1,
-                "height": 1,
-                "is_animated": False,
-                "is_video": False,
-            }
-        },
-        {"voice": {"file_id": "v", "file_unique_id": "v", "duration": 1}},
-        {"document": {"file_id": "d", "file_unique_id": "d"}},
+        (
+            {
+                "sticker": {
+                    "file_id": "s",
+                    "file_unique_id": "s",
+                    "type": "regular",
+                    "width": 1,
+                    "height": 1,
+                    "is_animated": False,
+                    "is_video": False,
+                }
+            },
+            TEXT_ONLY,
+        ),
+        ({"location": {"latitude": 1.0, "longitude": 2.0}}, TEXT_ONLY),
+        ({"voice": {"file_id": "v", "file_unique_id": "v", "duration": 1}}, NOT_HEARD),  # no TRANSCRIPTION_MODEL
     ],
 )
-async def test_non_text_messages_get_a_polite_text_only_reply(
-    kind: dict[str, Any], env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
+async def test_what_the_bot_does_not_read_gets_a_polite_reply(
+    kind: dict[str, Any], reply: str, env: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn, pool: Pool
 ) -> None:
     async with running_bot(env, telegram):
         telegram.send(**kind)
-        assert await telegram.wait_for_messages(1, 1) == [TEXT_ONLY]
+        assert await telegram.wait_for_messages(1, 1) == [reply]
     assert llm.requests == []
     assert await stored(pool) == []
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from services import database
 from services.database import Connection
-from services.records import FinishReason
+from services.records import Attachment, FinishReason
 
 logger = logging.getLogger(__name__)
 SpooledKind = Literal["question", "answer", "sent", "failed", "clear"]
@@ -47,6 +47,7 @@ class Spooled:
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    attachments: list[dict[str, Any]] | None = None  # a question's, as stored (``Attachment.stored``)
 
     def to_json(self) -> str:
         fields: dict[str, Any] = asdict(self)
@@ -138,6 +139,7 @@ async def write_back(conn: Connection, item: Spooled) -> None:
             telegram_message_id=item.message_id,
             telegram_thread_id=item.thread_id,
             quoted=item.quoted,
+            attachments=[Attachment.from_stored(a) for a in item.attachments or ()],
             created_at=item.at,
         )
     elif item.kind == "answer":

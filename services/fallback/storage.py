@@ -16,7 +16,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -39,6 +39,7 @@ from services.ops import metrics
 from services.records import (
     NO_USAGE,
     Answer,
+    Attachment,
     Dialog,
     DialogContext,
     FinishReason,
@@ -46,6 +47,7 @@ from services.records import (
     TurnStart,
     Usage,
     as_sent,
+    described,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,8 @@ class Storage:
                 questions[item.chat_id, item.message_id] = Question(
                     item.chat_id, item.user_id, item.message_id, thread_id=item.thread_id
                 )
-                self._history.append(dialog, Remembered("user", item.text, item.message_id))
+                content = described(item.text, [Attachment.from_stored(a) for a in item.attachments or ()])
+                self._history.append(dialog, Remembered("user", content, item.message_id))
             elif item.kind == "answer":
                 content = as_sent(item.text, item.finish_reason)
                 self._history.append(dialog, Remembered("assistant", content, item.message_id))
@@ -161,6 +164,13 @@ class Storage:
             )
         )
 
+    async def admit(self, *, user_id: int, rate_limit: int, token_budget: int) -> None:
+        """Count a hit for the user and check the budget, before a question that costs an API
+        call to store; raises ``RateLimited`` or ``OverBudget``. Degraded, neither is checked."""
+        await self._in_database(
+            lambda pool: context.admit(pool, telegram_user_id=user_id, rate_limit=rate_limit, token_budget=token_budget)
+        )
+
     async def add_question(
         self,
         *,
@@ -172,6 +182,7 @@ class Storage:
         content: str,
         rate_limit: int,
         quoted: str | None = None,
+        attachments: Sequence[Attachment] = (),
         token_budget: int = 0,
         holder: str | None = None,
         lease_ttl_s: int = 0,
@@ -192,6 +203,7 @@ class Storage:
                 telegram_thread_id=thread_id,
                 content=content,
                 quoted=quoted,
+                attachments=attachments,
                 rate_limit=rate_limit,
                 token_budget=token_budget,
                 holder=holder,
@@ -199,12 +211,13 @@ class Storage:
                 read=read,
             )
         )
+        remembered = Remembered("user", described(content, attachments), message_id)
         if added is not UNAVAILABLE:
             question = Question(
                 chat_id, user_id, message_id, added.id, thread_id, added.leased, added.lease_version, added.start
             )
             if added.new:
-                self._history.append(dialog, Remembered("user", content, message_id))
+                self._history.append(dialog, remembered)
             if added.start is not None:
                 self._remember(question, added.start.dialog)
             return question
@@ -215,10 +228,14 @@ class Storage:
             return question  # a redelivered update: its turn finds what is left to do
         if dialog not in self._history and self._pool is not None:
             self._history_missing.add(dialog)
+        stored = [a.stored() for a in attachments] or None
         self._keep(
-            Spooled("question", chat_id, user_id, spool.now(), message_id, first_name, thread_id, content, quoted)
-        )
-        self._history.append(dialog, Remembered("user", content, message_id))
+            Spooled(
+                "question", chat_id, user_id, spool.now(), message_id, first_name, thread_id, content, quoted,
+                attachments=stored,
+            )
+        )  # fmt: skip
+        self._history.append(dialog, remembered)
         return question
 
     async def start_turn(

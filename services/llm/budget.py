@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.llm.tokens import estimate_tokens
-from services.records import ChatMessage, ContextMessage, DialogContext, Summary, as_sent
+from services.records import Attachment, ChatMessage, ContextMessage, DialogContext, Summary, as_sent, described
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,8 @@ class ContextBudget:
 
 def _as_message(message: ContextMessage) -> ChatMessage:
     content = as_sent(message.content, message.finish_reason)
+    if message.attachments:
+        content = described(content, [Attachment.from_stored(a) for a in message.attachments])
     if message.role == "user" and message.author is not None:  # a group's shared history
         content = f"{message.author or SOMEONE}: {content}"
     return {"role": message.role, "content": content}

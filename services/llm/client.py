@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 
 class LLMError(Exception):
     """No usable answer: timeout, refused request, server error, rate limit or an empty reply."""
+
+
+class ImagesRefused(Exception):
+    """The endpoint refused a request with images: its model does not take them (it is not
+    shown any again). Raised before anything is written, so the call can be made without them."""
 
 
 # Statuses with which an endpoint refuses the request itself (here: to stream), not a moment's trouble.
@@ -42,6 +47,7 @@ class _Request:
     model: str
     messages: list[ChatCompletionMessageParam]
     temperature: float
+    images: bool = False  # some message shows an image
 
 
 # The request is sent as it is built and a streamed chunk read as the JSON it is, through the
@@ -65,7 +71,14 @@ class LLM:
     max_tokens: int
     system_prompt: str
     streaming: bool = True
+    vision_models: tuple[str, ...] = ()  # the models shown images (empty: every model, until it refuses)
     _calls: int = field(default=0, init=False, repr=False)  # requests under way, for ``close``
+    _text_only: set[str] = field(default_factory=set, init=False, repr=False)  # models that refused images
+
+    def sees_images(self, model: str | None) -> bool:
+        """Whether a call to ``model`` (None: the configured one) is shown images."""
+        model = model if model is not None else self.model
+        return model not in self._text_only and (not self.vision_models or model in self.vision_models)
 
     async def stream(
         self,
@@ -74,20 +87,28 @@ class LLM:
         model: str | None = None,
         system_prompt: str | None = None,
         temperature: float | None = None,
+        images: Mapping[int, Sequence[str]] | None = None,
     ) -> AsyncIterator[str | Usage]:
         """The answer to ``history`` as it is written, piece by piece, then the tokens it took
         when the endpoint reports them. Where the endpoint cannot stream, one completion comes
         whole: the caller sees no difference but the wait. ``model``, ``system_prompt`` and
-        ``temperature`` (a chat's settings) override the configured ones; None keeps them."""
+        ``temperature`` (a chat's settings) override the configured ones; None keeps them.
+        ``images``: data URLs shown with the message of ``history`` at each index; raises
+        ``ImagesRefused`` when the endpoint refuses them."""
+        messages: list[Mapping[str, object]] = [
+            {"role": "system", "content": system_prompt if system_prompt is not None else self.system_prompt},
+            *history,
+        ]
+        for index, urls in (images or {}).items():
+            text: dict[str, object] = {"type": "text", "text": history[index]["content"]}
+            parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+            messages[index + 1] = {"role": history[index]["role"], "content": [text, *parts]}
         request = _Request(
             model if model is not None else self.model,
-            cast(
-                list[ChatCompletionMessageParam],
-                [{"role": "system", "content": system_prompt if system_prompt is not None else self.system_prompt},
-                 *history],
-            ),
+            cast(list[ChatCompletionMessageParam], messages),
             temperature if temperature is not None else self.temperature,
-        )  # fmt: skip
+            images=bool(images),
+        )
         answer = self._streamed(request) if self.streaming else self._whole(request)
         self._calls += 1
         try:
@@ -109,6 +130,7 @@ class LLM:
                 stream_cls=openai.AsyncStream[object],
             )
         except openai.APIStatusError as error:
+            self._refused_images(request, error)
             if error.status_code not in REFUSES_STREAMING:
                 raise _failed(error, started) from error
             logger.warning("the endpoint refuses to stream (status %s): asking for whole answers", error.status_code)
@@ -149,6 +171,9 @@ class LLM:
         started = time.perf_counter()
         try:
             response = await self.client.post(COMPLETIONS, body=self._body(request), cast_to=ChatCompletion)
+        except openai.APIStatusError as error:
+            self._refused_images(request, error)
+            raise _failed(error, started) from error
         except openai.APIError as error:
             raise _failed(error, started) from error
         content = response.choices[0].message.content if response.choices else None
@@ -161,6 +186,16 @@ class LLM:
         if response.usage is not None:
             metrics.count_tokens(response.usage.prompt_tokens, response.usage.completion_tokens)
             yield Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
+
+    def _refused_images(self, request: _Request, error: openai.APIStatusError) -> None:
+        """``ImagesRefused`` when a request with images was refused as a request (not a moment's
+        trouble): the model is taken not to take images (endpoints word it differently)."""
+        if request.images and error.status_code in REFUSES_STREAMING:
+            logger.warning(
+                "model %s refused images (status %s): text only from now on", request.model, error.status_code
+            )
+            self._text_only.add(request.model)
+            raise ImagesRefused(request.model) from error
 
     def _body(self, request: _Request) -> dict[str, object]:
         return {
@@ -231,4 +266,5 @@ def create_llm(config: Config) -> LLM:
         max_tokens=config.llm_max_tokens,
         system_prompt=config.system_prompt,
         streaming=config.llm_stream,
+        vision_models=config.vision_models,
     )

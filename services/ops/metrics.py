@@ -29,7 +29,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 REGISTRY: Final = CollectorRegistry()
-STAGES: Final = ("database", "llm", "telegram")
+STAGES: Final = ("database", "llm", "telegram", "transcription")
 OUTCOMES: Final = (
     "answered",
     "llm_failed",
@@ -52,7 +52,7 @@ TURN_SECONDS: Final = Histogram(
 )  # fmt: skip
 TURNS_IN_FLIGHT: Final = Gauge("llmbot_turns_in_flight", "Turns running now", registry=REGISTRY)
 STAGE_SECONDS: Final = Histogram(
-    "llmbot_stage_seconds", "Time of one call to the database, the LLM or the Bot API", ["stage"],
+    "llmbot_stage_seconds", "Time of one call to the database, the LLM, the Bot API or transcription", ["stage"],
     buckets=STAGE_BUCKETS, registry=REGISTRY,
 )  # fmt: skip
 STAGE_ERRORS: Final = Counter(

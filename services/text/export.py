@@ -1,7 +1,9 @@
 """/export: a dialog's history as files, written as it is read from the database.
 
 Markdown by default (for people), JSON on request (for programs: a list of ``role``, ``text``,
-``created_at``, ``cleared``). A history that would pass Telegram's upload limit is split into
+``created_at``, ``cleared``, and ``attachments`` for a message sent with any: each one's
+``kind``, ``file_name``, ``mime_type``, ``duration``; a voice message's transcript and a
+document's text are its ``text``). A history that would pass Telegram's upload limit is split into
 parts, each a whole document of its own (valid JSON, a Markdown file with its heading). Memory
 holds one message at a time, whatever the length of the history.
 """
@@ -15,10 +17,13 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from services.database import ExportedMessage
+from services.records import described
 
 Format = Literal["markdown", "json"]
 UPLOAD_LIMIT_BYTES = 50 * 1000 * 1000  # what the Bot API accepts from a bot, per file
 ROLE_NAMES = {"user": "You", "assistant": "Assistant", "system": "System"}
+# What an export says of an attachment: not Telegram's file ids, which only this bot can use.
+EXPORTED_FIELDS = ("kind", "file_name", "mime_type", "duration", "width", "height")
 
 
 class _Document:
@@ -49,7 +54,8 @@ class _Markdown(_Document):
     def entry(self, message: ExportedMessage, first: bool) -> bytes:
         when = message.created_at.strftime("%Y-%m-%d %H:%M UTC")
         cleared = " · cleared" if message.cleared else ""
-        return f"\n## {ROLE_NAMES[message.role]} · {when}{cleared}\n\n{message.content}\n".encode()
+        text = described(message.content, message.attached)
+        return f"\n## {ROLE_NAMES[message.role]} · {when}{cleared}\n\n{text}\n".encode()
 
 
 class _Json(_Document):
@@ -59,12 +65,14 @@ class _Json(_Document):
         return b"["
 
     def entry(self, message: ExportedMessage, first: bool) -> bytes:
-        fields = {
+        fields: dict[str, object] = {
             "role": message.role,
             "text": message.content,
             "created_at": message.created_at.isoformat(),
             "cleared": message.cleared,
         }
+        if message.attachments:
+            fields["attachments"] = [{key: a[key] for key in EXPORTED_FIELDS if key in a} for a in message.attachments]
         return (b"\n" if first else b",\n") + json.dumps(fields, ensure_ascii=False).encode()
 
     def closing(self) -> bytes:

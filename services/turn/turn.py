@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -22,10 +23,23 @@ from services.cluster.ownership import Ownership
 from services.failures import BadRequest, StorageUnavailable
 from services.fallback.storage import Storage
 from services.llm.budget import ContextBudget, Window
-from services.llm.client import LLM, LLMError, system_prompt_of
+from services.llm.client import LLM, ImagesRefused, LLMError, system_prompt_of
 from services.llm.summaries import Summariser
+from services.media.errors import Unreadable
+from services.media.files import FileGone, FileTooBig, ImageCache
+from services.media.images import data_url, sniff
+from services.media.intake import ShownImage
 from services.ops import metrics
-from services.records import Answer, ChatMessage, ChatSettings, DialogContext, FinishReason, Question, Usage
+from services.records import (
+    Answer,
+    Attachment,
+    ChatMessage,
+    ChatSettings,
+    DialogContext,
+    FinishReason,
+    Question,
+    Usage,
+)
 from services.text.clean import storable
 from services.text.formatting import Part, render, split
 from services.turn.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
@@ -40,6 +54,7 @@ BAD_INPUT = "Sorry, my memory refuses that as it is. Please rephrase it and try 
 APOLOGY = "Sorry, something went wrong on my side. Please try again."
 HISTORY_MISSING = "(I can't reach my memory of our earlier messages right now, so I'm answering this one on its own.)"
 SUMMARY_NOTICE = "(Our conversation has grown long, so I summarised its older part to keep it in mind.)"
+NO_VISION = "(This model can't see images, so I read only the text of your message.)"
 
 CutShort = Literal["stop", "cancel", "failed"]  # the user stopped it; a /clear, /undo or edit; the LLM broke off
 
@@ -56,6 +71,7 @@ class Crew:
     queues: ChatQueues[Turn]
     budget: ContextBudget
     summariser: Summariser
+    images: ImageCache | None  # None: images are not shown again after their own turn
 
     def shared(self, chat_id: int) -> bool:
         """Whether the chat's turns read its whole history (a group, with GROUP_CONTEXT=shared)."""
@@ -110,7 +126,8 @@ class Turn:
 
     ``replaces``: the message showing the answer the new one replaces (an edited question),
     edited in place where Telegram allows; ``quoted``: the text the question replies to, from
-    its update (a turn that did not start from its update reads it from the question's row).
+    its update (a turn that did not start from its update reads it from the question's row);
+    ``images``: the images the question came with, as received.
     """
 
     def __init__(
@@ -121,12 +138,14 @@ class Turn:
         *,
         replaces: int | None = None,
         quoted: str | None = None,
+        images: Sequence[ShownImage] = (),
     ) -> None:
         self.crew = crew
         self.question = question
         self.address = address
         self.replaces = replaces
         self.quoted = quoted
+        self.images = images
         self.unsettled = False  # it ended with work left for the next start's recovery
         self.handover: Handover | None = None  # the chat's hand-over, taken with the last part's record
 
@@ -203,8 +222,19 @@ class Turn:
         quoted = self.quoted or start.quoted
         window = await crew.window(start.dialog, settings, quoted)
         live = self._live_reply()
-        written = await self._write(with_quote(window.messages, quoted), live, settings)
-        crew.budget.calibrate(crew.model_of(settings), estimated=window.used, reported=written.usage.prompt_tokens)
+        context = with_quote(window.messages, quoted)
+        model = crew.model_of(settings)
+        if crew.llm.sees_images(model):
+            try:
+                written = await self._write(context, live, settings, await self._shown(window))
+            except ImagesRefused:
+                await self._say(NO_VISION)
+                written = await self._write(context, live, settings)
+        else:
+            if self.images:
+                await self._say(NO_VISION)
+            written = await self._write(context, live, settings)
+        crew.budget.calibrate(model, estimated=window.used, reported=written.usage.prompt_tokens)
         shown = await live.finish()
         await self._secure()
         if written.cut_short == "cancel":  # cleared meanwhile: nothing from before may stay live
@@ -218,7 +248,38 @@ class Turn:
             metrics.turn_outcome("llm_failed")
             await self._say(LLM_APOLOGY)
         if delivered and window.crowded and start.from_database and crew.config.summaries:
-            await self._summarise(window, crew.model_of(settings))
+            await self._summarise(window, model)
+
+    async def _shown(self, window: Window) -> dict[int, list[str]]:
+        """The images the call shows, as data URLs by the index of their message in the window:
+        the newest CONTEXT_IMAGES of its messages, the question's own as received, older ones
+        from memory or downloaded again; one Telegram no longer gives is left out (its message
+        still says "[photo]")."""
+        left = self.crew.config.context_images
+        shown: dict[int, list[str]] = {}
+        last = len(window.messages) - 1
+        for newest, message in enumerate(window.recent):
+            if left <= 0:
+                break
+            if newest == 0 and self.images:
+                urls = [data_url(image.data, image.mime_type) for image in self.images[:left]]
+            else:
+                urls = [url for image in message.images[:left] if (url := await self._again(image)) is not None]
+            if urls:
+                shown[last - newest] = urls
+                left -= len(urls)
+        return shown
+
+    async def _again(self, image: Attachment) -> str | None:
+        """An image of an earlier message as a data URL; None when it cannot be had."""
+        if self.crew.images is None:
+            return None
+        try:
+            data = await self.crew.images.image(image.file_id, image.file_unique_id)
+            return data_url(data, image.mime_type or sniff(data))
+        except (FileGone, FileTooBig, Unreadable) as error:
+            logger.info("an image of chat %s not shown again: %s", self.chat_id, type(error).__name__)
+            return None
 
     def _live_reply(self) -> LiveReply:
         config = self.crew.config
@@ -232,8 +293,15 @@ class Turn:
             replacing=self.replaces,
         )
 
-    async def _write(self, context: list[ChatMessage], live: LiveReply, settings: ChatSettings) -> Written:
-        """The LLM's answer as it streams to ``live``, stoppable through the chat's queue."""
+    async def _write(
+        self,
+        context: list[ChatMessage],
+        live: LiveReply,
+        settings: ChatSettings,
+        images: dict[int, list[str]] | None = None,
+    ) -> Written:
+        """The LLM's answer as it streams to ``live``, stoppable through the chat's queue;
+        ``images`` shown with the messages at their indices (``ImagesRefused``: not taken)."""
         written: list[str] = []
         usage = Usage()
 
@@ -244,6 +312,7 @@ class Turn:
                 model=settings.model,
                 system_prompt=system_prompt_of(self.crew.config.system_prompt, settings.system_prompt),
                 temperature=settings.temperature,
+                images=images,
             )
             async for piece in pieces:
                 if isinstance(piece, Usage):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 
 from config import Config
@@ -25,7 +26,9 @@ from services.fallback.storage import Storage
 from services.llm.budget import ContextBudget, Window
 from services.llm.client import LLM
 from services.llm.summaries import Summariser
-from services.records import Question
+from services.media.files import ImageCache
+from services.media.intake import ShownImage
+from services.records import Attachment, Question
 from services.turn.delivery import Address, Delivery
 from services.turn.queue import ChatQueues
 from services.turn.recovery import Recovery
@@ -37,7 +40,15 @@ logger = logging.getLogger(__name__)
 class Turns:
     """Stores questions, queues their turns, and carries out the commands that change them."""
 
-    def __init__(self, storage: Storage, llm: LLM, delivery: Delivery, config: Config, owner: Ownership) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        llm: LLM,
+        delivery: Delivery,
+        config: Config,
+        owner: Ownership,
+        images: ImageCache | None = None,
+    ) -> None:
         self._storage = storage
         self._config = config
         self._owner = owner
@@ -59,6 +70,7 @@ class Turns:
             self._queues,
             self.budget,
             Summariser(storage, llm, config.llm_max_tokens),
+            images,
         )
         self._recovery = Recovery(storage, owner, config, queue=self._recover)
 
@@ -76,9 +88,14 @@ class Turns:
         telegram_message_id: int,
         text: str,
         quoted: str | None = None,
+        attachments: Sequence[Attachment] = (),
+        images: Sequence[ShownImage] = (),
+        admitted: bool = False,
     ) -> None:
         """Store a question and queue its turn behind the chat's earlier ones (inside the intake);
-        ``quoted``: the text it replies to, which its turn's context shows before it.
+        ``quoted``: the text it replies to, which its turn's context shows before it;
+        ``attachments``: what it came with, ``images`` those shown as received; ``admitted``: its
+        hit was counted already (``admit``).
 
         Raises ``RateLimited`` or ``OverBudget`` (the question is set aside) or ``StorageUnavailable``.
         A message stored before (a redelivered update, a retried statement) is queued again: its
@@ -99,7 +116,8 @@ class Turns:
             thread_id=address.thread_id,
             content=text,
             quoted=quoted,
-            rate_limit=self._config.rate_limit_per_minute,
+            attachments=attachments,
+            rate_limit=0 if admitted else self._config.rate_limit_per_minute,
             token_budget=self._config.daily_token_budget_per_user,
             holder=self._owner.holder,
             lease_ttl_s=self._owner.ttl_s,
@@ -111,7 +129,15 @@ class Turns:
         ):  # another process answers the chat now, this question in its turn
             logger.info("question %s left to the process holding chat %s", question.id, chat_id)
             return
-        self._submit(Turn(self._crew, question, address, quoted=quoted))
+        self._submit(Turn(self._crew, question, address, quoted=quoted, images=images))
+
+    async def admit(self, *, user_id: int) -> None:
+        """Admit a question before it costs an API call to store (a voice message, transcribed
+        first): raises ``RateLimited`` or ``OverBudget``; then ``ask`` it with ``admitted``."""
+        config = self._config
+        await self._storage.admit(
+            user_id=user_id, rate_limit=config.rate_limit_per_minute, token_budget=config.daily_token_budget_per_user
+        )
 
     async def register(self, *, user_id: int, first_name: str | None, chat_id: int) -> None:
         """Register the user and the chat on first contact, keeping ``first_name`` current."""
