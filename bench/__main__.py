@@ -247,7 +247,11 @@ class InstantSession(BaseSession):
 
 class InstantLLM:
     """An LLM that answers at once, in one piece (a summary too); its model list is empty, as
-    OpenAI's is (no context lengths published), so the configured budget holds."""
+    OpenAI's is (no context lengths published), so the configured budget holds. Every model is
+    shown images, as with the default VISION_MODELS (the bench's questions have none)."""
+
+    def sees_images(self, model: str | None) -> bool:
+        return True
 
     async def stream(self, history: list[records.ChatMessage], **settings: object) -> AsyncIterator[str]:
         yield f"answer after {len(history)} messages"
