@@ -64,6 +64,8 @@ class Config:
     history_limit: int
     context_tokens: int
     summaries: bool
+    recall: bool
+    llm_tools: bool
     pending_reply_max_age_s: int
     shutdown_timeout_s: float
     rate_limit_per_minute: int
@@ -278,6 +280,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             "CONTEXT_TOKENS", "0", _bounded(int, 0, 100_000_000), "a whole number of tokens, or 0 (ask the endpoint)"
         ),
         summaries=r.get("SUMMARIES", "true", _boolean, "true or false"),
+        recall=r.get("RECALL", "true", _boolean, "true or false"),
+        llm_tools=r.get("LLM_TOOLS", "true", _boolean, "true or false"),
         pending_reply_max_age_s=r.get("PENDING_REPLY_MAX_AGE_S", "600", _bounded(int, 0, 604_800), "seconds ≥ 0"),
         shutdown_timeout_s=r.get("SHUTDOWN_TIMEOUT_S", "30", _bounded(float, 0, 3600), "seconds ≥ 0"),
         rate_limit_per_minute=r.get("RATE_LIMIT_PER_MINUTE", "20", _bounded(int, 0, 100_000), "a whole number ≥ 0"),

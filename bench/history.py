@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from itertools import accumulate
 from pathlib import Path
@@ -53,6 +53,7 @@ from bench.__main__ import alembic_config, parse, percentile, write_results
 from handlers.history import HEADLINE_OPTIONS, SEARCH_LIMIT
 from services import context, database
 from services.database import ExportedMessage, Pool
+from services.llm.recall import RECALLED, RECALLED_CHARS
 from services.ops.local_postgres import LocalPostgres, throwaway
 from services.text.export import Format, export_dialog
 
@@ -95,6 +96,7 @@ RARE = {"ru": "синхрофазотрон", "en": "synchrophasotron"}
 VOCABULARY_SIZE = 10_000
 
 # (kind, query): each kind of what users type, all through websearch_to_tsquery.
+RECALL = "recall: any of 3 words"
 QUERIES = [
     ("common word", "время"),
     ("rare word", RARE["ru"]),
@@ -102,6 +104,9 @@ QUERIES = [
     ("quoted phrase", '"машинное обучение"'),
     ("word form (ru)", "кошки"),  # stored: кошка, кошку, кошкой
     ("word form (en)", "running"),  # stored: run, runs, running
+    # recall (RECALL, the search_history tool): the live messages matching any word, the whole dialog
+    # before the window (here: all of it), at most 3, each cut: services.database.recall_earlier
+    (RECALL, "кофе or утром or время"),
 ]
 
 
@@ -249,22 +254,36 @@ async def seed(
 # -- /search ----------------------------------------------------------------------------------
 
 
-async def search_latency(pool: Pool, dialogs: list[int], query: str, samples: int) -> dict[str, float]:
+async def search_latency(
+    pool: Pool, dialogs: list[int], query: str, samples: int, *, recall: bool = False
+) -> dict[str, float]:
     hits: list[int] = []
 
     async def once(i: int) -> float:
         dialog = dialogs[(i * 7919) % len(dialogs)]
         started = time.perf_counter()
         async with pool.connection() as conn:
-            found = await database.search_messages(
-                conn,
-                telegram_user_id=telegram_user(dialog),
-                telegram_chat_id=telegram_chat(dialog),
-                query=query,
-                everything=False,
-                limit=SEARCH_LIMIT,
-                options=HEADLINE_OPTIONS,
-            )
+            found: Sequence[object]
+            if recall:
+                found = await database.recall_earlier(
+                    conn,
+                    telegram_user_id=telegram_user(dialog),
+                    telegram_chat_id=telegram_chat(dialog),
+                    query=query,
+                    before_turn=2**62,
+                    limit=RECALLED,
+                    chars=RECALLED_CHARS,
+                )
+            else:
+                found = await database.search_messages(
+                    conn,
+                    telegram_user_id=telegram_user(dialog),
+                    telegram_chat_id=telegram_chat(dialog),
+                    query=query,
+                    everything=False,
+                    limit=SEARCH_LIMIT,
+                    options=HEADLINE_OPTIONS,
+                )
         hits.append(len(found))
         return (time.perf_counter() - started) * 1000
 
@@ -281,7 +300,7 @@ async def search_latency(pool: Pool, dialogs: list[int], query: str, samples: in
 
 
 async def search_table(pool: Pool, dialogs: list[int], samples: int) -> dict[str, dict[str, float]]:
-    return {kind: await search_latency(pool, dialogs, query, samples) for kind, query in QUERIES}
+    return {kind: await search_latency(pool, dialogs, query, samples, recall=kind == RECALL) for kind, query in QUERIES}
 
 
 # -- /export ----------------------------------------------------------------------------------
@@ -589,7 +608,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with pool.connection() as conn:
                 await seed(conn, texts, first=big, stop=big + 1, per_dialog=args.export_messages)
             results["search_long_dialog"] = {
-                kind: await search_latency(pool, [big], query, max(20, args.samples // 10)) for kind, query in QUERIES
+                kind: await search_latency(pool, [big], query, max(20, args.samples // 10), recall=kind == RECALL)
+                for kind, query in QUERIES
             }
             results["export"] = await export_figures(pool, big, small_dialog=0)
         finally:

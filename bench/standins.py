@@ -445,6 +445,15 @@ class LLMStandIn(_Server):
     ``refuse_images=True`` answers a request with any image 400, as a text-only model's endpoint
     does. /v1/audio/transcriptions (multipart, as the openai SDK sends it) records each request in
     ``transcriptions`` and answers ``transcript``, or fails with ``transcription_status``.
+
+    Tools (a request with ``tools``): ``tool_calls`` is a queue of answers, each a list of calls
+    ``{"name": ..., "arguments": "<JSON text, sent exactly as given>"}``; the next request with
+    tools takes the first and answers with those calls (each its id ``call_<n>``) instead of text,
+    ``finish_reason: "tool_calls"``, streamed as OpenAI streams them (a call's id and name first,
+    then its arguments in pieces of ``chunk`` characters). Once the queue is empty,
+    ``always_tool_calls`` (when set) answers every request with tools: a model that loops.
+    ``refuse_tools=True`` answers a request with tools 400 (``TOOLS_REFUSED``), as an endpoint
+    whose model takes none does. A request without tools is answered with text, as before.
     """
 
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -471,6 +480,10 @@ class LLMStandIn(_Server):
     usages: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion) tokens reported
     context_lengths: dict[str, int] = field(default_factory=dict)
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # cleared: requests wait until it is set
+    tool_calls: list[list[dict[str, Any]]] = field(default_factory=list)  # answers with calls, for requests with tools
+    always_tool_calls: list[dict[str, Any]] | None = None  # once tool_calls is empty: every request with tools
+    refuse_tools: bool = False  # a request with tools is answered 400
+    _call_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -546,15 +559,22 @@ class LLMStandIn(_Server):
         if self.refuse_images and images_in(body):
             self.spans[index] = (arrived, time.monotonic())
             return web.json_response(IMAGES_REFUSED, status=400)
-        content = self.reply(body["messages"])
+        if self.refuse_tools and body.get("tools"):
+            self.spans[index] = (arrived, time.monotonic())
+            return web.json_response(TOOLS_REFUSED, status=400)
+        if body.get("stream") and not self.can_stream:
+            return web.json_response(
+                {"error": {"message": "streaming is not supported", "type": "invalid_request_error"}}, status=400
+            )
+        calls = self._calls_for(body)
+        content = self.reply(body["messages"]) if calls is None else ""
         if body.get("stream"):
-            if not self.can_stream:
-                return web.json_response(
-                    {"error": {"message": "streaming is not supported", "type": "invalid_request_error"}}, status=400
-                )
-            streamed = await self._stream(request, body, content, index)
+            streamed = await self._stream(request, body, content, calls, index)
             self.spans[index] = (arrived, time.monotonic())  # the stream's last event is written
             return streamed
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
         response = web.json_response(
             {
                 "id": f"chatcmpl-{len(self.requests)}",
@@ -562,15 +582,66 @@ class LLMStandIn(_Server):
                 "created": int(time.time()),
                 "model": body["model"],
                 "choices": [
-                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                    {"index": 0, "finish_reason": "stop" if calls is None else "tool_calls", "message": message}
                 ],
-                "usage": self._usage(body, content),
+                "usage": self._usage(body, _completion_of(content, calls)),
             }
         )
         self.spans[index] = (arrived, time.monotonic())
         return response
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], content: str, index: int) -> web.StreamResponse:
+    def _calls_for(self, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The tool calls (OpenAI's ``message.tool_calls``, each with a new id) that answer a
+        request with tools, if any are scripted: the next of ``tool_calls``, else ``always_tool_calls``."""
+        if not body.get("tools"):
+            return None
+        if self.tool_calls:
+            scripted = self.tool_calls.pop(0)
+        elif self.always_tool_calls is not None:
+            scripted = self.always_tool_calls
+        else:
+            return None
+        return [
+            {
+                "id": f"call_{next(self._call_ids)}",
+                "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]},
+            }
+            for call in scripted
+        ]
+
+    def _tool_call_deltas(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The deltas that stream ``calls`` as OpenAI does: per call, one with its index, id, type and
+        name (arguments ""), then its arguments in pieces of ``chunk`` characters."""
+        deltas: list[dict[str, Any]] = []
+        for number, call in enumerate(calls):
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            deltas.append(
+                {
+                    "tool_calls": [
+                        {
+                            "index": number,
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
+            deltas += [
+                {"tool_calls": [{"index": number, "function": {"arguments": arguments[i : i + self.chunk]}}]}
+                for i in range(0, len(arguments), self.chunk)
+            ]
+        return deltas
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        content: str,
+        calls: list[dict[str, Any]] | None,
+        index: int,
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
 
@@ -578,7 +649,7 @@ class LLMStandIn(_Server):
             data = payload if isinstance(payload, str) else json.dumps(payload)
             await response.write(f"data: {data}\n\n".encode())
 
-        def chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
             return {
                 "id": f"chatcmpl-{len(self.requests)}",
                 "object": "chat.completion.chunk",
@@ -588,10 +659,20 @@ class LLMStandIn(_Server):
             }
 
         with contextlib.suppress(ConnectionResetError):  # the bot stopped reading (a stopped answer)
-            if not await self._write_stream(event, chunk, content, index):
+            if calls is None:
+                opening: dict[str, Any] = {"role": "assistant", "content": ""}
+                deltas: list[dict[str, Any]] = [
+                    {"content": content[i : i + self.chunk]} for i in range(0, len(content), self.chunk)
+                ]
+            else:  # OpenAI's first delta of tool calls: the role, no content, the first call's id and name
+                opening, *deltas = self._tool_call_deltas(calls)
+                opening = {"role": "assistant", "content": None, **opening}
+            if not await self._write_stream(
+                event, chunk, opening, deltas, "stop" if calls is None else "tool_calls", index
+            ):
                 return response
             if (body.get("stream_options") or {}).get("include_usage") and self.report_usage:
-                usage = self._usage(body, content)
+                usage = self._usage(body, _completion_of(content, calls))
                 await event({**chunk({}), "choices": [], "usage": usage})
             await event("[DONE]")
             self.stream_ended_at.append(time.monotonic())
@@ -600,7 +681,9 @@ class LLMStandIn(_Server):
     def _usage(self, body: dict[str, Any], content: str) -> dict[str, int] | None:
         if not self.report_usage:
             return None
-        prompt = sum(_content_size(m.get("content")) for m in body["messages"])
+        prompt = sum(
+            _content_size(m.get("content")) + len(_completion_of("", m.get("tool_calls"))) for m in body["messages"]
+        )
         self.usages.append((prompt, len(content)))
         return {"prompt_tokens": prompt, "completion_tokens": len(content), "total_tokens": prompt + len(content)}
 
@@ -608,25 +691,28 @@ class LLMStandIn(_Server):
         self,
         event: Callable[[dict[str, Any] | str], Awaitable[None]],
         chunk: Callable[..., dict[str, Any]],
-        content: str,
+        opening: dict[str, Any],
+        deltas: list[dict[str, Any]],
+        finish: str,
         index: int,
     ) -> bool:
-        """Whether the stream was written to its end (not failed half-way)."""
-        await event(chunk({"role": "assistant", "content": ""}))
-        pieces = [content[i : i + self.chunk] for i in range(0, len(content), self.chunk)]
-        for number, piece in enumerate(pieces):
+        """Write ``opening``, then ``deltas`` one chunk each (the ones ``pace``, ``fail_after_chunks``
+        and ``chunks_sent`` count), then the chunk that ends with ``finish``. Whether the stream was
+        written to its end (not failed half-way)."""
+        await event(chunk(opening))
+        for number, delta in enumerate(deltas):
             if self.fail_after_chunks is not None and number >= self.fail_after_chunks:
                 await event({"error": {"message": "stand-in failure mid-stream", "type": "server_error"}})
                 return False
             if number == 0:
                 self.first_chunk_at.append(time.monotonic())
                 self.first_chunk_of[index] = self.first_chunk_at[-1]
-            await event(chunk({"content": piece}))
+            await event(chunk(delta))
             self.chunks_sent += 1
             if self.pace:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.pace)
-        await event(chunk({}, "stop"))
+        await event(chunk({}, finish))
         return True
 
 
@@ -637,6 +723,34 @@ IMAGES_REFUSED = {
         "code": "image_not_supported",
     }
 }
+TOOLS_REFUSED = {
+    "error": {
+        "message": "tools are not supported by this model",
+        "type": "invalid_request_error",
+        "code": "tools_not_supported",
+    }
+}
+
+
+def _completion_of(content: str | None, calls: list[dict[str, Any]] | None) -> str:
+    """What usage counts of an answer (or of an assistant message sent back): its text, or its
+    calls' names and arguments."""
+    if not calls:
+        return content or ""
+    return (content or "") + "".join(
+        str(call.get("function", {}).get("name", "")) + str(call.get("function", {}).get("arguments", ""))
+        for call in calls
+    )
+
+
+def tool_results(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat request's ``tool`` messages (the results of the calls it answers), in order."""
+    return [message for message in request.get("messages", []) if message.get("role") == "tool"]
+
+
+def tools_offered(request: dict[str, Any]) -> list[str]:
+    """The names of the functions a chat request offers in its ``tools``, in order."""
+    return [str(tool["function"]["name"]) for tool in request.get("tools") or [] if "function" in tool]
 
 
 def _parts(content: Any) -> list[dict[str, Any]]:
@@ -654,22 +768,27 @@ def images_in(request: dict[str, Any]) -> list[str]:
 
 
 def text_of(content: Any) -> str:
-    """A message's content as text: a string as it is, a list of parts as its text parts joined."""
+    """A message's content as text: a string as it is, a list of parts as its text parts joined,
+    None (an assistant message with only tool calls) as ""."""
+    if content is None:
+        return ""
     if not isinstance(content, list):
         return str(content)
     return " ".join(str(part.get("text", "")) for part in _parts(content) if part.get("type") == "text")
 
 
 def echo(messages: list[dict[str, Any]]) -> str:
-    """The LLM stand-in's default reply: "echo: " and the last message's text, and " [+N images]"
-    when it has images."""
-    content = messages[-1]["content"]
+    """The LLM stand-in's default reply: "echo: " and the last message's text (a ``tool`` message's
+    result too), and " [+N images]" when it has images."""
+    content = messages[-1].get("content")
     images = sum(1 for part in _parts(content) if part.get("type") == "image_url")
     return f"echo: {text_of(content)}" + (f" [+{images} images]" if images else "")
 
 
 def _content_size(content: Any) -> int:
-    """Usage's prompt count for a message: its characters, and ``IMAGE_USAGE`` per image."""
+    """Usage's prompt count for a message: its characters, and ``IMAGE_USAGE`` per image (None: 0)."""
+    if content is None:
+        return 0
     if not isinstance(content, list):
         return len(str(content))
     return sum(

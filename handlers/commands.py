@@ -30,6 +30,8 @@ COMMANDS = [
     BotCommand(command="export", description="Send our conversation here as a file (/export json)"),
     BotCommand(command="stats", description="How much we have talked"),
     BotCommand(command="context", description="How much of our conversation I can take in now"),
+    BotCommand(command="remember", description="Keep a fact about you for all our chats (/remember text)"),
+    BotCommand(command="memory", description="What I remember about you (/memory forget, /memory groups on|off)"),
     BotCommand(command="model", description="Show or switch the model of this chat (/model name)"),
     BotCommand(command="prompt", description="Show or set this chat's own prompt (/prompt reset)"),
     BotCommand(command="temperature", description="Show or set the temperature here, 0 to 2"),
@@ -40,6 +42,8 @@ HELP = (
     + "\n".join(f"/{c.command} — {c.description}" for c in COMMANDS)
     + "\n\nRight after /clear, /undo brings the cleared conversation back (only the last /clear). "
     "Edit your last message and I'll answer it again. /search all … looks in cleared messages too. "
+    "What you tell me with /remember I keep in mind in our private chat, and in groups only after "
+    "/memory groups on. "
     "In a group, only its administrators can change /model, /prompt and /temperature."
 )
 

@@ -15,7 +15,7 @@ The catalogue runs by topic, each statement directly above the function that run
 named after it), the fragments statements share above the first that uses them: the pool and
 running a statement; users and chats; a question and its admission; a turn's context;
 summaries; answers and their delivery; the spool's write-back; history the user controls;
-chat settings; recovery; retention; the schema version.
+memories; chat settings; recovery; retention; the schema version.
 """
 
 from __future__ import annotations
@@ -532,9 +532,9 @@ async def admit(conn: Connection, *, telegram_user_id: int, rate_limit: int, tok
 # newest is always kept), so a long dialog costs the wire only what the LLM can take;
 # ``read`` counts what the index scan found (HISTORY_LIMIT + 2 at most: more than that means
 # older history lies beyond the limit). A row from before revision 009 has no estimate and
-# counts one token per character. The summary, the chat's settings and the text the question
-# replies to ride on one row only (LIMIT 1 keeps the planner from flattening the lateral
-# subqueries into sorting joins).
+# counts one token per character. The summary, the chat's settings, the text the question
+# replies to and the user's memories ride on one row only (LIMIT 1 keeps the planner from
+# flattening the lateral subqueries into sorting joins).
 #
 # Two shapes, spliced from constant fragments: a dialog is one user's turns in the chat
 # (messages_turn_idx), or, for a group with GROUP_CONTEXT=shared, every user's turns in it
@@ -558,6 +558,23 @@ _SUMMARY: Final = {
     )"""
     for shared in (False, True)
 }
+
+MAX_MEMORIES: Final = 50  # a user's live memories: /remember refuses more, a turn reads no more
+
+# The asking user's live memories (revision 014), oldest first: one range of memories_user_idx,
+# at most MAX_MEMORIES (a constant of the statement, not a value), read only where the chat may
+# see them: a private chat (a positive Telegram id, by the chat's primary key) always, a group
+# when the user allowed it (their row, by its primary key); otherwise the index is not touched.
+# In both shapes the asking user is the question's: a shared group's context carries only
+# theirs. An uncorrelated subquery, so it runs once per read; the planner may take the few rows
+# by a bitmap scan of the index and sort them (50 at most), the history's plan unchanged.
+_MEMORIES: Final = f"""ARRAY(
+               SELECT content FROM memories
+               WHERE user_id = (SELECT user_id FROM q) AND deleted_at IS NULL
+                 AND ((SELECT telegram_chat_id FROM chats WHERE id = (SELECT chat_id FROM q)) > 0
+                      OR (SELECT memories_in_groups FROM users WHERE id = (SELECT user_id FROM q)))
+               ORDER BY id
+               LIMIT {MAX_MEMORIES:d})"""
 
 
 # q is read only through scalar subqueries: joined, it would hide the index order of the
@@ -586,7 +603,8 @@ def _context_read(question: str, *, shared: bool) -> str:
            coalesce(cardinality(r.sent_message_ids), 0) AS sent_parts,
            cs.model, cs.system_prompt, cs.temperature::numeric::float8 AS temperature,
            sm.through_id AS summary_through, sm.covered AS summary_covered, sm.content AS summary,
-           sm.tokens AS summary_tokens, CASE WHEN r.n = 1 THEN (SELECT quoted FROM q) END AS quoted
+           sm.tokens AS summary_tokens, CASE WHEN r.n = 1 THEN (SELECT quoted FROM q) END AS quoted,
+           CASE WHEN r.n = 1 THEN {_MEMORIES} END AS memories
     FROM r
     LEFT JOIN LATERAL (
         SELECT model, system_prompt, temperature FROM chat_settings
@@ -614,6 +632,7 @@ class _ReadHead(NamedTuple):
     summary: str | None
     summary_tokens: int | None
     quoted: str | None  # the text the question replies to (a turn's read)
+    memories: list[str]  # the asking user's, where the chat may see them (_MEMORIES)
 
     def summary_read(self) -> Summary | None:
         if self.summary is None or self.summary_through is None or self.summary_covered is None:
@@ -633,7 +652,7 @@ def _dialog_context(rows: list[tuple[Any, ...]], history_limit: int, *, answered
         return EMPTY_CONTEXT
     head = _ReadHead._make(rows[0][_MESSAGE_COLUMNS:])
     history = [ContextMessage._make(row[:_MESSAGE_COLUMNS]) for row in rows[answered : answered + history_limit]]
-    return DialogContext(history, head.summary_read(), head.read - answered)
+    return DialogContext(history, head.summary_read(), head.read - answered, tuple(head.memories))
 
 
 # What a turn needs when it starts: its context, and its answer when one was stored but not yet
@@ -672,12 +691,8 @@ def _turn_start(rows: list[tuple[Any, ...]], history_limit: int) -> TurnStart | 
             return None
         stored = ContextMessage._make(rows[0][:_MESSAGE_COLUMNS])
         answer = Answer(id=stored.id, content=stored.content, sent_parts=head.sent_parts)
-    return TurnStart(
-        dialog=_dialog_context(rows, history_limit, answered=answer is not None),
-        answer=answer,
-        settings=settings,
-        quoted=head.quoted,
-    )
+    dialog = _dialog_context(rows, history_limit, answered=answer is not None)
+    return TurnStart(dialog=dialog, answer=answer, settings=settings, quoted=head.quoted, memories=dialog.memories)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1506,6 +1521,58 @@ async def search_messages(
 
 
 @dataclass(frozen=True, slots=True)
+class Recalled:
+    """An older message found for a turn's recall: who wrote it, when, its text (cut)."""
+
+    role: Role
+    created_at: datetime
+    content: str
+
+
+# Recall: the live messages of a turn's dialog from before its window (turns before
+# %(before_turn)s) that match any of the question's words (%(query)s: "w1 or w2 ..."), best
+# first, each cut to %(chars)s characters. The same messages_search_idx as /search; a shared
+# group's history is the chat's, every user's. Cleared messages never come back.
+_RECALL: Final = {
+    shared: (
+        "WITH"
+        + _DIALOG
+        + f"""
+    SELECT role, created_at, left(content, %(chars)s::integer) AS content
+    FROM messages m
+    WHERE {"" if shared else "m.user_id = (SELECT user_id FROM dialog) AND "}m.chat_id = (SELECT chat_id FROM dialog)
+      AND m.search_vector @@ websearch_to_tsquery('pg_catalog.russian', %(query)s::text)
+      AND m.deleted_at IS NULL AND coalesce(m.reply_to_id, m.id) < %(before_turn)s::bigint
+    ORDER BY ts_rank(m.search_vector, websearch_to_tsquery('pg_catalog.russian', %(query)s::text)) DESC, m.id DESC
+    LIMIT %(limit)s::integer
+"""
+    )
+    for shared in (False, True)
+}
+RECALL_EARLIER: Final = _RECALL[False]
+RECALL_EARLIER_SHARED: Final = _RECALL[True]
+
+
+async def recall_earlier(
+    conn: Connection,
+    *,
+    telegram_user_id: int,
+    telegram_chat_id: int,
+    query: str,
+    before_turn: int,
+    limit: int,
+    chars: int,
+    shared: bool = False,
+) -> list[Recalled]:
+    """The dialog's live messages before turn ``before_turn`` that best match ``query`` (a
+    web-search query), at most ``limit``, each cut to ``chars`` characters."""
+    cur = conn.cursor(row_factory=class_row(Recalled))
+    params = _dialog(telegram_user_id, telegram_chat_id, query=query, before_turn=before_turn, limit=limit, chars=chars)
+    await cur.execute(RECALL_EARLIER_SHARED if shared else RECALL_EARLIER, params, prepare=True)
+    return await cur.fetchall()
+
+
+@dataclass(frozen=True, slots=True)
 class DialogStats:
     """A user's messages in one chat and in all chats; token sums are None when never reported."""
 
@@ -1601,6 +1668,134 @@ async def dialog_messages(
             await cur.execute(DIALOG_MESSAGES, _dialog(telegram_user_id, telegram_chat_id))
             async for message in cur:
                 yield message
+
+
+# -- memories ---------------------------------------------------------------------------------
+# What a user asked the bot to remember about them (/remember, revision 014): the user's own,
+# across every chat, read by every turn's context (_MEMORIES) where the chat may see them. Each
+# statement finds the user by their Telegram id and touches only their rows, live ones through
+# memories_user_idx; forgetting sets deleted_at, the row stays.
+_USER_ID: Final = "(SELECT id FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint)"
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """One of a user's live memories: its id (for the "Forget" button), its text, when it was kept."""
+
+    id: int
+    content: str
+    created_at: datetime
+
+
+# A memory, registering the user if new; refused (no row) when the user has MAX_MEMORIES live
+# ones already, decided by the statement that would store it. ``live`` counts at most that many
+# through the index, so a full list costs a bounded read. Two /remember of one user committed
+# at the same instant (two chats, two processes) can each see the other's slot as free and go
+# one past the limit; every read stops at MAX_MEMORIES all the same.
+ADD_MEMORY: Final = (
+    "WITH"
+    + _REGISTER_USER_CTES
+    + f"""
+    live AS (
+        SELECT count(*) AS memories FROM (
+            SELECT FROM memories WHERE user_id = (SELECT id FROM user_row) AND deleted_at IS NULL
+            LIMIT {MAX_MEMORIES:d}
+        ) m
+    )
+    INSERT INTO memories (user_id, content)
+    SELECT (SELECT id FROM user_row), %(content)s::text
+    WHERE (SELECT memories FROM live) < {MAX_MEMORIES:d}
+    RETURNING id
+"""
+)
+
+
+async def add_memory(conn: Connection, *, telegram_user_id: int, first_name: str | None, content: str) -> int | None:
+    """Keep ``content`` (1 to 500 characters) for the user, registering them; its id, or None
+    when they have ``MAX_MEMORIES`` live memories already."""
+    cur = conn.cursor(row_factory=scalar_row)
+    params = {"telegram_user_id": telegram_user_id, "first_name": first_name, "content": content}
+    await cur.execute(ADD_MEMORY, params)
+    memory_id: int | None = await cur.fetchone()
+    return memory_id
+
+
+# What /memory lists: what a turn reads (at most MAX_MEMORIES, oldest first), with ids.
+LIST_MEMORIES: Final = f"""
+    SELECT id, content, created_at FROM memories
+    WHERE user_id = {_USER_ID} AND deleted_at IS NULL
+    ORDER BY id
+    LIMIT {MAX_MEMORIES:d}
+"""
+
+
+async def list_memories(conn: Connection, *, telegram_user_id: int) -> list[Memory]:
+    """The user's live memories, oldest first (none for a user never seen)."""
+    cur = conn.cursor(row_factory=class_row(Memory))
+    await cur.execute(LIST_MEMORIES, {"telegram_user_id": telegram_user_id})
+    return await cur.fetchall()
+
+
+# One memory, by its id and only the user's own: a button pressed by someone else, or pressed
+# twice, changes nothing.
+FORGET_MEMORY: Final = f"""
+    UPDATE memories SET deleted_at = now()
+    WHERE id = %(memory_id)s::bigint AND user_id = {_USER_ID} AND deleted_at IS NULL
+    RETURNING id
+"""
+
+
+async def forget_memory(conn: Connection, *, telegram_user_id: int, memory_id: int) -> bool:
+    """Forget the user's memory ``memory_id`` (soft delete); False when it is not theirs or is
+    forgotten already."""
+    cur = await conn.execute(FORGET_MEMORY, {"telegram_user_id": telegram_user_id, "memory_id": memory_id})
+    return await cur.fetchone() is not None
+
+
+FORGET_MEMORIES: Final = f"""
+    WITH forgotten AS (
+        UPDATE memories SET deleted_at = now()
+        WHERE user_id = {_USER_ID} AND deleted_at IS NULL
+        RETURNING id
+    )
+    SELECT count(*) FROM forgotten
+"""
+
+
+async def forget_memories(conn: Connection, *, telegram_user_id: int) -> int:
+    """Forget every live memory of the user (soft delete); how many."""
+    cur = conn.cursor(row_factory=scalar_row)
+    await cur.execute(FORGET_MEMORIES, {"telegram_user_id": telegram_user_id})
+    forgotten: int | None = await cur.fetchone()
+    assert forgotten is not None  # an aggregate
+    return forgotten
+
+
+# Whether the user lets their memories into group chats, registering them if new (a user may
+# set it before they ever talk; the first question fills in their name).
+SET_MEMORIES_IN_GROUPS: Final = """
+    INSERT INTO users (telegram_user_id, memories_in_groups)
+    VALUES (%(telegram_user_id)s::bigint, %(allowed)s::boolean)
+    ON CONFLICT (telegram_user_id) DO UPDATE SET memories_in_groups = EXCLUDED.memories_in_groups
+"""
+
+
+async def set_memories_in_groups(conn: Connection, *, telegram_user_id: int, allowed: bool) -> None:
+    """Let the user's memories into the context of group chats (``allowed``), or keep them to
+    private chats."""
+    await conn.execute(SET_MEMORIES_IN_GROUPS, {"telegram_user_id": telegram_user_id, "allowed": allowed})
+
+
+GET_MEMORIES_IN_GROUPS: Final = (
+    "SELECT memories_in_groups FROM users WHERE telegram_user_id = %(telegram_user_id)s::bigint"
+)
+
+
+async def get_memories_in_groups(conn: Connection, *, telegram_user_id: int) -> bool:
+    """Whether the user lets their memories into group chats (False for a user never seen)."""
+    cur = conn.cursor(row_factory=scalar_row)
+    await cur.execute(GET_MEMORIES_IN_GROUPS, {"telegram_user_id": telegram_user_id})
+    return bool(await cur.fetchone())
 
 
 # -- chat settings ----------------------------------------------------------------------------

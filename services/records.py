@@ -171,11 +171,14 @@ class Summary:
 class DialogContext:
     """A dialog's live history after its summary, newest first, as far as the token bound of
     the read reached; ``read``: how many messages the read found (older ones lie beyond
-    ``history`` when it is more than its length, or more than the history limit)."""
+    ``history`` when it is more than its length, or more than the history limit);
+    ``memories``: what the asking user asked the bot to remember (``/remember``), oldest first,
+    as far as this chat may see them (a group only with their ``/memory groups on``)."""
 
     history: list[ContextMessage]
     summary: Summary | None = None
     read: int = 0
+    memories: tuple[str, ...] = ()
 
 
 EMPTY_CONTEXT: Final = DialogContext([])
@@ -193,3 +196,6 @@ class TurnStart:
     settings: ChatSettings = DEFAULT_SETTINGS
     from_database: bool = True  # False: read from memory while degraded (no summary there)
     quoted: str | None = None  # the text the question replies to, as stored with it
+    # The asking user's memories (/remember), oldest first, when this chat may see them: in a
+    # private chat always, in a group with their /memory groups on; none while degraded.
+    memories: tuple[str, ...] = ()

@@ -58,6 +58,7 @@ def bot_env(database_url: str, telegram: TelegramStandIn, llm: LLMStandIn, **ove
         # Summaries make LLM calls of their own, which the suite's request counts do not expect;
         # tests/test_summaries.py turns them on.
         "SUMMARIES": "false",
+        "RECALL": "false",  # a look-back adds a message the suite's counts do not expect: tests/test_recall.py
         "GROUP_CONTEXT": "per_user",
         "PENDING_REPLY_MAX_AGE_S": "600",
         "SHUTDOWN_TIMEOUT_S": "20",

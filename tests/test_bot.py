@@ -32,14 +32,14 @@ async def test_unmigrated_database_is_refused(admin_url: str) -> None:
 
     url = create_database(admin_url, "llmbot_behind")
     config = load_config({**REQUIRED, "DATABASE_URL": url})
-    with pytest.raises(StartupError, match="schema is at nothing, not 013: run `make db-migrate`"):
+    with pytest.raises(StartupError, match="schema is at nothing, not 014: run `make db-migrate`"):
         await open_database(config)
     command.upgrade(alembic_config(url), "001")
     with pytest.raises(StartupError, match="schema is at 001"):
         await open_database(config)
     command.upgrade(alembic_config(url), "head")
     pool = await open_database(config)
-    assert await database.run(pool, database.fetch_schema_version) == schema_head() == "013"
+    assert await database.run(pool, database.fetch_schema_version) == schema_head() == "014"
     await database.close_db(pool)
 
 
@@ -106,7 +106,7 @@ def test_the_schema_head_is_read_as_alembic_reads_it() -> None:
     from config import load_database_url
 
     alembic_head = ScriptDirectory.from_config(alembic_config(load_database_url({}))).get_current_head()
-    assert schema_head() == alembic_head == "013"
+    assert schema_head() == alembic_head == "014"
 
 
 def test_the_schema_head_follows_branches_and_merges(tmp_path: Path) -> None:

@@ -551,7 +551,7 @@ async def test_token_usage_is_read_and_written_by_its_primary_key(
 
 
 async def test_schema_version_is_head(pool: Pool) -> None:
-    assert await database.run(pool, database.fetch_schema_version) == "013"
+    assert await database.run(pool, database.fetch_schema_version) == "014"
 
 
 async def test_schema_version_of_an_unmigrated_database(admin_url: str) -> None:

@@ -34,6 +34,8 @@ async def test_conversation_sends_earlier_turns_to_the_llm(
             "export",
             "stats",
             "context",
+            "remember",
+            "memory",
             "model",
             "prompt",
             "temperature",

@@ -13,6 +13,7 @@ ALL_TABLES = [
     "chat_leases",
     "chat_settings",
     "chats",
+    "memories",
     "messages",
     "rate_limits",
     "summaries",
@@ -33,14 +34,25 @@ def indexes(url: str) -> list[str]:
         return [row[0] for row in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")]
 
 
+def columns_of(url: str, table: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        query = "SELECT column_name FROM information_schema.columns WHERE table_name = %s"
+        return [row[0] for row in conn.execute(query, (table,))]
+
+
 def test_upgrade_downgrade_upgrade_round_trip(admin_url: str) -> None:
     url = create_database(admin_url, "llmbot_migrations")
     cfg = alembic_config(url)
     command.upgrade(cfg, "head")
     assert tables(url) == ALL_TABLES
     assert {"messages_deleted_idx", "messages_chat_turn_idx"} <= set(indexes(url))
+    command.downgrade(cfg, "013")
+    assert tables(url) == [t for t in ALL_TABLES if t != "memories"]
+    assert "memories_in_groups" not in columns_of(url, "users")
+    command.upgrade(cfg, "head")
+    assert "memories_in_groups" in columns_of(url, "users")
     command.downgrade(cfg, "009")
-    assert tables(url) == [t for t in ALL_TABLES if t not in ("chat_leases", "update_claims")]
+    assert tables(url) == [t for t in ALL_TABLES if t not in ("chat_leases", "update_claims", "memories")]
     command.upgrade(cfg, "head")
     command.downgrade(cfg, "008")
     assert tables(url) == ["alembic_version", "chat_settings", "chats", "messages", "rate_limits", "users"]
@@ -137,6 +149,8 @@ REFUSED = {
     "messages_user_id_fkey": (
         "INSERT INTO messages (user_id, chat_id, role, content) VALUES (-1, %(chat)s, 'user', 'x')"
     ),
+    "memories_content_check": "INSERT INTO memories (user_id, content) VALUES (%(user)s, repeat('я', 501))",
+    "memories_user_id_fkey": "INSERT INTO memories (user_id, content) VALUES (-1, 'x')",
     "users_telegram_user_id_key": "INSERT INTO users (telegram_user_id) VALUES (7)",
     "chats_telegram_chat_id_key": "INSERT INTO chats (telegram_chat_id) VALUES (-7)",
 }

@@ -4,6 +4,7 @@ downloads, the openai SDK for transcriptions and chat requests with image parts.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,8 +16,9 @@ from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.exceptions import TelegramBadRequest
 from aiogram.types import Message
+from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 
-from bench.standins import IMAGE_USAGE, LLMStandIn, TelegramStandIn, images_in
+from bench.standins import IMAGE_USAGE, LLMStandIn, TelegramStandIn, images_in, tool_results, tools_offered
 from tests.harness import TOKEN
 
 JPEG = b"\xff\xd8\xff\xe0 not really a jpeg"
@@ -252,3 +254,194 @@ async def test_refuse_images_answers_400_for_a_request_with_an_image(llm: LLMSta
     assert len(llm.requests) == 1  # recorded like any other
     answer = await client(llm).chat.completions.create(model="m", messages=[{"role": "user", "content": "text"}])
     assert answer.choices[0].message.content == "echo: text"
+
+
+# -- LLM: tool calls -------------------------------------------------------------------------------
+
+
+def function(name: str) -> dict[str, Any]:
+    """A tool as the bot offers it: a function taking a ``query``."""
+    parameters = {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}
+    return {"type": "function", "function": {"name": name, "description": f"{name} a query", "parameters": parameters}}
+
+
+TOOLS: list[Any] = [function("search_history"), function("remember")]
+ASK: list[Any] = [{"role": "user", "content": "Which book did I say?"}]
+
+
+def call(name: str, **arguments: Any) -> dict[str, Any]:
+    return {"name": name, "arguments": json.dumps(arguments)}
+
+
+def calls_of(answer: ChatCompletion) -> list[tuple[str, str, str]]:
+    """The (id, name, arguments) of a whole answer's tool calls, each a function's."""
+    calls = answer.choices[0].message.tool_calls or []
+    assert all(isinstance(c, ChatCompletionMessageFunctionToolCall) and c.type == "function" for c in calls)
+    return [
+        (c.id, c.function.name, c.function.arguments)
+        for c in calls
+        if isinstance(c, ChatCompletionMessageFunctionToolCall)
+    ]
+
+
+async def streamed_calls(llm: LLMStandIn) -> tuple[list[dict[str, str]], list[Any], str | None, Any]:
+    """A streamed request with TOOLS: the calls reassembled from the SDK's chunks as a client does
+    (by index: id and name from the first delta, the arguments' pieces after it), every tool-call
+    delta as the SDK parsed it, the finish reason and the usage."""
+    stream = await client(llm).chat.completions.create(
+        model="m", messages=ASK, tools=TOOLS, stream=True, stream_options={"include_usage": True}
+    )
+    calls: dict[int, dict[str, str]] = {}
+    deltas: list[Any] = []
+    finish, usage, text = None, None, ""
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            text += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                deltas.append(delta)
+                assembled = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                assembled["id"] += delta.id or ""
+                if delta.function is not None:
+                    assembled["name"] += delta.function.name or ""
+                    assembled["arguments"] += delta.function.arguments or ""
+    assert text == ""  # calls instead of text
+    return [calls[i] for i in sorted(calls)], deltas, finish, usage
+
+
+async def test_a_streamed_tool_call_reassembles_to_the_scripted_calls(llm: LLMStandIn) -> None:
+    llm.chunk = 5
+    first, second = call("search_history", query="favourite book"), call("remember", query="likes Solaris")
+    llm.tool_calls = [[first, second]]
+    calls, deltas, finish, usage = await streamed_calls(llm)
+    assert calls == [
+        {"id": "call_1", "name": "search_history", "arguments": first["arguments"]},
+        {"id": "call_2", "name": "remember", "arguments": second["arguments"]},
+    ]
+    assert finish == "tool_calls"
+    # per call: its id, type and name with arguments "", then the arguments in pieces of `chunk`
+    for index, scripted in enumerate((first, second)):
+        [opening, *pieces] = [d for d in deltas if d.index == index]
+        assert (opening.id, opening.type, opening.function.name, opening.function.arguments) == (
+            f"call_{index + 1}",
+            "function",
+            scripted["name"],
+            "",
+        )
+        assert [(p.id, p.function.name) for p in pieces] == [(None, None)] * len(pieces)
+        assert [p.function.arguments for p in pieces] == [
+            scripted["arguments"][i : i + 5] for i in range(0, len(scripted["arguments"]), 5)
+        ]
+        assert len(pieces) > 1
+    assert usage is not None
+    assert usage.completion_tokens == len("search_history" + first["arguments"] + "remember" + second["arguments"])
+    assert llm.tool_calls == []  # taken
+    assert tools_offered(llm.requests[0]) == ["search_history", "remember"]
+
+
+async def test_a_whole_answer_with_tool_calls_keeps_malformed_arguments_as_given(llm: LLMStandIn) -> None:
+    llm.tool_calls = [[{"name": "search_history", "arguments": '{"query": "bo'}], [call("remember", query="x")]]
+    answer = await client(llm).chat.completions.create(model="m", messages=ASK, tools=TOOLS)
+    [choice] = answer.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert calls_of(answer) == [("call_1", "search_history", '{"query": "bo')]
+    again = await client(llm).chat.completions.create(model="m", messages=ASK, tools=TOOLS)
+    assert calls_of(again) == [("call_2", "remember", '{"query": "x"}')]  # ids go on across requests
+    assert llm.requests[1]["tools"] == TOOLS  # recorded as sent
+
+
+async def test_a_request_without_tools_gets_text_and_leaves_the_scripted_calls(llm: LLMStandIn) -> None:
+    llm.tool_calls = [[call("search_history", query="book")]]
+    plain = await client(llm).chat.completions.create(model="m", messages=ASK)
+    assert plain.choices[0].finish_reason == "stop"
+    assert plain.choices[0].message.content == "echo: Which book did I say?"
+    assert plain.choices[0].message.tool_calls is None
+    assert tools_offered(llm.requests[0]) == []
+    assert len(llm.tool_calls) == 1  # still there for a request with tools
+    await client(llm).chat.completions.create(model="m", messages=ASK, tools=TOOLS)
+    after = await client(llm).chat.completions.create(model="m", messages=ASK, tools=TOOLS)
+    assert after.choices[0].message.content == "echo: Which book did I say?"  # the queue is spent: text
+    assert after.choices[0].finish_reason == "stop"
+
+
+async def test_refuse_tools_answers_400_for_a_request_with_tools(llm: LLMStandIn) -> None:
+    llm.refuse_tools = True
+    llm.tool_calls = [[call("search_history", query="book")]]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client(llm).chat.completions.create(model="m", messages=ASK, tools=TOOLS, stream=stream)
+        assert raised.value.code == "tools_not_supported"
+        assert raised.value.body == {
+            "message": "tools are not supported by this model",
+            "type": "invalid_request_error",
+            "code": "tools_not_supported",
+        }
+    assert len(llm.requests) == 2  # recorded like any other
+    assert len(llm.tool_calls) == 1  # a refused request takes no calls
+    answer = await client(llm).chat.completions.create(model="m", messages=ASK)
+    assert answer.choices[0].message.content == "echo: Which book did I say?"
+
+
+async def test_always_tool_calls_answers_every_request_with_tools_after_the_queue(llm: LLMStandIn) -> None:
+    llm.tool_calls = [[call("remember", query="first")]]
+    llm.always_tool_calls = [call("search_history", query="book")]
+    answers = [await client(llm).chat.completions.create(model="m", messages=ASK, tools=TOOLS) for _ in range(3)]
+    assert [calls_of(answer) for answer in answers] == [
+        [("call_1", "remember", '{"query": "first"}')],
+        [("call_2", "search_history", '{"query": "book"}')],
+        [("call_3", "search_history", '{"query": "book"}')],
+    ]
+    calls, _, finish, _ = await streamed_calls(llm)
+    assert (calls, finish) == (
+        [{"id": "call_4", "name": "search_history", "arguments": '{"query": "book"}'}],
+        "tool_calls",
+    )
+    plain = await client(llm).chat.completions.create(model="m", messages=ASK)  # no tools: text
+    assert plain.choices[0].message.content == "echo: Which book did I say?"
+
+
+async def test_a_follow_up_with_the_tool_result_gets_its_echo(llm: LLMStandIn) -> None:
+    llm.tool_calls = [[call("search_history", query="book"), call("remember", query="x")]]
+    asked = await client(llm).chat.completions.create(model="m", messages=ASK, tools=TOOLS)
+    [found, noted] = calls_of(asked)
+    follow_up: list[Any] = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": id_, "type": "function", "function": {"name": name, "arguments": arguments}}
+                for id_, name, arguments in (found, noted)
+            ],
+        },
+        {"role": "tool", "tool_call_id": found[0], "content": '{"found": ["My favourite book is Solaris."]}'},
+        {"role": "tool", "tool_call_id": noted[0], "content": '{"saved": true}'},
+    ]
+    answer = await client(llm).chat.completions.create(model="m", messages=follow_up, tools=TOOLS)
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.content == 'echo: {"saved": true}'
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens == sum(
+        len(text)
+        for text in (
+            "Which book did I say?",
+            "search_history",
+            '{"query": "book"}',
+            "remember",
+            '{"query": "x"}',
+            '{"found": ["My favourite book is Solaris."]}',
+            '{"saved": true}',
+        )
+    )
+    assert [(r["tool_call_id"], r["content"]) for r in tool_results(llm.requests[1])] == [
+        ("call_1", '{"found": ["My favourite book is Solaris."]}'),
+        ("call_2", '{"saved": true}'),
+    ]
+    assert tool_results(llm.requests[0]) == []
+    stream = await client(llm).chat.completions.create(model="m", messages=follow_up[:-1], stream=True)
+    streamed = "".join([choice.delta.content or "" async for chunk in stream for choice in chunk.choices])
+    assert streamed == 'echo: {"found": ["My favourite book is Solaris."]}'
+    only_calls = await client(llm).chat.completions.create(model="m", messages=follow_up[:2])  # content None last
+    assert only_calls.choices[0].message.content == "echo: "

@@ -27,6 +27,7 @@ from services import context, database
 from services.database import (
     Connection,
     Pool,
+    Recalled,
     StartRead,
     UnfinishedTurn,
 )
@@ -237,6 +238,25 @@ class Storage:
         )  # fmt: skip
         self._history.append(dialog, remembered)
         return question
+
+    async def recall_earlier(
+        self, question: Question, *, query: str, before_turn: int, limit: int, chars: int, shared: bool
+    ) -> list[Recalled]:
+        """The dialog's live messages from before turn ``before_turn`` that match ``query``; none
+        while degraded (the memory holds only the recent history)."""
+        found = await self._in_database(
+            lambda pool: context.recall_earlier(
+                pool,
+                telegram_user_id=question.user_id,
+                telegram_chat_id=question.chat_id,
+                query=query,
+                before_turn=before_turn,
+                limit=limit,
+                chars=chars,
+                shared=shared,
+            )
+        )
+        return [] if found is UNAVAILABLE else found
 
     async def start_turn(
         self, question: Question, *, history_limit: int, budget: int, shared: bool = False

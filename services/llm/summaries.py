@@ -74,7 +74,7 @@ class Summariser:
         async for piece in pieces:
             if isinstance(piece, Usage):
                 usage = piece
-            else:
+            elif isinstance(piece, str):  # no tools are offered: no ToolCalls
                 written.append(piece)
         text = storable("".join(written)).strip()
         async with self.storage.database() as pool:

@@ -23,7 +23,8 @@ from services.cluster.ownership import Ownership
 from services.failures import BadRequest, StorageUnavailable
 from services.fallback.storage import Storage
 from services.llm.budget import ContextBudget, Window
-from services.llm.client import LLM, ImagesRefused, LLMError, system_prompt_of
+from services.llm.client import LLM, ImagesRefused, LLMError, ToolCalls, ToolsRefused, system_prompt_of
+from services.llm.recall import RECALLED, RECALLED_CHARS, looked_back, recall_block, recall_query
 from services.llm.summaries import Summariser
 from services.media.errors import Unreadable
 from services.media.files import FileGone, FileTooBig, ImageCache
@@ -45,6 +46,7 @@ from services.text.formatting import Part, render, split
 from services.turn.delivery import Address, Delivery, DeliveryFailed, DeliveryRefused
 from services.turn.queue import ChatQueues, Stopped
 from services.turn.streaming import LiveReply, Shown
+from services.turn.tools import MAX_ROUNDS, Toolbox
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +90,17 @@ class Crew:
     def model_of(self, settings: ChatSettings) -> str:
         return settings.model or self.config.llm_model
 
+    def prompt(self, settings: ChatSettings, dialog: DialogContext) -> str:
+        """The system prompt of a call with the chat's settings: the operator's, the chat's, and
+        the memories of the dialog's user this chat may see."""
+        return system_prompt_of(self.config.system_prompt, settings.system_prompt, dialog.memories)
+
     async def window(self, dialog: DialogContext, settings: ChatSettings, quoted: str | None = None) -> Window:
         """The part of ``dialog`` a call with the chat's (chosen) settings takes."""
         return await self.budget.choose(
             dialog,
             model=self.model_of(settings),
-            system_prompt=system_prompt_of(self.config.system_prompt, settings.system_prompt),
+            system_prompt=self.prompt(settings, dialog),
             history_limit=self.config.history_limit,
             quoted=quoted,
         )
@@ -111,6 +118,22 @@ class Written:
     @property
     def finish_reason(self) -> FinishReason | None:
         return "stopped" if self.cut_short == "stop" else "failed" if self.cut_short else None
+
+
+def _added(before: Usage, more: Usage) -> Usage:
+    """The tokens of a turn's LLM calls together (a turn that called tools made several)."""
+    if before.prompt_tokens is None and before.completion_tokens is None:
+        return more
+    return Usage(
+        (before.prompt_tokens or 0) + (more.prompt_tokens or 0),
+        (before.completion_tokens or 0) + (more.completion_tokens or 0),
+    )
+
+
+def _left_out(window: Window, dialog: DialogContext) -> bool:
+    """Whether the dialog has history the window does not show (a summary stands in for it, or
+    it did not fit)."""
+    return window.summary is not None or window.in_full < dialog.read
 
 
 def with_quote(context: list[ChatMessage], quoted: str | None) -> list[ChatMessage]:
@@ -222,18 +245,8 @@ class Turn:
         quoted = self.quoted or start.quoted
         window = await crew.window(start.dialog, settings, quoted)
         live = self._live_reply()
-        context = with_quote(window.messages, quoted)
         model = crew.model_of(settings)
-        if crew.llm.sees_images(model):
-            try:
-                written = await self._write(context, live, settings, await self._shown(window))
-            except ImagesRefused:
-                await self._say(NO_VISION)
-                written = await self._write(context, live, settings)
-        else:
-            if self.images:
-                await self._say(NO_VISION)
-            written = await self._write(context, live, settings)
+        written = await self._call(with_quote(window.messages, quoted), window, start.dialog, live, settings, model)
         crew.budget.calibrate(model, estimated=window.used, reported=written.usage.prompt_tokens)
         shown = await live.finish()
         await self._secure()
@@ -249,6 +262,77 @@ class Turn:
             await self._say(LLM_APOLOGY)
         if delivered and window.crowded and start.from_database and crew.config.summaries:
             await self._summarise(window, model)
+
+    async def _call(
+        self,
+        context: list[ChatMessage],
+        window: Window,
+        dialog: DialogContext,
+        live: LiveReply,
+        settings: ChatSettings,
+        model: str,
+    ) -> Written:
+        """The LLM's answer to ``context``, with what the call may add: the window's images, the
+        tools (else, where the window left history out, what recall found). An endpoint that
+        refuses images or tools is asked again without them, before anything was written."""
+        crew = self.crew
+        toolbox = self._toolbox(window, dialog)
+        recalled = await self._recalled(window, dialog) if toolbox is None else None
+        images = await self._shown(window) if crew.llm.sees_images(model) else None
+        if images is None and self.images:
+            await self._say(NO_VISION)
+        while True:
+            messages: list[ChatMessage] = list(context)
+            shown = images
+            if recalled is not None:  # before the history, after the summary: its messages move one on
+                messages.insert(len(messages) - len(window.recent), {"role": "system", "content": recalled})
+                shown = {index + 1: urls for index, urls in (images or {}).items()}
+            try:
+                return await self._write(messages, live, settings, shown, toolbox, crew.prompt(settings, dialog))
+            except ToolsRefused:
+                toolbox = None
+                recalled = await self._recalled(window, dialog)
+            except ImagesRefused:
+                await self._say(NO_VISION)
+                images = None
+
+    def _toolbox(self, window: Window, dialog: DialogContext) -> Toolbox | None:
+        """The tools this turn offers (LLM_TOOLS, and an endpoint that has not refused them):
+        ``search_history`` when history was left out (RECALL), ``remember``; None while the
+        history is read from memory (degraded)."""
+        crew = self.crew
+        if not (crew.config.llm_tools and crew.llm.tools) or self.question.id is None or crew.storage.degraded:
+            return None
+        before = window.recent[-1].turn if crew.config.recall and _left_out(window, dialog) else None
+        return Toolbox(crew.storage, self.question, before_turn=before, shared=crew.shared(self.chat_id))
+
+    async def _recalled(self, window: Window, dialog: DialogContext) -> str | None:
+        """What a turn whose dialog has outgrown its window recalls from before it (RECALL): the
+        older messages its question's words find, as a system message, told to the user in one
+        line; None when nothing is left out or nothing is found."""
+        crew = self.crew
+        query = recall_query(window.recent[0].content) if window.recent else None
+        if not crew.config.recall or crew.storage.degraded or not _left_out(window, dialog) or query is None:
+            return None
+        try:
+            found = await crew.storage.recall_earlier(
+                self.question,
+                query=query,
+                before_turn=window.recent[-1].turn,
+                limit=RECALLED,
+                chars=RECALLED_CHARS,
+                shared=crew.shared(self.chat_id),
+            )
+        except BadRequest as error:  # the search refused these words: the turn goes on without it
+            logger.warning("recall for question %s refused: %s", self.ident, error)
+            return None
+        block = recall_block(found, window.room - window.used)
+        if block is None:
+            return None
+        text, shown = block
+        logger.info("question %s recalled %d older message(s)", self.ident, len(shown))
+        await self._say(looked_back(shown))
+        return text
 
     async def _shown(self, window: Window) -> dict[int, list[str]]:
         """The images the call shows, as data URLs by the index of their message in the window:
@@ -299,27 +383,48 @@ class Turn:
         live: LiveReply,
         settings: ChatSettings,
         images: dict[int, list[str]] | None = None,
+        toolbox: Toolbox | None = None,
+        prompt: str | None = None,
     ) -> Written:
         """The LLM's answer as it streams to ``live``, stoppable through the chat's queue;
-        ``images`` shown with the messages at their indices (``ImagesRefused``: not taken)."""
+        ``images`` shown with the messages at their indices (``ImagesRefused``: not taken);
+        ``toolbox``: the tools it may call, at most ``MAX_ROUNDS`` answers in a row, each
+        call's result sent back (``ToolsRefused``: none taken)."""
         written: list[str] = []
         usage = Usage()
+        if prompt is None:
+            prompt = system_prompt_of(self.crew.config.system_prompt, settings.system_prompt)
 
         async def stream() -> None:
             nonlocal usage
-            pieces = self.crew.llm.stream(
-                context,
-                model=settings.model,
-                system_prompt=system_prompt_of(self.crew.config.system_prompt, settings.system_prompt),
-                temperature=settings.temperature,
-                images=images,
-            )
-            async for piece in pieces:
-                if isinstance(piece, Usage):
-                    usage = piece
-                    continue
-                written.append(piece)
-                live.write("".join(written))
+            messages: list[ChatMessage | dict[str, object]] = list(context)
+            for round_ in range(MAX_ROUNDS + 1):
+                calls: ToolCalls | None = None
+                pieces = self.crew.llm.stream(
+                    messages,
+                    model=settings.model,
+                    system_prompt=prompt,
+                    temperature=settings.temperature,
+                    images=images,
+                    tools=toolbox.offered() if toolbox is not None and round_ < MAX_ROUNDS else (),
+                )
+                said = len(written)
+                async for piece in pieces:
+                    if isinstance(piece, Usage):
+                        usage = _added(usage, piece)
+                    elif isinstance(piece, ToolCalls):
+                        calls = piece
+                    else:
+                        written.append(piece)
+                        live.write("".join(written))
+                if calls is None or toolbox is None:
+                    return
+                messages.append(calls.message("".join(written[said:])))
+                for call in calls.calls:
+                    result = await toolbox.run(call)
+                    if result.line is not None:
+                        await self._say(result.line)
+                    messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content})
 
         typing = asyncio.create_task(self._typing_until(live.visible))
         try:
