@@ -110,3 +110,23 @@ async def test_recall_in_a_busy_group_reads_through_an_index_of_the_dialog(
     plan = "\n".join(row[0] for row in await fetch(pool, "EXPLAIN " + statement, params))
     assert any(f"Index Scan on {index}" in plan or f"using {index}" in plan for index in indexes), plan
     assert "Seq Scan on messages" not in plan, plan
+
+
+async def test_recall_finds_the_dialogs_own_live_messages_or_a_shared_groups_and_nothing_else(pool: Pool) -> None:
+    mine = await store_question(pool, 1, GROUP, "my book is Solaris", message_id=1)
+    theirs = await store_question(pool, 2, GROUP, "their book is Dune", message_id=2)
+    await store_question(pool, 1, 1, "a private book, Ubik", message_id=3)
+    cleared = await store_question(pool, 1, GROUP, "a cleared book, Stalker", message_id=4)
+    await fetch(pool, "UPDATE messages SET deleted_at = now(), deleted_reason = 'clear' WHERE id = %s", (cleared,))
+    later = await store_question(pool, 1, GROUP, "a book in the window, Eden", message_id=5)
+
+    async def recalled(shared: bool) -> list[str]:
+        found = await database.run(
+            pool, database.recall_earlier, telegram_user_id=1, telegram_chat_id=GROUP, query="book",
+            before_turn=later, limit=10, chars=400, shared=shared,
+        )  # fmt: skip
+        return sorted(message.content for message in found)
+
+    assert await recalled(shared=False) == ["my book is Solaris"]
+    assert await recalled(shared=True) == ["my book is Solaris", "their book is Dune"]
+    assert mine < theirs < later
