@@ -22,13 +22,12 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Message, User
 
 from services import context
-from services.database import MAX_MEMORIES, Memory, Pool
+from services.database import MAX_MEMORIES, MAX_MEMORY_CHARS, Memory, Pool
 from services.fallback.storage import Storage
 from services.text.clean import TELEGRAM_MESSAGE_LIMIT
 
 logger = logging.getLogger(__name__)
 
-MEMORY_MAX_CHARS = 500  # the CHECK of memories.content
 BUTTONS_PER_ROW = 5
 
 REMEMBER_USAGE = "Tell me what to remember about you: /remember I am vegetarian. /memory lists what I remember."
@@ -61,7 +60,7 @@ class MemoryForget(CallbackData, prefix="mf"):
 
 
 def too_long(length: int) -> str:
-    return f"That is {length:,} characters; a memory holds at most {MEMORY_MAX_CHARS}. Please make it shorter."
+    return f"That is {length:,} characters; a memory holds at most {MAX_MEMORY_CHARS}. Please make it shorter."
 
 
 def forgot_report(forgotten: int) -> str:
@@ -129,7 +128,7 @@ async def cmd_remember(message: Message, command: CommandObject, event_from_user
     if not text:
         await message.answer(REMEMBER_USAGE)
         return
-    if len(text) > MEMORY_MAX_CHARS:  # code points, as char_length counts them
+    if len(text) > MAX_MEMORY_CHARS:  # code points, as char_length counts them
         await message.answer(too_long(len(text)))
         return
     async with dialog_store.database() as pool:

@@ -560,6 +560,7 @@ _SUMMARY: Final = {
 }
 
 MAX_MEMORIES: Final = 50  # a user's live memories: /remember refuses more, a turn reads no more
+MAX_MEMORY_CHARS: Final = 500  # of one memory: the CHECK of memories.content (revision 014)
 
 # The asking user's live memories (revision 014), oldest first: one range of memories_user_idx,
 # at most MAX_MEMORIES (a constant of the statement, not a value), read only where the chat may
@@ -1567,6 +1568,7 @@ async def recall_earlier(
     """The dialog's live messages before turn ``before_turn`` that best match ``query`` (a
     web-search query), at most ``limit``, each cut to ``chars`` characters."""
     cur = conn.cursor(row_factory=class_row(Recalled))
+    query = _NEGATIONS.sub("-", query)  # a model's query too: a run of "-" is refused otherwise
     params = _dialog(telegram_user_id, telegram_chat_id, query=query, before_turn=before_turn, limit=limit, chars=chars)
     await cur.execute(RECALL_EARLIER_SHARED if shared else RECALL_EARLIER, params, prepare=True)
     return await cur.fetchall()

@@ -130,3 +130,13 @@ async def test_recall_finds_the_dialogs_own_live_messages_or_a_shared_groups_and
     assert await recalled(shared=False) == ["my book is Solaris"]
     assert await recalled(shared=True) == ["my book is Solaris", "their book is Dune"]
     assert mine < theirs < later
+
+
+async def test_a_query_with_a_run_of_negations_is_searched_not_refused(pool: Pool) -> None:
+    later = await store_question(pool, 1, 1, "a book", message_id=1)
+    await store_question(pool, 1, 1, "now", message_id=2)
+    found = await database.run(
+        pool, database.recall_earlier, telegram_user_id=1, telegram_chat_id=1, query="book " + "-" * 100 + "x",
+        before_turn=later + 1, limit=3, chars=400,
+    )  # fmt: skip
+    assert [message.content for message in found] == ["a book"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from services import context
+from services.database import MAX_MEMORY_CHARS
 from services.failures import BadRequest, StorageUnavailable
 from services.fallback.storage import Storage
 from services.llm.client import ToolCall
@@ -22,7 +23,6 @@ logger = logging.getLogger(__name__)
 MAX_ROUNDS = 3  # answers that call tools in one turn; the next is asked without tools
 FOUND = 5  # messages one search_history returns at most
 MAX_QUERY_CHARS = 200
-MAX_FACT_CHARS = 500
 NOTED = "📝 Noted: {fact}"
 
 SEARCH_HISTORY: Final = {
@@ -99,8 +99,8 @@ class Toolbox:
             return await self._search(query, self._before_turn)
         if call.name == "remember":
             fact = arguments.get("fact")
-            if not isinstance(fact, str) or not fact.strip() or len(fact) > MAX_FACT_CHARS:
-                return _refused(call, f"fact must be text of 1 to {MAX_FACT_CHARS} characters")
+            if not isinstance(fact, str) or not fact.strip() or len(fact) > MAX_MEMORY_CHARS:
+                return _refused(call, f"fact must be text of 1 to {MAX_MEMORY_CHARS} characters")
             return await self._remember(" ".join(fact.split()))
         return _refused(call, f"there is no tool {call.name!r} here")
 
