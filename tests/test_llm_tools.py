@@ -13,8 +13,8 @@ import pytest
 from bench.standins import LLMStandIn, TelegramStandIn, tool_results, tools_offered
 from services.database import Pool
 from services.turn.tools import MAX_ROUNDS
-from tests.harness import command, fetch, running_bot
-from tests.test_recall import recall_in
+from tests.harness import fetch, running_bot
+from tests.test_recall import grown, recall_in
 
 
 def search(query: Any) -> dict[str, Any]:
@@ -25,20 +25,6 @@ def search(query: Any) -> dict[str, Any]:
 def tooled(env: dict[str, str]) -> dict[str, str]:
     env.update(RECALL="true", LLM_TOOLS="true", HISTORY_LIMIT="4")  # two turns in the window
     return env
-
-
-async def grown(telegram: TelegramStandIn) -> None:
-    """A dialog past its window: a taken-back turn, an old one about a book, another user's, fillers."""
-    telegram.send("The secret word is pelican.")
-    await telegram.wait_for_messages(1, 1)
-    command(telegram, "/undo")
-    await telegram.wait_for_messages(1, 2)
-    telegram.send("My favourite book is Solaris.", user_id=1)
-    telegram.send("My favourite book is Dune too.", user_id=2)
-    await telegram.wait_for_messages(1, 3)
-    for filler in ("alpha", "bravo", "charlie"):
-        telegram.send(filler)
-    await telegram.wait_for_messages(1, 6)
 
 
 async def test_the_model_searches_the_history_beyond_its_window_and_answers_from_the_result(

@@ -23,8 +23,11 @@ VOICE = Attachment("voice", "file-2", "unique-2", "audio/ogg", 4_000, duration=6
 BUDGET = 100_000
 
 
-async def ask(pool: Pool, message_id: int, content: str, *attachments: Attachment) -> int:
-    added = await database.run(
+async def add(
+    pool: Pool, message_id: int, content: str, *attachments: Attachment, read: database.StartRead | None = None
+) -> database.AddedQuestion:
+    """User 1's question in their private chat, with ``attachments`` (``read``: its turn's start too)."""
+    return await database.run(
         pool,
         database.add_question,
         telegram_user_id=1,
@@ -33,8 +36,12 @@ async def ask(pool: Pool, message_id: int, content: str, *attachments: Attachmen
         telegram_message_id=message_id,
         content=content,
         attachments=attachments,
+        read=read,
     )
-    return added.id
+
+
+async def ask(pool: Pool, message_id: int, content: str, *attachments: Attachment) -> int:
+    return (await add(pool, message_id, content, *attachments)).id
 
 
 async def test_attachments_are_stored_with_their_message_and_read_back_by_the_turn(pool: Pool) -> None:
@@ -52,17 +59,7 @@ async def test_attachments_are_stored_with_their_message_and_read_back_by_the_tu
 
 
 async def test_a_fresh_question_reads_its_attachments_in_the_round_trip_that_stores_it(pool: Pool) -> None:
-    added = await database.run(
-        pool,
-        database.add_question,
-        telegram_user_id=1,
-        first_name="Ann",
-        telegram_chat_id=1,
-        telegram_message_id=1,
-        content="",
-        attachments=[PHOTO],
-        read=database.StartRead(20, BUDGET),
-    )
+    added = await add(pool, 1, "", PHOTO, read=database.StartRead(20, BUDGET))
     assert added.start is not None
     [question] = added.start.dialog.history
     assert question.images == [PHOTO]

@@ -24,6 +24,21 @@ def recall_in(request: dict[str, object]) -> str | None:
     return next((m["content"] for m in messages if m["role"] == "system" and RECALL_LABEL in m["content"]), None)
 
 
+async def grown(telegram: TelegramStandIn) -> None:
+    """User 1's dialog past a window of two turns: a taken-back turn, one about a book, another
+    user's about a book, then three turns with no word in common with anything (6 replies)."""
+    telegram.send("The secret word is pelican.")
+    await telegram.wait_for_messages(1, 1)
+    command(telegram, "/undo")  # taken back: never recalled
+    await telegram.wait_for_messages(1, 2)
+    telegram.send("My favourite book is Solaris.", user_id=1)
+    telegram.send("My favourite book is Dune.", user_id=2)  # another user's
+    await telegram.wait_for_messages(1, 3)
+    for filler in ("alpha", "bravo", "charlie"):
+        telegram.send(filler)
+    await telegram.wait_for_messages(1, 6)
+
+
 @pytest.fixture
 def recalling(env: dict[str, str]) -> dict[str, str]:
     env.update(RECALL="true", LLM_TOOLS="false", HISTORY_LIMIT="4")  # two turns in the window; no tools
@@ -34,16 +49,7 @@ async def test_an_old_message_beyond_the_window_is_recalled_and_the_user_told(
     recalling: dict[str, str], telegram: TelegramStandIn, llm: LLMStandIn
 ) -> None:
     async with running_bot(recalling, telegram):
-        telegram.send("The secret word is pelican.")
-        await telegram.wait_for_messages(1, 1)
-        command(telegram, "/undo")  # taken back: never recalled
-        await telegram.wait_for_messages(1, 2)
-        telegram.send("My favourite book is Solaris.", user_id=1)
-        telegram.send("My favourite book is Dune.", user_id=2)  # another user's
-        await telegram.wait_for_messages(1, 3)
-        for filler in ("alpha", "bravo", "charlie"):  # no word in common with anything
-            telegram.send(filler)
-        await telegram.wait_for_messages(1, 6)
+        await grown(telegram)
         telegram.send("Which favourite book and secret word did I mention?")
         replies = await telegram.wait_for_messages(1, 8)
     today = datetime.now(UTC)
