@@ -208,6 +208,10 @@ async def _drop_stale(pool: Pool) -> None:
 async def _connection(pool: Pool) -> Connection:
     """A pooled connection, waiting as long as the server answers (a busy pool is not an outage);
     ``PoolTimeout`` as soon as a caller has waited ``PROBE_AFTER_S`` and a new connection fails."""
+    if pool.get_stats()["pool_available"]:
+        # One is idle, so getconn hands it over without waiting: no task and no timer to watch
+        # the wait (they cost the loop a few iterations, on every statement of every turn).
+        return await pool.getconn()
     while True:
         getting = asyncio.ensure_future(pool.getconn())  # its place in the pool's queue is kept
         try:

@@ -223,7 +223,9 @@ class LLM:
         elif not visible:
             logger.warning("LLM streamed an empty answer after %.2fs", time.perf_counter() - started)
             raise LLMError("empty answer")
-        logger.info("LLM streamed %d chars in %.2fs (first after %.2fs)", written, time.perf_counter() - started, first)
+        logger.debug(
+            "LLM streamed %d chars in %.2fs (first after %.2fs)", written, time.perf_counter() - started, first
+        )
         metrics.observe_stage("llm", time.perf_counter() - started)
         if usage is not None:
             metrics.count_tokens(usage.prompt_tokens, usage.completion_tokens)
@@ -255,7 +257,7 @@ class LLM:
             logger.warning("LLM returned an empty answer after %.2fs", time.perf_counter() - started)
             raise LLMError("empty answer")
         else:
-            logger.info("LLM answered: %d chars in %.2fs", len(content), time.perf_counter() - started)
+            logger.debug("LLM answered: %d chars in %.2fs", len(content), time.perf_counter() - started)
             yield content
         metrics.observe_stage("llm", time.perf_counter() - started)
         if response.usage is not None:

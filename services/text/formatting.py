@@ -55,6 +55,9 @@ _INVISIBLE = frozenset(
     + [chr(c) for c in range(0x200B, 0x2010)]
     + [chr(c) for c in range(0x2028, 0x202F)]
 )
+# Whitespace (str.isspace's, which re's \s matches in a str pattern) and the invisible: one
+# pattern, so that a text is scanned in C rather than a character at a time.
+_BLANKS = re.compile("[\\s" + "".join(f"\\u{ord(c):04x}" for c in sorted(_INVISIBLE)) + "]+")
 _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("strikethrough")
 
 
@@ -164,7 +167,7 @@ def plain(part: Part) -> str:
 
 def visible(text: str) -> str:
     """What a user sees of ``text``: without whitespace and characters Telegram shows as nothing."""
-    return "".join(char for char in text if not _blank(char))
+    return _BLANKS.sub("", text)
 
 
 def utf16_slice(text: str, offset: int, length: int) -> str:

@@ -123,7 +123,7 @@ class Turns:
             lease_ttl_s=self._owner.ttl_s,
             read=read,
         )
-        logger.info("user %s in chat %s: question %s, %d chars", user_id, chat_id, question.id, len(text))
+        logger.debug("user %s in chat %s: question %s, %d chars", user_id, chat_id, question.id, len(text))
         if not self._owner.asked(
             chat_id, leased=question.leased, version=question.lease_version, sent=sent
         ):  # another process answers the chat now, this question in its turn
