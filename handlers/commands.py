@@ -15,6 +15,7 @@ from aiogram.enums import MessageEntityType
 from aiogram.filters import Command, CommandStart
 from aiogram.types import BotCommand, Message, User
 
+from handlers.filters import may_be_command
 from services.turn.turns import Turns
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ ANY_COMMAND = re.compile(r".+")
 
 def create_router() -> Router:
     router = Router(name=__name__)
+    router.message.filter(may_be_command)
     router.message.register(cmd_start, CommandStart())
     router.message.register(cmd_help, Command("help"))
     router.message.register(cmd_clear, Command("clear"))

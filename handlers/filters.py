@@ -1,4 +1,4 @@
-"""Filters shared by the routers: what in a group is addressed to the bot."""
+"""Filters shared by the routers: what may be a command, what in a group is addressed to the bot."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ from aiogram import Bot
 from aiogram.enums import ChatType, MessageEntityType
 from aiogram.filters import Filter
 from aiogram.types import Message
+
+
+async def may_be_command(message: Message) -> bool:
+    """What any ``Command`` filter could match: a text or caption that starts with "/". Set on the
+    message observer of a router of commands, it spares a plain message every one of their
+    checks (some twenty per message, each parsing the text). A coroutine, as every filter here:
+    aiogram runs a plain function in a thread (``asyncio.to_thread``)."""
+    return (message.text or message.caption or "").startswith("/")
 
 
 class AddressedInGroups(Filter):

@@ -12,12 +12,13 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from aiogram import Bot, F, Router
+from aiogram import Bot, Router
 from aiogram.filters import Command, CommandObject
 from aiogram.types import FSInputFile, Message, User
 
 from config import Config
-from handlers.messages import address_of, asked
+from handlers.filters import may_be_command
+from handlers.messages import address_of, asked, has_text
 from services import context
 from services.database import DialogStats, SearchHit, Undone
 from services.fallback.storage import Storage
@@ -230,12 +231,13 @@ def context_report(model: str, context_length: int, window: Window, ratio: float
 
 def create_router() -> Router:
     router = Router(name=__name__)
+    router.message.filter(may_be_command)
     router.message.register(cmd_retry, Command("retry"))
     router.message.register(cmd_undo, Command("undo"))
     router.message.register(cmd_search, Command("search"))
     router.message.register(cmd_export, Command("export"))
     router.message.register(cmd_stats, Command("stats"))
     router.message.register(cmd_context, Command("context"))
-    router.edited_message.register(on_edited_text, F.text)
+    router.edited_message.register(on_edited_text, has_text)
     router.edited_message.register(on_edited_text, edited_caption)
     return router

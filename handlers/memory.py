@@ -21,6 +21,7 @@ from aiogram.filters import Command, CommandObject
 from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Message, User
 
+from handlers.filters import may_be_command
 from services import context
 from services.database import MAX_MEMORIES, MAX_MEMORY_CHARS, Memory, Pool
 from services.fallback.storage import Storage
@@ -195,6 +196,7 @@ async def on_forget(callback: CallbackQuery, callback_data: MemoryForget, dialog
 
 def create_router() -> Router:
     router = Router(name=__name__)
+    router.message.filter(may_be_command)
     router.message.register(cmd_remember, Command("remember"))
     router.message.register(cmd_memory, Command("memory"))
     router.callback_query.register(on_forget, MemoryForget.filter())

@@ -24,6 +24,7 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.types import CallbackQuery, Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, User
 
 from config import Config
+from handlers.filters import may_be_command
 from services import context
 from services.fallback.storage import Storage
 from services.records import ChatSettings, SettingName
@@ -328,6 +329,7 @@ async def on_unknown_button(callback: CallbackQuery) -> None:
 
 def create_router() -> Router:
     router = Router(name=__name__)
+    router.message.filter(may_be_command)
     # Each command: a valid change its sender may make, else the setting shown (or what it takes).
     router.message.register(on_setting_change, Command("model"), ValidChange(model_change), CanChangeSettings())
     router.message.register(cmd_model, Command("model"))

@@ -195,3 +195,21 @@ async def test_a_chats_prompt_follows_the_operators_and_prompt_shows_only_the_ch
     assert without == [{"role": "system", "content": operator}]
     # /context counts the system prompt as sent: the operator's and the chat's
     assert f"after about {estimate_tokens(both):,} tokens" in context
+
+
+def test_every_filter_and_handler_on_the_routers_is_a_coroutine() -> None:
+    # aiogram runs a plain function (a magic filter such as F.text too) in a thread, on every
+    # update that reaches it: a hop that costs more than the filter.
+    from aiogram.dispatcher.event.handler import CallableObject
+
+    from handlers import create_routers
+
+    checked: list[CallableObject] = []
+    for router in create_routers():
+        for observer in router.observers.values():
+            checked += observer._handler.filters or ()  # the observer's own (its callback is never called)
+            for handler in observer.handlers:
+                checked += [handler, *(handler.filters or ())]
+    assert len(checked) > 40
+    in_threads = [getattr(c.callback, "__qualname__", repr(c.callback)) for c in checked if not c.awaitable]
+    assert in_threads == []
