@@ -171,6 +171,7 @@ class Turn:
         self.images = images
         self.unsettled = False  # it ended with work left for the next start's recovery
         self.handover: Handover | None = None  # the chat's hand-over, taken with the last part's record
+        self.first_message_id: int | None = None  # the answer's first message, once recorded
 
     @classmethod
     def late(cls, crew: Crew, question: Question) -> Turn:
@@ -480,6 +481,8 @@ class Turn:
                 logger.warning("Telegram refused the answer in chat %s: %s", self.chat_id, error)
                 await self.crew.storage.set_failed(self.question, answer)
                 return False
+            if index == 0:
+                self.first_message_id = message_id
             try:
                 await self._record_sent_part(answer, message_id, last=last)
             except StorageUnavailable:

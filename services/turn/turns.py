@@ -240,6 +240,9 @@ class Turns:
         """The user edited a message (inside the intake): a stored question takes the new text,
         and when it is the user's last one, it is answered again. Whether it was a stored question."""
         chat_id = address.chat_id
+        # The user's turns here, seen before the edit reads which messages show the answer: one
+        # delivering now records its message after that read.
+        mine = self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id)
         async with self._storage.database() as pool:
             edited = await context.edit_question(
                 pool,
@@ -255,12 +258,13 @@ class Turns:
         self._storage.forget(user_id, chat_id)
         if not edited.last:
             return True
-        mine = self._queues.pending(chat_id, lambda turn: turn.question.user_id == user_id)
+        replaces = edited.replaced_message_ids[0] if edited.replaced_message_ids else None
         if mine and mine[-1].ident == telegram_message_id:  # its answer, written to the old text, is dropped
             newest = mine[-1]
-            await self._queues.cancel(chat_id, lambda turn: turn is newest)
+            await self._queues.cancel(chat_id, lambda turn: turn is newest)  # (nothing, if it has ended)
+            # Delivering when the edit read, it sent the message to replace (recorded since, or not).
+            replaces = replaces if replaces is not None else newest.first_message_id
         question = Question(chat_id, user_id, telegram_message_id, edited.id, edited.telegram_thread_id)
-        replaces = edited.replaced_message_ids[0] if edited.replaced_message_ids else None
         if await self._owner.take(chat_id, question.id):
             self._submit(Turn(self._crew, question, address, replaces=replaces))
         logger.info("user %s in chat %s: question %s edited, answered again", user_id, chat_id, edited.id)
