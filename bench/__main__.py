@@ -128,11 +128,27 @@ async def floors(pool: Pool, n: int) -> dict[str, dict[str, float]]:
     return {"select_1": summary(await timed(n, select_one)), "insert_commit": summary(await timed(n, insert_one))}
 
 
-async def one_turn(pool: Pool, user: int, chat: int, message_id: int, holder: str | None = None) -> None:
+# The round trips of a turn, as one_turn times them (``steps``) and report_turn names them.
+STEPS = ("question and its turn's start", "answer", "delivery record")
+
+
+async def one_turn(
+    pool: Pool, user: int, chat: int, message_id: int, holder: str | None = None, steps: list[float] | None = None
+) -> None:
     """The database work of one text message, exactly as the turn pipeline does it: store the
     question and read the turn's start (one round trip), store the answer, record its delivery; with ``holder``, as
     one of several processes: the chat's lease taken with the question and handed on (here:
-    released) after the turn."""
+    released) after the turn. ``steps``: each round trip's milliseconds, in STEPS' order, are
+    appended to it."""
+    started = time.perf_counter()
+
+    def step() -> None:
+        nonlocal started
+        if steps is not None:
+            now = time.perf_counter()
+            steps.append((now - started) * 1000)
+            started = now
+
     question = await context.add_question(
         pool,
         telegram_user_id=user,
@@ -147,10 +163,13 @@ async def one_turn(pool: Pool, user: int, chat: int, message_id: int, holder: st
         read=database.StartRead(HISTORY_LIMIT, CONTEXT_BUDGET),
     )
     assert question.start is not None
+    step()
     answer = await context.add_answer(pool, question_id=question.id, content=f"answer to {message_id}")
     assert answer is not None
+    step()
     if holder is None:
         await context.record_sent_part(pool, answer_id=answer, telegram_message_id=message_id, last=True)
+        step()
         return
     assert question.leased
     await database.run(
@@ -162,6 +181,25 @@ async def one_turn(pool: Pool, user: int, chat: int, message_id: int, holder: st
         holder=holder,
         ttl_s=30,
     )
+    step()
+
+
+async def per_step(url: str, n: int, *, flushed: bool) -> dict[str, float]:
+    """The p50 milliseconds of each of a turn's round trips (STEPS), and of one committed INSERT;
+    with ``flushed`` False, on connections whose commits do not wait for the WAL flush
+    (``synchronous_commit=off``), which leaves what a statement costs beyond its commit's flush."""
+    setting = "on" if flushed else "off"
+    pool = await database.init_db(f"{url}?options=-c%20synchronous_commit%3D{setting}", size=2)
+    users, base = 100, 30_000 if flushed else 40_000
+    try:
+        samples: list[float] = []
+        await timed(200, lambda i: one_turn(pool, base + i % users, base + i % users, 1_000_000 + i))
+        await timed(n, lambda i: one_turn(pool, base + i % users, base + i % users, i, steps=samples))
+        figures = {name: statistics.median(samples[k :: len(STEPS)]) for k, name in enumerate(STEPS)}
+        figures["one committed INSERT"] = (await floors(pool, n))["insert_commit"]["p50_ms"]
+        return figures
+    finally:
+        await database.close_db(pool)
 
 
 async def per_turn(pool: Pool, n: int, holder: str | None = None) -> dict[str, float]:
@@ -599,6 +637,8 @@ async def turn_cost(results: dict[str, Any], pool: Pool, url: str, samples: int)
         "extra_statements_per_turn": leased["statements"] - trips["statements"],
         "per_turn": await per_turn(pool, samples, holder="bench"),
     }
+    results["per_step"] = {"flushed": await per_step(url, samples, flushed=True)}
+    results["per_step"]["not_flushed"] = await per_step(url, samples, flushed=False)
     floor = COMMITS_PER_TURN * results["floors"]["insert_commit"]["p50_ms"]
     results["per_turn"]["floor_ms"] = floor
     results["per_turn"]["p50_vs_floor"] = results["per_turn"]["p50_ms"] / floor
@@ -664,7 +704,28 @@ def report_turn(results: dict[str, Any]) -> list[str]:
         f"per-turn DB cost / floor (p50): {t['p50_vs_floor']:.2f}x (goal <= {DB_COST_GOAL:g}x): {verdict}",
         f"synchronous round trips per turn: {results['round_trips_per_turn']}, carrying {trips['statements']} "
         f"statements (per round trip: {batches}) and {trips['pool_checks']} pool connection checks",
+        *report_steps(results["per_step"]),
     ]
+
+
+def report_steps(per_step: dict[str, dict[str, float]]) -> list[str]:
+    """Each round trip of a turn beside the floor's committed INSERT: with the commit's WAL flush,
+    without it (``synchronous_commit=off``), and the difference, the flush."""
+    flushed, not_flushed = per_step["flushed"], per_step["not_flushed"]
+    lines = [
+        "",
+        "| round trip | p50 ms | without the commit's flush | the flush |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, value in flushed.items():
+        lines.append(f"| {name} | {value:.3f} | {not_flushed[name]:.3f} | {value - not_flushed[name]:.3f} |")
+    unit = not_flushed["one committed INSERT"]
+    beyond = sum(not_flushed[name] - unit for name in STEPS)
+    lines.append(
+        f"\nbeyond the floor (the flush and a one-row INSERT, per commit): {beyond:.3f} ms a turn of the "
+        "statements' own work and the client's (synchronous_commit=off: the flushes taken out of both)"
+    )
+    return lines
 
 
 def report_throughput(results: dict[str, Any]) -> list[str]:
