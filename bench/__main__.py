@@ -190,11 +190,9 @@ async def per_step(url: str, n: int, *, flushed: bool) -> dict[str, float]:
     (``synchronous_commit=off``), which leaves what a statement costs beyond its commit's flush."""
     setting = "on" if flushed else "off"
     pool = await database.init_db(f"{url}?options=-c%20synchronous_commit%3D{setting}", size=2)
-    users, base = 100, 30_000 if flushed else 40_000
     try:
         samples: list[float] = []
-        await timed(200, lambda i: one_turn(pool, base + i % users, base + i % users, 1_000_000 + i))
-        await timed(n, lambda i: one_turn(pool, base + i % users, base + i % users, i, steps=samples))
+        await per_turn(pool, n, base=30_000 if flushed else 40_000, steps=samples)
         figures = {name: statistics.median(samples[k :: len(STEPS)]) for k, name in enumerate(STEPS)}
         figures["one committed INSERT"] = (await floors(pool, n))["insert_commit"]["p50_ms"]
         return figures
@@ -202,10 +200,16 @@ async def per_step(url: str, n: int, *, flushed: bool) -> dict[str, float]:
         await database.close_db(pool)
 
 
-async def per_turn(pool: Pool, n: int, holder: str | None = None) -> dict[str, float]:
-    users, base = 100, 10_000 if holder is None else 20_000
+async def per_turn(
+    pool: Pool, n: int, holder: str | None = None, *, base: int | None = None, steps: list[float] | None = None
+) -> dict[str, float]:
+    """p50 and p99 of ``n`` turns (after 200 to warm up) over 100 dialogs numbered from ``base``
+    (by default one range without the lease, another with it); ``steps`` as one_turn's."""
+    users = 100
+    if base is None:
+        base = 10_000 if holder is None else 20_000
     await timed(200, lambda i: one_turn(pool, base + i % users, base + i % users, 1_000_000 + i, holder))
-    return summary(await timed(n, lambda i: one_turn(pool, base + i % users, base + i % users, i, holder)))
+    return summary(await timed(n, lambda i: one_turn(pool, base + i % users, base + i % users, i, holder, steps)))
 
 
 async def round_trips_per_turn(url: str, holder: str | None = None) -> dict[str, Any]:

@@ -171,7 +171,7 @@ class Turn:
         self.images = images
         self.unsettled = False  # it ended with work left for the next start's recovery
         self.handover: Handover | None = None  # the chat's hand-over, taken with the last part's record
-        self.first_message_id: int | None = None  # the answer's first message, once recorded
+        self.first_message_id: int | None = None  # the answer's first message, once Telegram took it
 
     @classmethod
     def late(cls, crew: Crew, question: Question) -> Turn:
