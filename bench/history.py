@@ -628,13 +628,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def goals(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each query's p50 at the largest table and its ratio to the smallest's; ``met`` is /search's
+    goal, None for the recall, which has none of its own (its figures are shown beside /search's)."""
     sizes = sorted(int(r) for r in results["search"])
     small, large = results["search"][str(sizes[0])], results["search"][str(sizes[-1])]
     return {
         kind: {
             "p50_ms": large[kind]["p50_ms"],
             "ratio": large[kind]["p50_ms"] / small[kind]["p50_ms"],
-            "met": large[kind]["p50_ms"] <= GOAL_P50_MS and large[kind]["p50_ms"] / small[kind]["p50_ms"] <= GOAL_RATIO,
+            "met": None
+            if kind == RECALL
+            else large[kind]["p50_ms"] <= GOAL_P50_MS and large[kind]["p50_ms"] / small[kind]["p50_ms"] <= GOAL_RATIO,
         }
         for kind in large
     }
@@ -661,11 +665,11 @@ def report(results: dict[str, Any], full_plans: bool) -> str:
             f"({results['search'][str(s)][kind]['mean_hits']:.1f})"
             for s in sizes
         ]
-        verdict = "(smoke)" if results.get("smoke") else "yes" if met[kind]["met"] else "NO"
+        verdict = "(smoke)" if results.get("smoke") else {True: "yes", False: "NO", None: "no goal"}[met[kind]["met"]]
         lines.append(f"| {kind}: `{query}` | " + " | ".join(cells) + f" | {met[kind]['ratio']:.2f}x | {verdict} |")
     lines += [
         "",
-        f"goal: p50 <= {GOAL_P50_MS:g} ms at the largest size and within {GOAL_RATIO:g}x of the smallest",
+        f"goal (/search): p50 <= {GOAL_P50_MS:g} ms at the largest size and within {GOAL_RATIO:g}x of the smallest",
         "",
         f"/search in one dialog of {results['export']['markdown']['messages']:,} messages, p50 / p99 ms (mean hits):",
         "",

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import bench.__main__ as bench
-from bench import replies, whole_bot
+from bench import history, replies, whole_bot
 from handlers import errors, messages
 from services.turn import turn
 
@@ -95,6 +95,16 @@ def test_each_whole_bot_goal_is_printed_with_its_figure_and_verdict() -> None:
 def test_a_goal_at_a_level_the_run_did_not_have_is_not_judged() -> None:
     said = bench.goals(whole_bot_results(whole_bot_row(1), whole_bot_row(20)))  # a smoke run's levels
     assert [line.rsplit(": ", 1)[1] for line in said] == ["n/a", "n/a", "n/a", "met", "met"]
+
+
+def test_search_is_judged_by_its_goal_and_the_recall_beside_it_by_none() -> None:
+    def cell(p50_ms: float) -> dict[str, float]:
+        return {"p50_ms": p50_ms, "p99_ms": p50_ms, "mean_hits": 1.0}
+
+    small = {"common word": cell(1.0), "rare word": cell(1.0), history.RECALL: cell(1.0)}
+    large = {"common word": cell(2.5), "rare word": cell(3.5), history.RECALL: cell(5.0)}
+    said = history.goals({"search": {"10000": small, "1000000": large}})
+    assert [said[kind]["met"] for kind in small] == [True, False, None]  # within 3x; past 3x; no goal of its own
 
 
 def test_the_bench_reads_a_process_cpu_and_memory_from_proc() -> None:
