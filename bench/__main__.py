@@ -1,11 +1,11 @@
 """Benchmark of the data path of one chat turn (``make bench``).
 
 Starts its own throwaway PostgreSQL with default (durable) settings, migrates it, and measures
-in one run: the floors (SELECT 1, one committed INSERT), the database cost of one turn and its
-round trips, throughput through the real aiogram pipeline next to pgbench running the same SQL,
-history-read latency as the table grows, and the whole bot over HTTP (the real dispatcher, LLM
-client and database against the stand-ins of ``bench.standins``) at 1 and 1000 concurrent
-chats. Prints tables and writes JSON to bench/results/; exits non-zero when a turn went
+in one run: the floors (SELECT 1, one committed INSERT, one committed message row), the
+database cost of one turn and its round trips, throughput through the real aiogram pipeline next
+to pgbench running the same SQL, history-read latency as the table grows, and the whole bot over
+HTTP (the real dispatcher, LLM client and database against the stand-ins of ``bench.standins``)
+at 1 and 1000 concurrent chats. Prints tables and writes JSON to bench/results/; exits non-zero when a turn went
 unanswered (an apology, a lost or a duplicated answer).
 """
 
@@ -57,6 +57,8 @@ TOKEN = "123456:BENCH-token-abcdefghijklmnopqrstuvwxyz"
 CONTEXT_BUDGET = 7_168  # the read bound of an 8192-token model with LLM_MAX_TOKENS=1024
 HISTORY_LIMIT = 20
 COMMITS_PER_TURN = 3
+MESSAGE_ROWS_PER_TURN = 2  # of the commits, those that insert a message row: the question, the answer
+FLOOR_DIALOG = 999_999_999  # the user and chat of the message-row floor, apart from every bench dialog
 DB_COST_GOAL = 1.3  # per-turn database cost / the floor of its commits, at most (issue 24)
 # ADD_QUESTION and FETCH_FRESH_TURN_START (one pipeline: one round trip), ADD_ANSWER, RECORD_SENT_PART
 STATEMENTS_PER_TURN = 4
@@ -113,8 +115,21 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 async def floors(pool: Pool, n: int) -> dict[str, dict[str, float]]:
+    """SELECT 1; one committed one-row INSERT into a bare table (the floor's unit); one committed
+    INSERT of a message row and nothing else: into ``messages`` with its indexes, foreign keys
+    and search trigger, as a question or an answer is stored."""
     async with pool.connection() as conn:
         await conn.execute("CREATE TABLE IF NOT EXISTS bench_floor (id bigint GENERATED ALWAYS AS IDENTITY, v text)")
+        await database.upsert_user_and_chat(
+            conn, telegram_user_id=FLOOR_DIALOG, first_name="Bench", telegram_chat_id=FLOOR_DIALOG
+        )
+        cur = await conn.execute(
+            "SELECT (SELECT id FROM users WHERE telegram_user_id = %(id)s), "
+            "(SELECT id FROM chats WHERE telegram_chat_id = %(id)s)",
+            {"id": FLOOR_DIALOG},
+        )
+        dialog = await cur.fetchone()
+        assert dialog is not None
 
     async def select_one(_: int) -> None:
         async with pool.connection() as conn:
@@ -124,8 +139,21 @@ async def floors(pool: Pool, n: int) -> dict[str, dict[str, float]]:
         async with pool.connection() as conn:
             await conn.execute("INSERT INTO bench_floor (v) VALUES (%s)", (f"row {i}",), prepare=True)
 
+    async def insert_message(i: int) -> None:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO messages (user_id, chat_id, role, content) VALUES (%s, %s, 'user', %s)",
+                (*dialog, f"question {i} from {FLOOR_DIALOG}"),
+                prepare=True,
+            )
+
     await timed(200, select_one)  # warm-up: connections, prepared statements
-    return {"select_1": summary(await timed(n, select_one)), "insert_commit": summary(await timed(n, insert_one))}
+    await timed(200, insert_message)
+    return {
+        "select_1": summary(await timed(n, select_one)),
+        "insert_commit": summary(await timed(n, insert_one)),
+        "message_row_commit": summary(await timed(n, insert_message)),
+    }
 
 
 # The round trips of a turn, as one_turn times them (``steps``) and report_turn names them.
@@ -185,7 +213,8 @@ async def one_turn(
 
 
 async def per_step(url: str, n: int, *, flushed: bool) -> dict[str, float]:
-    """The p50 milliseconds of each of a turn's round trips (STEPS), and of one committed INSERT;
+    """The p50 milliseconds of each of a turn's round trips (STEPS), of one committed INSERT and of
+    one committed message row;
     with ``flushed`` False, on connections whose commits do not wait for the WAL flush
     (``synchronous_commit=off``), which leaves what a statement costs beyond its commit's flush."""
     setting = "on" if flushed else "off"
@@ -194,7 +223,9 @@ async def per_step(url: str, n: int, *, flushed: bool) -> dict[str, float]:
         samples: list[float] = []
         await per_turn(pool, n, base=30_000 if flushed else 40_000, steps=samples)
         figures = {name: statistics.median(samples[k :: len(STEPS)]) for k, name in enumerate(STEPS)}
-        figures["one committed INSERT"] = (await floors(pool, n))["insert_commit"]["p50_ms"]
+        floor = await floors(pool, n)
+        figures["one committed INSERT"] = floor["insert_commit"]["p50_ms"]
+        figures["one committed INSERT of a message row"] = floor["message_row_commit"]["p50_ms"]
         return figures
     finally:
         await database.close_db(pool)
@@ -643,9 +674,15 @@ async def turn_cost(results: dict[str, Any], pool: Pool, url: str, samples: int)
     }
     results["per_step"] = {"flushed": await per_step(url, samples, flushed=True)}
     results["per_step"]["not_flushed"] = await per_step(url, samples, flushed=False)
-    floor = COMMITS_PER_TURN * results["floors"]["insert_commit"]["p50_ms"]
+    unit, row = (results["floors"][name]["p50_ms"] for name in ("insert_commit", "message_row_commit"))
+    floor = COMMITS_PER_TURN * unit
     results["per_turn"]["floor_ms"] = floor
     results["per_turn"]["p50_vs_floor"] = results["per_turn"]["p50_ms"] / floor
+    # The least the turn's writes could cost on this schema: its message rows each a bare
+    # INSERT of one, its other commits the floor's unit.
+    rows_floor = MESSAGE_ROWS_PER_TURN * row + (COMMITS_PER_TURN - MESSAGE_ROWS_PER_TURN) * unit
+    results["per_turn"]["rows_floor_ms"] = rows_floor
+    results["per_turn"]["rows_floor_vs_floor"] = rows_floor / floor
 
 
 def failures(results: dict[str, Any]) -> list[str]:
@@ -700,12 +737,17 @@ def report_turn(results: dict[str, Any]) -> list[str]:
         "| --- | ---: | ---: |",
         f"| SELECT 1 | {f['select_1']['p50_ms']:.3f} | {f['select_1']['p99_ms']:.3f} |",
         f"| one committed INSERT | {f['insert_commit']['p50_ms']:.3f} | {f['insert_commit']['p99_ms']:.3f} |",
+        f"| one committed INSERT of a message row | {f['message_row_commit']['p50_ms']:.3f} "
+        f"| {f['message_row_commit']['p99_ms']:.3f} |",
         f"| per-turn floor ({COMMITS_PER_TURN} commits) | {t['floor_ms']:.3f} | |",
         f"| per-turn DB cost | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} |",
         "",
         f"floor = {COMMITS_PER_TURN} x one committed INSERT: the question is stored before the LLM is called, "
         "the answer before it is sent (a crash never calls the LLM twice), the delivery once Telegram accepted it",
         f"per-turn DB cost / floor (p50): {t['p50_vs_floor']:.2f}x (goal <= {DB_COST_GOAL:g}x): {verdict}",
+        f"the turn's writes at their least on this schema ({MESSAGE_ROWS_PER_TURN} message rows, each a bare "
+        f"INSERT of one, and {COMMITS_PER_TURN - MESSAGE_ROWS_PER_TURN} committed one-row INSERT): "
+        f"{t['rows_floor_ms']:.3f} ms, {t['rows_floor_vs_floor']:.2f}x the floor",
         f"synchronous round trips per turn: {results['round_trips_per_turn']}, carrying {trips['statements']} "
         f"statements (per round trip: {batches}) and {trips['pool_checks']} pool connection checks",
         *report_steps(results["per_step"]),
