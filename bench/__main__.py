@@ -5,8 +5,8 @@ in one run: the floors (SELECT 1, one committed INSERT, one committed message ro
 database cost of one turn and its round trips, throughput through the real aiogram pipeline next
 to pgbench running the same SQL, history-read latency as the table grows, and the whole bot over
 HTTP (the real dispatcher, LLM client and database against the stand-ins of ``bench.standins``)
-at 1 and 1000 concurrent chats. Prints tables and writes JSON to bench/results/; exits non-zero when a turn went
-unanswered (an apology, a lost or a duplicated answer).
+at 1 and 1000 concurrent chats. Prints tables and writes JSON to bench/results/; exits non-zero
+when a turn went unanswered (an apology, a lost or a duplicated answer).
 """
 
 from __future__ import annotations
@@ -214,9 +214,9 @@ async def one_turn(
 
 async def per_step(url: str, n: int, *, flushed: bool) -> dict[str, float]:
     """The p50 milliseconds of each of a turn's round trips (STEPS), of one committed INSERT and of
-    one committed message row;
-    with ``flushed`` False, on connections whose commits do not wait for the WAL flush
-    (``synchronous_commit=off``), which leaves what a statement costs beyond its commit's flush."""
+    one committed message row; with ``flushed`` False, on connections whose commits do not wait
+    for the WAL flush (``synchronous_commit=off``), which leaves what a statement costs beyond
+    its commit's flush."""
     setting = "on" if flushed else "off"
     pool = await database.init_db(f"{url}?options=-c%20synchronous_commit%3D{setting}", size=2)
     try:
